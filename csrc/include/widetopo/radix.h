@@ -1,0 +1,49 @@
+// Order-preserving integer keys of IEEE floats, for radix / histogram selection.
+//
+// For a float with raw bits u (unsigned, same width), key(u) is an unsigned integer with
+// key(a) < key(b)  <=>  a < b  for all finite a, b. Negative zero is folded onto +0 so
+// that -0.0 and +0.0 tie, as they compare equal. NaN/inf are rejected before keys are
+// built, so their keys never matter.
+#pragma once
+
+#include <cstdint>
+
+#include "widetopo/macros.h"
+
+namespace widetopo {
+namespace core {
+
+template <typename U>
+WIDETOPO_HD U order_key(U bits) {
+  constexpr U sign = U(1) << (sizeof(U) * 8 - 1);
+  if (bits == sign) {
+    bits = U(0);  // -0.0 -> +0.0
+  }
+  return (bits & sign) ? U(~bits) : U(bits | sign);
+}
+
+// Inverse of order_key (for the +0-folded image): recovers the raw float bits.
+template <typename U>
+WIDETOPO_HD U key_to_bits(U key) {
+  constexpr U sign = U(1) << (sizeof(U) * 8 - 1);
+  return (key & sign) ? U(key & ~sign) : U(~key);
+}
+
+// The `nbits`-wide digit of `key` starting at bit `shift` (shift counted from the LSB).
+template <typename U>
+WIDETOPO_HD uint32_t key_digit(U key, int shift, int nbits) {
+  return static_cast<uint32_t>((key >> shift) & ((U(1) << nbits) - U(1)));
+}
+
+// True when `key` agrees with `prefix` on every bit at or above `shift`
+// (the digits already fixed by earlier passes of a most-significant-digit-first select).
+template <typename U>
+WIDETOPO_HD bool key_matches_prefix(U key, U prefix, int shift) {
+  if (shift >= static_cast<int>(sizeof(U) * 8)) {
+    return true;
+  }
+  return (key >> shift) == (prefix >> shift);
+}
+
+}  // namespace core
+}  // namespace widetopo

@@ -1,0 +1,55 @@
+"""widetopo: foresight pruning (pruning at initialization) with WideTopo and the standard
+baselines, on a compiled C++/CUDA op library (`widetopo_ext`).
+
+    import widetopo
+    masks = widetopo.prune(model, loader, density=0.05, method="widetopo-s")
+    widetopo.apply_masks(model, masks)        # torch.nn.utils.prune convention
+
+Public names are imported lazily, so `import widetopo` stays cheap.
+"""
+import importlib
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "prune": "widetopo.api",
+    "METHODS": "widetopo.api",
+    "Pruner": "widetopo.engine",
+    "Masks": "widetopo.masks",
+    "LayerStats": "widetopo.masks",
+    "select_prunable": "widetopo.params",
+    "density_schedule": "widetopo.schedule",
+    "restore_masks": "widetopo.restoration",
+    "Scorer": "widetopo.scores",
+    "ScoreContext": "widetopo.scores",
+    "WideTopoScorer": "widetopo.scores",
+    "SNIPScorer": "widetopo.scores",
+    "SynFlowScorer": "widetopo.scores",
+    "MagnitudeScorer": "widetopo.scores",
+    "RandomScorer": "widetopo.scores",
+    "ntk_score": "widetopo.scores",
+    "ita_score": "widetopo.scores",
+    "apply_masks": "widetopo.training",
+    "remove_masks": "widetopo.training",
+    "MaskEnforcer": "widetopo.training",
+    "save_masks": "widetopo.maskfile",
+    "load_masks": "widetopo.maskfile",
+    "build_model": "widetopo.models",
+    "load_dataset": "widetopo.data",
+    "mask_report": "widetopo.report",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'widetopo' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

@@ -1,0 +1,92 @@
+"""The scorer interface shared by every pruning method.
+
+The engine owns the loop (schedule, all-reduce, decay, threshold, restoration); a scorer
+only turns the current masked network and this process's share of the pruning batches into
+one saliency tensor per prunable parameter.
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from widetopo.rng import make_generator
+
+
+@dataclass
+class Batch:
+    """One pruning batch: its global index (for seeding), the inputs, the targets (or None)."""
+
+    index: int
+    x: torch.Tensor
+    y: Optional[torch.Tensor] = None
+
+
+@dataclass
+class ScoreContext:
+    """What a scorer sees of the run in one round.
+
+    params:  every parameter of the model by name (detached tensors, no grad); the prunable
+             ones hold the current masked weights theta * m.
+    buffers: the scorer's private copy of the model's buffers (BatchNorm statistics); a scorer
+             may overwrite them (calibration) - the caller's model is never touched.
+    names:   the prunable parameter names, in `model.named_parameters()` order.
+    masks:   bool masks aligned with `names`.
+    """
+
+    model: nn.Module
+    names: List[str]
+    params: Dict[str, torch.Tensor]
+    buffers: Dict[str, torch.Tensor]
+    masks: List[torch.Tensor]
+    round: int = 0
+    seed: int = 0
+    density: float = 1.0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return self.masks[0].device if self.masks else torch.device("cpu")
+
+    @property
+    def prunable(self) -> List[torch.Tensor]:
+        """The current masked prunable weights, aligned with `names`."""
+        return [self.params[n] for n in self.names]
+
+    def generator(self, batch_index: int, stream: int = 0) -> torch.Generator:
+        """Generator seeded by (seed, round, batch index, stream)."""
+        return make_generator(self.seed, self.round, batch_index, self.device, stream)
+
+    def forward(self, params: Dict[str, torch.Tensor], x: torch.Tensor, buffers=None) -> torch.Tensor:
+        """f(x) with the given parameters (and the context's buffers unless given)."""
+        out = functional_call(self.model, (params, self.buffers if buffers is None else buffers), (x,))
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(
+                f"model must return a logits tensor, got {type(out).__name__}; wrap the model so "
+                "that forward(x) returns a tensor"
+            )
+        return out
+
+
+class Scorer(abc.ABC):
+    """Saliency of every prunable weight; larger = more important.
+
+    Attributes the engine reads:
+      name           - method name
+      data_dependent - scores are sums over batches (summed across processes with all_reduce)
+      decay          - the engine applies density-aware decay after summing
+      needs_targets  - the data must carry targets
+    """
+
+    name: str = "scorer"
+    data_dependent: bool = True
+    decay: bool = False
+    needs_targets: bool = False
+
+    @abc.abstractmethod
+    def score(self, ctx: ScoreContext, batches: Sequence[Batch]) -> List[torch.Tensor]:
+        """One score tensor per name in ctx.names (same shape, floating), summed over `batches`."""
