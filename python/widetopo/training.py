@@ -1,0 +1,311 @@
+"""Training a network under fixed masks, and the small train/evaluate loop the CLI uses.
+
+Two ways to keep pruned weights at zero while training:
+
+* apply_masks(model, masks): torch.nn.utils.prune's reparametrization. Each masked parameter
+  `weight` becomes `weight_orig` (parameter) and `weight_mask` (buffer); a forward pre-hook
+  recomputes weight = weight_orig * weight_mask before every forward. Works with any trainer and
+  with torch.nn.utils.prune.remove / is_pruned; remove_masks(model) bakes the masks in.
+* MaskEnforcer(model, masks, optimizer): plain parameters stay plain. After every optimizer step
+  one fused call of widetopo_ext.apply_masks_ sets the pruned weights *and* their optimizer
+  state (momentum buffers, Adam moments, ...) to zero, so momentum and weight decay can never
+  revive a pruned weight. Optionally the pruned gradients are zeroed before the step as well.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Dict, Iterable, List, Mapping, Optional, Tuple
+
+import torch
+from torch import nn
+from torch.nn.utils import prune
+
+import widetopo_ext
+
+logger = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------
+# validation
+
+def _resolve(model: nn.Module, masks, *, allow_pruned: bool = False) -> List[Tuple[str, nn.Module, str, torch.Tensor]]:
+    """(full name, owning module, attribute name, mask) for every mask, after checking them all.
+
+    Errors list every problem at once: a name that is not a parameter of the model, a mask that
+    is not a bool tensor, a shape that differs from the parameter's.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(masks, Mapping):
+        raise TypeError(f"masks must be a mapping name -> bool tensor (e.g. widetopo.Masks), got {type(masks).__name__}")
+    params = dict(model.named_parameters())
+    out, problems = [], []
+    for name, mask in masks.items():
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            what = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
+            problems.append(f"masks[{name!r}] must be a torch.bool tensor, got {what}")
+            continue
+        owner_name, _, attr = name.rpartition(".")
+        try:
+            owner = model.get_submodule(owner_name) if owner_name else model
+        except AttributeError:
+            owner = None
+        param = params.get(name)
+        if param is None:
+            if owner is not None and prune.is_pruned(owner) and hasattr(owner, attr + "_orig"):
+                if allow_pruned:
+                    param = getattr(owner, attr + "_orig")
+                else:
+                    problems.append(f"{name!r} is already masked (torch.nn.utils.prune form); call remove_masks(model) first")
+                    continue
+            else:
+                problems.append(f"{name!r} is not a parameter of the model")
+                continue
+        if tuple(mask.shape) != tuple(param.shape):
+            problems.append(f"masks[{name!r}] has shape {list(mask.shape)}, the parameter has {list(param.shape)}")
+            continue
+        out.append((name, owner, attr, mask))
+    if problems:
+        raise ValueError(f"masks do not fit {type(model).__name__}:\n  " + "\n  ".join(problems))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.nn.utils.prune convention
+
+def apply_masks(model: nn.Module, masks) -> nn.Module:
+    """Mask `model`'s parameters in torch.nn.utils.prune's convention; returns `model`.
+
+    For every name "a.b.weight" in `masks`: module a.b gets parameter `weight_orig` (the current
+    values), buffer `weight_mask` (the mask in the parameter's dtype) and a forward pre-hook
+    (torch.nn.utils.prune.CustomFromMask) that sets weight = weight_orig * weight_mask. The
+    masks are all checked before the model is touched.
+    """
+    resolved = _resolve(model, masks)
+    for name, owner, attr, mask in resolved:
+        prune.custom_from_mask(owner, attr, mask.to(getattr(owner, attr).device))
+    logger.debug("applied %d masks in torch.nn.utils.prune form", len(resolved))
+    return model
+
+
+def remove_masks(model: nn.Module, names: Optional[Iterable[str]] = None) -> nn.Module:
+    """Make masked parameters permanent (torch.nn.utils.prune.remove): `weight` becomes a plain
+    parameter holding weight_orig * weight_mask. `names` restricts this to some parameters
+    (default: every pruning reparametrization in the model). Returns `model`."""
+    pruned = {}
+    for mod_name, module in model.named_modules():
+        for hook in module._forward_pre_hooks.values():
+            if isinstance(hook, prune.BasePruningMethod):
+                full = f"{mod_name}.{hook._tensor_name}" if mod_name else hook._tensor_name
+                pruned[full] = (module, hook._tensor_name)
+    if names is None:
+        targets = list(pruned)
+    else:
+        targets = list(names)
+        unknown = [n for n in targets if n not in pruned]
+        if unknown:
+            raise ValueError(f"remove_masks: not masked in this model: {unknown}; masked: {sorted(pruned)}")
+    for full in targets:
+        module, attr = pruned[full]
+        prune.remove(module, attr)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# plain-parameter mode
+
+class MaskEnforcer:
+    """Keep pruned weights of plain parameters exactly zero through training.
+
+        enforcer = MaskEnforcer(model, masks, optimizer)   # zeroes pruned weights now
+        ... normal training loop: loss.backward(); optimizer.step() ...
+        enforcer.remove()                                   # detach the hooks
+
+    After every `optimizer.step()` (a step post-hook) one fused widetopo_ext.apply_masks_ call
+    sets w <- m ? w : 0 on the weights and on every optimizer-state tensor shaped like them
+    (SGD momentum_buffer, Adam exp_avg / exp_avg_sq / max_exp_avg_sq, RMSprop square_avg, ...).
+    With mask_grads=True, a step pre-hook also zeroes the pruned gradients before the update
+    (widetopo_ext.apply_masks_to_grads_), so gradient statistics of pruned weights stay zero.
+    Without an optimizer, call `enforcer.apply()` after each update yourself.
+    """
+
+    def __init__(self, model: nn.Module, masks, optimizer: Optional[torch.optim.Optimizer] = None, mask_grads: bool = False):
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
+        resolved = _resolve(model, masks)
+        params = dict(model.named_parameters())
+        self.names = [name for name, _, _, _ in resolved]
+        self.params = [params[n] for n in self.names]
+        self.masks = [m.to(p.device) for (_, _, _, m), p in zip(resolved, self.params)]
+        self.optimizer = optimizer
+        self.mask_grads = bool(mask_grads)
+        self._handles = []
+        if optimizer is not None:
+            known = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            missing = [n for n, p in zip(self.names, self.params) if id(p) not in known]
+            if missing:
+                logger.warning("masked parameters not handled by the optimizer: %s", missing)
+            self._handles.append(optimizer.register_step_post_hook(lambda opt, args, kwargs: self.apply()))
+            if self.mask_grads:
+                self._handles.append(optimizer.register_step_pre_hook(lambda opt, args, kwargs: self.apply_to_grads()))
+        self.apply()
+
+    def _state_tensors(self):
+        tensors, masks = [], []
+        if self.optimizer is None:
+            return tensors, masks
+        state = self.optimizer.state
+        for p, m in zip(self.params, self.masks):
+            st = state.get(p)
+            if not st:
+                continue
+            for value in st.values():
+                if isinstance(value, torch.Tensor) and value.shape == p.shape and value.device == p.device and not value.is_complex():
+                    tensors.append(value)
+                    masks.append(m)
+        return tensors, masks
+
+    def apply(self) -> None:
+        """Zero pruned weights and their optimizer state (one fused apply_masks_ call)."""
+        tensors, masks = self._state_tensors()
+        with torch.no_grad():
+            widetopo_ext.apply_masks_(self.params + tensors, self.masks + masks)
+
+    def apply_to_grads(self) -> None:
+        """Zero the gradients of pruned weights (parameters without .grad are skipped)."""
+        widetopo_ext.apply_masks_to_grads_(self.params, self.masks)
+
+    def remove(self) -> None:
+        """Detach the optimizer hooks; the parameters keep their current values."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# a small train / evaluate loop (used by the CLI)
+
+def _progress(iterable, enabled: bool, **kwargs):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, leave=False, dynamic_ncols=True, **kwargs)
+
+
+def _split_batch(batch, device):
+    if isinstance(batch, Mapping):
+        x, y = batch.get("x", batch.get("input")), batch.get("y", batch.get("target"))
+    else:
+        x, y = batch[0], batch[1]
+    return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+def train_epoch(model: nn.Module, loader, optimizer, device="cpu", scheduler=None, enforcer: Optional[MaskEnforcer] = None,
+                progress: bool = False, desc: str = "train") -> Dict[str, float]:
+    """One pass over `loader` with cross-entropy; returns {"loss", "accuracy", "seconds"}.
+    `scheduler` (if given) is stepped once per batch. The enforcer works through its hooks."""
+    model.train()
+    total_loss, correct, seen, start = 0.0, 0, 0, time.perf_counter()
+    for batch in _progress(loader, progress, desc=desc):
+        x, y = _split_batch(batch, device)
+        optimizer.zero_grad(set_to_none=True)
+        logits = model(x)
+        loss = nn.functional.cross_entropy(logits, y)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"training loss became {loss.item()} (learning rate too high?)")
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        total_loss += loss.item() * y.shape[0]
+        correct += int((logits.argmax(1) == y).sum())
+        seen += y.shape[0]
+    return {"loss": total_loss / max(seen, 1), "accuracy": correct / max(seen, 1), "seconds": time.perf_counter() - start}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device="cpu", progress: bool = False) -> Dict[str, float]:
+    """Eval-mode loss and top-1 accuracy over `loader`; the model's train/eval mode is restored."""
+    was_training = model.training
+    model.eval()
+    total_loss, correct, seen = 0.0, 0, 0
+    try:
+        for batch in _progress(loader, progress, desc="eval"):
+            x, y = _split_batch(batch, device)
+            logits = model(x)
+            total_loss += nn.functional.cross_entropy(logits, y, reduction="sum").item()
+            correct += int((logits.argmax(1) == y).sum())
+            seen += y.shape[0]
+    finally:
+        model.train(was_training)
+    return {"loss": total_loss / max(seen, 1), "accuracy": correct / max(seen, 1)}
+
+
+SCHEDULES = ("cosine", "step", "constant")
+
+
+def make_scheduler(optimizer, schedule: str, total_steps: int, milestones=(0.5, 0.75), gamma: float = 0.1):
+    """Per-batch learning-rate schedule: cosine annealing to 0, step decay by `gamma` at the
+    given fractions of training, or constant."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    total_steps = max(int(total_steps), 1)
+    if schedule == "cosine":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
+    if schedule == "step":
+        steps = sorted(int(f * total_steps) for f in milestones)
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: gamma ** sum(s >= k for k in steps))
+    return None
+
+
+def fit(model: nn.Module, train_loader, test_loader=None, *, epochs: int = 10, lr: float = 0.1, momentum: float = 0.9,
+        weight_decay: float = 5e-4, schedule: str = "cosine", masks=None, mask_mode: str = "enforcer", device="cpu",
+        progress: bool = False, desc: str = "") -> dict:
+    """Train with SGD (+momentum, weight decay) and a per-batch LR schedule, optionally under
+    `masks` (mask_mode "enforcer": plain parameters + MaskEnforcer; "prune": apply_masks, baked
+    in with remove_masks at the end). Returns {"history": [...per epoch...], "final": {...}}."""
+    if int(epochs) < 0:
+        raise ValueError(f"epochs must be >= 0, got {epochs}")
+    if mask_mode not in ("enforcer", "prune"):
+        raise ValueError(f"mask_mode must be 'enforcer' or 'prune', got {mask_mode!r}")
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr}")
+    model.to(device)
+    enforcer = None
+    if masks is not None and mask_mode == "prune":
+        apply_masks(model, masks)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=False)
+    if masks is not None and mask_mode == "enforcer":
+        enforcer = MaskEnforcer(model, masks, optimizer, mask_grads=True)
+    scheduler = make_scheduler(optimizer, schedule, int(epochs) * len(train_loader))
+    history = []
+    try:
+        epoch_iter = _progress(range(int(epochs)), progress, desc=desc or "epochs")
+        for epoch in epoch_iter:
+            row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
+            row.update({f"train_{k}": v for k, v in train_epoch(model, train_loader, optimizer, device, scheduler, enforcer).items()})
+            if test_loader is not None:
+                row.update({f"test_{k}": v for k, v in evaluate(model, test_loader, device).items()})
+            history.append(row)
+            logger.info("%sepoch %d/%d: train loss %.4f acc %.4f%s", f"{desc}: " if desc else "", epoch + 1, epochs,
+                        row["train_loss"], row["train_accuracy"],
+                        f", test acc {row['test_accuracy']:.4f}" if "test_accuracy" in row else "")
+            if progress and hasattr(epoch_iter, "set_postfix"):
+                epoch_iter.set_postfix(loss=f"{row['train_loss']:.3f}", acc=f"{row.get('test_accuracy', row['train_accuracy']):.3f}")
+    finally:
+        if enforcer is not None:
+            enforcer.remove()
+        if masks is not None and mask_mode == "prune":
+            remove_masks(model, list(masks.keys()))
+    final = evaluate(model, test_loader, device) if test_loader is not None else {}
+    return {"history": history, "final": final}
