@@ -194,11 +194,13 @@ def _default_prunable(model: nn.Module) -> List[str]:
     """Names the engine prunes by default (weights of Conv*d and Linear layers)."""
     try:
         from widetopo.params import select_prunable
-
-        selected = select_prunable(model)
-        return [s if isinstance(s, str) else s[0] for s in selected]
-    except ImportError:
-        pass
+    except ImportError:  # pragma: no cover - the engine's module is part of the package
+        select_prunable = None
+    if select_prunable is not None:
+        try:
+            return list(select_prunable(model))
+        except ValueError:  # the model has no Conv/Linear weights at all
+            return []
     kinds = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
     return [f"{mod_name}.weight" if mod_name else "weight" for mod_name, mod in model.named_modules() if isinstance(mod, kinds) and isinstance(getattr(mod, "weight", None), nn.Parameter)]
 

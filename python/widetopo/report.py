@@ -1,0 +1,193 @@
+"""What a mask does to a network: per-layer density, kept weights, active units, collapsed layers.
+
+A layer has *collapsed* when it keeps no weight at all, or (rank >= 2) when no output unit or
+no input unit keeps a connection - then no signal passes through it and the pruned network
+is disconnected, the failure WideTopo's density decay and restoration are designed to avoid.
+The counts come from one widetopo_ext.mask_stats call over all masks.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+
+import widetopo_ext
+
+logger = logging.getLogger(__name__)
+
+
+def _collapse_reason(kept: int, numel: int, active_out: int, active_in: int, rank: int) -> Optional[str]:
+    if numel == 0:
+        return None
+    if kept == 0:
+        return "no kept weights"
+    if rank >= 2 and active_out == 0:
+        return "no active output units"
+    if rank >= 2 and active_in == 0:
+        return "no active input units"
+    return None
+
+
+def mask_report(masks, model: Optional[nn.Module] = None) -> dict:
+    """A JSON-ready summary of `masks` (name -> bool tensor, e.g. widetopo.Masks).
+
+    Per layer: name, shape, numel, kept, density = kept / numel, out_units / in_units (dims 0 and
+    1; each entry for rank < 2), active_out / active_in (units with at least one kept weight),
+    collapsed (reason or None); with `model`, also the module type and whether the mask fits.
+    Totals: numel, kept, density over all masks; with `model`, the model's parameter count and
+    the density over all its parameters (unmasked ones counted as kept).
+    """
+    if not hasattr(masks, "items"):
+        raise TypeError(f"masks must be a mapping name -> bool tensor (e.g. widetopo.Masks), got {type(masks).__name__}")
+    names = list(masks.keys())
+    tensors = [masks[n] for n in names]
+    for n, m in zip(names, tensors):
+        if not isinstance(m, torch.Tensor) or m.dtype != torch.bool:
+            raise TypeError(f"masks[{n!r}] must be a torch.bool tensor, got {getattr(m, 'dtype', type(m).__name__)}")
+    table = widetopo_ext.mask_stats([m.cpu() for m in tensors]).tolist() if tensors else []
+
+    modules = dict(model.named_modules()) if model is not None else {}
+    params = dict(model.named_parameters()) if model is not None else {}
+    layers, collapsed = [], []
+    for name, m, (kept, act_out, act_in) in zip(names, tensors, table):
+        numel = m.numel()
+        out_units, in_units = (m.shape[0], m.shape[1]) if m.dim() >= 2 else (numel, numel)
+        reason = _collapse_reason(kept, numel, act_out, act_in, m.dim())
+        row = {
+            "name": name,
+            "shape": list(m.shape),
+            "numel": numel,
+            "kept": int(kept),
+            "density": kept / numel if numel else 1.0,
+            "out_units": int(out_units),
+            "in_units": int(in_units),
+            "active_out": int(act_out),
+            "active_in": int(act_in),
+            "collapsed": reason,
+        }
+        if model is not None:
+            owner = modules.get(name.rpartition(".")[0])
+            row["module"] = type(owner).__name__ if owner is not None else None
+            if name not in params:
+                raise ValueError(f"masks[{name!r}] is not a parameter of the model")
+            if tuple(params[name].shape) != tuple(m.shape):
+                raise ValueError(f"masks[{name!r}] has shape {list(m.shape)}, the model's parameter has {list(params[name].shape)}")
+        layers.append(row)
+        if reason:
+            collapsed.append(name)
+
+    numel = sum(r["numel"] for r in layers)
+    kept = sum(r["kept"] for r in layers)
+    report = {
+        "layers": layers,
+        "collapsed": collapsed,
+        "total": {"numel": numel, "kept": kept, "density": kept / numel if numel else 1.0, "layers": len(layers)},
+        "meta": _plain(dict(getattr(masks, "meta", None) or {})),
+    }
+    if model is not None:
+        total_params = sum(p.numel() for p in model.parameters())
+        report["total"]["model_params"] = total_params
+        report["total"]["model_density"] = (total_params - numel + kept) / total_params if total_params else 1.0
+    return report
+
+
+def _plain(value):
+    """Metadata made JSON-safe (tensors -> numbers/lists, anything else -> repr)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    return repr(value)
+
+
+def format_table(report: dict) -> str:
+    """The per-layer table as fixed-width text (what `widetopo report` prints)."""
+    rows = [("layer", "shape", "kept", "numel", "density", "active out", "active in", "")]
+    for r in report["layers"]:
+        rows.append((
+            r["name"], "x".join(map(str, r["shape"])), str(r["kept"]), str(r["numel"]), f"{r['density']:.4f}",
+            f"{r['active_out']}/{r['out_units']}", f"{r['active_in']}/{r['in_units']}",
+            f"COLLAPSED: {r['collapsed']}" if r["collapsed"] else "",
+        ))
+    t = report["total"]
+    rows.append(("total", "", str(t["kept"]), str(t["numel"]), f"{t['density']:.4f}", "", "", ""))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    right = {2, 3, 4, 5, 6}
+    lines = []
+    for k, row in enumerate(rows):
+        cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))]
+        lines.append("  ".join(cells).rstrip())
+        if k == 0 or k == len(rows) - 2:
+            lines.append("  ".join("-" * w for w in widths).rstrip())
+    if report["collapsed"]:
+        lines.append(f"{len(report['collapsed'])} collapsed layer(s): {', '.join(report['collapsed'])}")
+    else:
+        lines.append("no collapsed layers")
+    return "\n".join(lines)
+
+
+def write_json(report: dict, path) -> str:
+    """Write the report as indented JSON; returns the path."""
+    path = os.fspath(path)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=2, sort_keys=False)
+        f.write("\n")
+    return path
+
+
+def plot_report(report: dict, out_dir, prefix: str = "mask") -> List[str]:
+    """Two PNG plots in `out_dir`: <prefix>_density.png (per-layer density bars, log scale) and
+    <prefix>_units.png (active / total output and input units per layer). Needs matplotlib
+    (Agg backend, no display); returns the written paths."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=True)
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ImportError("plots need matplotlib: pip install matplotlib (or install widetopo[plot])") from None
+    os.makedirs(out_dir, exist_ok=True)
+    layers = report["layers"]
+    labels = [r["name"] for r in layers]
+    x = list(range(len(layers)))
+    width = max(6.0, 0.35 * len(layers) + 2)
+    paths = []
+
+    fig, ax = plt.subplots(figsize=(width, 4.5))
+    dens = [r["density"] for r in layers]
+    colors = ["tab:red" if r["collapsed"] else "tab:blue" for r in layers]
+    ax.bar(x, [max(d, 1e-6) for d in dens], color=colors)
+    ax.set_yscale("log")
+    ax.axhline(report["total"]["density"], color="k", ls="--", lw=1, label=f"overall {report['total']['density']:.4f}")
+    ax.set_ylabel("density (kept / total), log scale")
+    ax.set_title("per-layer density" + (" (red: collapsed)" if report["collapsed"] else ""))
+    ax.set_xticks(x)
+    ax.set_xticklabels(labels, rotation=90, fontsize=7)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    paths.append(os.path.join(os.fspath(out_dir), f"{prefix}_density.png"))
+    fig.savefig(paths[-1], dpi=100)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(width * 1.4, 4.5))
+    for ax, (active, total, title) in zip(axes, [("active_out", "out_units", "output units"), ("active_in", "in_units", "input units")]):
+        ax.bar(x, [r[total] for r in layers], color="lightgray", label="total")
+        ax.bar(x, [r[active] for r in layers], color="tab:green", label="active")
+        ax.set_title(f"active {title} per layer")
+        ax.set_xticks(x)
+        ax.set_xticklabels(labels, rotation=90, fontsize=7)
+        ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    paths.append(os.path.join(os.fspath(out_dir), f"{prefix}_units.png"))
+    fig.savefig(paths[-1], dpi=100)
+    plt.close(fig)
+    logger.info("wrote plots %s", ", ".join(paths))
+    return paths
