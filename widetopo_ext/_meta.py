@@ -75,7 +75,8 @@ def _masked_sq_norm_backward(ctx, grad):
         if masks:
             g = torch.where(masks[j], g, torch.zeros((), dtype=g.dtype, device=g.device))
         grads.append(g.to(t.dtype))
-    return grads, None
+    # Same structure as the inputs: one entry per tensor, None for each (bool) mask.
+    return grads, [None] * len(masks)
 
 
 torch.library.register_autograd(

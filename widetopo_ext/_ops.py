@@ -131,7 +131,8 @@ def global_threshold(scores, masks, keep: int, mode: str = "exact") -> torch.Ten
     mode="official" (the published code's rule): k = N - keep, prune every score <= the
     (k+1)-th smallest sorted[k]; all pruned when k >= N. Returns sorted[k] (+inf if k >= N).
     Result: 0-d float64. Radix select in O(N) time without concatenating or sorting.
-    Raises ValueError for NaN/inf scores (naming the tensor index) or keep outside [0, N].
+    Raises ValueError for keep outside [0, N]; the op raises RuntimeError naming the tensor
+    index for NaN/inf scores (before writing any mask).
     """
     scores = _tensor_list("scores", scores)
     masks = _masks_for("masks", masks, "scores", scores)
@@ -256,10 +257,13 @@ def masked_sq_norm(tensors, masks=None) -> torch.Tensor:
 
 def apply_masks_(tensors, masks) -> None:
     """In place: t <- m ? t : 0 (selection, so a pruned NaN/inf becomes 0). Runs under no_grad,
-    so leaf parameters that require grad can be passed directly."""
+    so leaf parameters that require grad can be passed directly. Any real dtype (float or int;
+    dtypes may differ between tensors)."""
     tensors = _tensor_list("tensors", tensors)
     masks = _masks_for("masks", masks, "tensors", tensors)
-    _check_float("tensors", tensors)
+    for j, t in enumerate(tensors):
+        if t.is_complex() or t.dtype == torch.bool:
+            raise TypeError(f"tensors[{j}] has dtype {t.dtype}; allowed: real floating or integer dtypes")
     _check_device([("tensors", tensors), ("masks", masks)])
     if not tensors:
         return None
@@ -284,8 +288,6 @@ def apply_masks_to_grads_(params, masks) -> None:
         if g.shape != m.shape:
             raise ValueError(f"params[{j}].grad has shape {tuple(g.shape)} but masks[{j}] has shape "
                              f"{tuple(m.shape)}; they must match")
-        if g.dtype not in SCORE_DTYPES:
-            raise TypeError(f"params[{j}].grad has dtype {g.dtype}; allowed: {_DTYPE_NAMES}")
     _check_device([("params[*].grad", grads), ("masks", grad_masks)])
     apply_masks_(grads, grad_masks)
 
