@@ -1,0 +1,240 @@
+"""Baseline saliencies on the same Scorer interface as WideTopo: Random, Magnitude, SNIP, SynFlow.
+
+Every scorer gives pruned entries (m = 0) the score 0 and kept entries a score >= 0, so an
+engine that thresholds globally never revives a pruned weight ahead of a kept one.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import widetopo_ext
+from widetopo.scores.base import Batch, ScoreContext, Scorer
+from widetopo.scores.bn import calibrate_batchnorm, eval_mode
+from widetopo.scores.widetopo import check_finite
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["RandomScorer", "MagnitudeScorer", "SNIPScorer", "SynFlowScorer", "synflow_scores"]
+
+
+def _score_dtype(t: torch.Tensor) -> torch.dtype:
+    return t.dtype if t.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _zeros(prunable: List[torch.Tensor], dtype: Optional[torch.dtype] = None) -> List[torch.Tensor]:
+    return [torch.zeros(p.shape, dtype=dtype or _score_dtype(p), device=p.device) for p in prunable]
+
+
+class RandomScorer(Scorer):
+    """Random saliency: one draw per weight from ctx.generator(0) (depends on seed and round).
+
+    distribution="uniform": 1 - U[0, 1) in (0, 1];  "normal": |z|, z ~ N(0, 1). Both give a
+    uniformly random ranking of the kept weights; pruned weights score 0.
+    """
+
+    name = "random"
+    data_dependent = False
+    decay = False
+    needs_targets = False
+
+    def __init__(self, distribution: str = "uniform"):
+        if distribution not in ("uniform", "normal"):
+            raise ValueError(f"distribution must be 'uniform' or 'normal', got {distribution!r}")
+        self.distribution = distribution
+
+    def __repr__(self) -> str:
+        return f"RandomScorer(distribution={self.distribution!r})"
+
+    def score(self, ctx: ScoreContext, batches: Sequence[Batch] = ()) -> List[torch.Tensor]:
+        prunable = ctx.prunable
+        gen = ctx.generator(0)
+        out = _zeros(prunable)
+        if self.distribution == "uniform":
+            draws = [torch.rand(s.shape, generator=gen, dtype=s.dtype, device=s.device) for s in out]
+            torch._foreach_neg_(draws)
+            torch._foreach_add_(draws, 1.0)
+        else:
+            draws = [torch.randn(s.shape, generator=gen, dtype=s.dtype, device=s.device) for s in out]
+        widetopo_ext.accumulate_score_(out, draws, [], ctx.masks, absolute=True)
+        return out
+
+
+class MagnitudeScorer(Scorer):
+    """|theta * m|: keep the largest weights."""
+
+    name = "magnitude"
+    data_dependent = False
+    decay = False
+    needs_targets = False
+
+    def score(self, ctx: ScoreContext, batches: Sequence[Batch] = ()) -> List[torch.Tensor]:
+        prunable = ctx.prunable
+        out = _zeros(prunable)
+        widetopo_ext.accumulate_score_(out, prunable, [], ctx.masks, absolute=True)
+        return out
+
+
+class SNIPScorer(Scorer):
+    """SNIP connection sensitivity: S += |dL/dtheta * theta * m| per batch, L = mean cross
+    entropy of the logits against the batch targets, forward in eval mode.
+
+    The absolute value is taken per batch (like WideTopo's terms), so the sum over batches does
+    not depend on how batches are split across processes. calibrate_bn=True calibrates the
+    BatchNorm statistics on each batch first (default False: the context's buffers as given).
+    """
+
+    name = "snip"
+    data_dependent = True
+    decay = False
+    needs_targets = True
+
+    def __init__(self, calibrate_bn: bool = False):
+        self.calibrate_bn = bool(calibrate_bn)
+
+    def __repr__(self) -> str:
+        return f"SNIPScorer(calibrate_bn={self.calibrate_bn})"
+
+    def score(self, ctx: ScoreContext, batches: Sequence[Batch]) -> List[torch.Tensor]:
+        prunable = ctx.prunable
+        out = _zeros(prunable)
+        with eval_mode(ctx.model):
+            for batch in batches:
+                if batch.y is None:
+                    raise ValueError(
+                        f"snip needs targets, but batch {batch.index} has none; pass (input, target) "
+                        "batches as data"
+                    )
+                x = batch.x.to(ctx.device)
+                y = batch.y.to(ctx.device)
+                if self.calibrate_bn:
+                    calibrate_batchnorm(ctx, x)
+                params = dict(ctx.params)
+                leaves = [p.detach().requires_grad_(True) for p in prunable]
+                params.update(zip(ctx.names, leaves))
+                with torch.enable_grad():
+                    logits = ctx.forward(params, x)
+                    loss = F.cross_entropy(logits, y)
+                    grads = torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)
+                widetopo_ext.accumulate_score_(out, list(grads), prunable, ctx.masks, absolute=True)
+        check_finite(out, ctx, self.name)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# SynFlow
+
+
+def _has_own_params(module: nn.Module) -> bool:
+    return next(module.parameters(recurse=False), None) is not None
+
+
+def _pow2_rescale_hook(module, inputs, output):
+    """Divide a layer's output by the power of two nearest its max magnitude (detached)."""
+    if not isinstance(output, torch.Tensor) or not output.is_floating_point():
+        return None
+    peak = output.detach().abs().amax()
+    if not torch.isfinite(peak) or peak <= 0:
+        return None
+    return output * torch.exp2(-torch.round(torch.log2(peak)))
+
+
+def synflow_scores(ctx: ScoreContext, sample_shape: Sequence[int], rescale: bool = False):
+    """Raw SynFlow scores |w * dR/dw| (float64) and R, for w = |theta*m| (all parameters
+    linearised by abs, floating buffers too, as SynFlow does), R = sum f(1; w), eval mode.
+
+    rescale=True divides the output of every module that owns parameters by a power of two
+    near its peak (forward hooks), which keeps activations and gradients of very deep nets in
+    range. It is exact up to a common factor for a bias-free chain, an approximation otherwise.
+    """
+    model = ctx.model
+    names = set(ctx.names)
+    params: Dict[str, torch.Tensor] = {}
+    for n, p in ctx.params.items():
+        q = p.detach().abs().to(torch.float64) if p.is_floating_point() else p.detach()
+        params[n] = q.requires_grad_(True) if n in names else q
+    buffers = {
+        n: (b.detach().abs().to(torch.float64) if b.is_floating_point() else b.detach().clone())
+        for n, b in ctx.buffers.items()
+    }
+    leaves = [params[n] for n in ctx.names]
+    x = torch.ones((1, *sample_shape), dtype=torch.float64, device=ctx.device)
+    handles = []
+    if rescale:
+        handles = [m.register_forward_hook(_pow2_rescale_hook) for m in model.modules() if _has_own_params(m)]
+    try:
+        with eval_mode(model), torch.enable_grad():
+            r = ctx.forward(params, x, buffers).sum()
+            grads = torch.autograd.grad(r, leaves, allow_unused=True, materialize_grads=True)
+    finally:
+        for h in handles:
+            h.remove()
+    out = _zeros(leaves, torch.float64)
+    widetopo_ext.accumulate_score_(out, list(grads), leaves, ctx.masks, absolute=True)
+    return out, r.detach()
+
+
+class SynFlowScorer(Scorer):
+    """SynFlow: S = |theta * dR/dtheta|, R = sum of f(1; |theta|) on an all-ones input shaped
+    like one sample, every parameter linearised by abs, BatchNorm in eval mode.
+
+    Computed in float64. If that overflows or underflows (very deep nets), it is recomputed with
+    per-layer power-of-two rescaling of the activations (see synflow_scores); a warning is
+    logged. Scores are returned in float64, divided by their global maximum (a common factor:
+    the ranking is unchanged) so that they stay in range for any later cast.
+    The sample shape comes from the first batch's x (only its shape is used) or `input_shape`.
+    """
+
+    name = "synflow"
+    data_dependent = False
+    decay = False
+    needs_targets = False
+
+    def __init__(self, input_shape: Optional[Sequence[int]] = None):
+        if input_shape is not None:
+            input_shape = tuple(int(s) for s in input_shape)
+            if not input_shape or min(input_shape) < 1:
+                raise ValueError(f"input_shape must be a non-empty sequence of positive sizes, got {input_shape!r}")
+        self.input_shape = input_shape
+        self.rescaled = False  # whether the last call needed the rescaled computation
+
+    def __repr__(self) -> str:
+        return f"SynFlowScorer(input_shape={self.input_shape!r})"
+
+    def _sample_shape(self, batches: Sequence[Batch]):
+        if self.input_shape is not None:
+            return self.input_shape
+        for batch in batches:
+            return tuple(batch.x.shape[1:])
+        raise ValueError(
+            "synflow needs the shape of one input sample: pass at least one batch or "
+            "SynFlowScorer(input_shape=...)"
+        )
+
+    @staticmethod
+    def _usable(scores: List[torch.Tensor], r: torch.Tensor) -> bool:
+        if not math.isfinite(float(r)) or float(r) == 0.0:
+            return False
+        return bool(torch.stack([torch.isfinite(s).all() for s in scores]).all()) if scores else True
+
+    def score(self, ctx: ScoreContext, batches: Sequence[Batch] = ()) -> List[torch.Tensor]:
+        shape = self._sample_shape(batches)
+        scores, r = synflow_scores(ctx, shape, rescale=False)
+        self.rescaled = not self._usable(scores, r)
+        if self.rescaled:
+            logger.warning(
+                "synflow: float64 R = %s is out of range in round %d; recomputing with per-layer "
+                "rescaling (approximate ranking for non-chain networks)", float(r), ctx.round,
+            )
+            scores, r = synflow_scores(ctx, shape, rescale=True)
+        check_finite(scores, ctx, self.name)
+        if scores:
+            peak = torch.stack([s.amax() if s.numel() else s.new_zeros(()) for s in scores]).amax()
+            if peak > 0:
+                torch._foreach_div_(scores, peak)
+        return scores

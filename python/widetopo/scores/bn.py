@@ -1,0 +1,101 @@
+"""BatchNorm calibration and evaluation-mode handling for scoring forwards.
+
+WideTopo scores the network with BatchNorm as a fixed affine map (eval mode) whose statistics
+are those of the scoring batch itself: reset the running statistics, set momentum to 1, run one
+train-mode forward without gradients (running stats <- this batch's mean and unbiased variance),
+then evaluate in eval mode. Eval mode makes the samples of a batch independent, which is what
+lets the ITA term evaluate x and x + eps*dx as one concatenated batch.
+
+Only the scorer's private buffer copies (ScoreContext.buffers) are written; module attributes
+that are changed temporarily (training flags, momentum) are restored, also on error.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Dict, Iterator, List, Tuple
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["calibrate_batchnorm", "eval_mode", "batchnorm_modules", "uses_batch_statistics"]
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put every module in eval mode for the duration; restore each module's flag afterwards."""
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        yield model
+    finally:
+        for module, flag in flags:
+            module.training = flag
+
+
+def batchnorm_modules(model: nn.Module) -> List[Tuple[str, _BatchNorm]]:
+    """(qualified name, module) of every BatchNorm module (BatchNorm1d/2d/3d, SyncBatchNorm)."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, _BatchNorm)]
+
+
+def uses_batch_statistics(model: nn.Module) -> bool:
+    """True if some BatchNorm normalises with batch statistics even in eval mode
+    (track_running_stats=False); then samples of a batch are not independent."""
+    return any(m.running_mean is None or m.running_var is None for _, m in batchnorm_modules(model))
+
+
+def _prefixed(name: str, attr: str) -> str:
+    return f"{name}.{attr}" if name else attr
+
+
+@torch.no_grad()
+def calibrate_batchnorm(ctx, x: torch.Tensor) -> int:
+    """Set the context's BatchNorm running statistics to the statistics of batch `x`.
+
+    For every BatchNorm module with running statistics: running_mean <- 0, running_var <- 1,
+    num_batches_tracked <- 0 in ctx.buffers, momentum <- 1, then one forward of
+    f(x; ctx.params) with those modules in train mode (every other module in eval mode, so
+    dropout draws nothing), without gradients. Afterwards running_mean / running_var hold this
+    batch's mean and unbiased variance. Module flags and momenta are restored as found, also on
+    error; the model's own buffers are never written (functional_call swaps in ctx.buffers).
+
+    Returns the number of calibrated modules (no forward is run when it is 0).
+    """
+    model = ctx.model
+    targets = []
+    for name, module in batchnorm_modules(model):
+        if not module.track_running_stats:
+            continue
+        keys = [_prefixed(name, a) for a in ("running_mean", "running_var")]
+        missing = [k for k in keys if k not in ctx.buffers]
+        if missing:
+            raise KeyError(
+                f"calibrate_batchnorm: ctx.buffers has no entry {missing[0]!r} for BatchNorm module "
+                f"{name!r}; ctx.buffers must hold every buffer of ctx.model"
+            )
+        targets.append((name, module))
+    if not targets:
+        return 0
+
+    buffers: Dict[str, torch.Tensor] = ctx.buffers
+    for name, _ in targets:
+        buffers[_prefixed(name, "running_mean")].zero_()
+        buffers[_prefixed(name, "running_var")].fill_(1.0)
+        nbt = buffers.get(_prefixed(name, "num_batches_tracked"))
+        if nbt is not None:
+            nbt.zero_()
+
+    saved = [(m, m.momentum) for _, m in targets]
+    with eval_mode(model):
+        try:
+            for _, module in targets:
+                module.momentum = 1.0
+                module.train()
+            ctx.forward(ctx.params, x, buffers)
+        finally:
+            for module, momentum in saved:
+                module.momentum = momentum
+    return len(targets)

@@ -1,0 +1,203 @@
+"""ITA saliency against four explicit forwards of deep-copied models with an explicit mask."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from widetopo.rng import make_generator
+from widetopo.scores import Batch, ScoreContext, ita_score
+from widetopo.scores.ita import ITA_STREAM, no_tf32
+
+needs_ops = pytest.mark.needs_kernel("accumulate_score_")
+
+
+class TinyCNN(nn.Module):
+    def __init__(self, track=True):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(4, track_running_stats=track)
+        self.conv2 = nn.Conv2d(4, 6, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(6, track_running_stats=track)
+        self.fc = nn.Linear(6 * 4 * 4, 5)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.max_pool2d(F.relu(self.bn2(self.conv2(x))), 2)
+        return self.fc(x.flatten(1))
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l1 = nn.Linear(10, 16)
+        self.l2 = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.l2(torch.tanh(self.l1(x)))
+
+
+def make_model(cls=TinyCNN, dtype=torch.float64, **kw):
+    torch.manual_seed(0)
+    model = cls(**kw).to(dtype)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                if m.running_mean is not None:
+                    m.running_mean.uniform_(-0.5, 0.5)
+                    m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    return model
+
+
+def make_ctx(model, keep=0.7, seed=11, round_index=4):
+    g = torch.Generator().manual_seed(7)
+    names = [n for n, p in model.named_parameters() if p.dim() > 1]
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+    masks = [torch.rand(params[n].shape, generator=g) < keep for n in names]
+    for n, m in zip(names, masks):
+        params[n] = params[n] * m
+    return ScoreContext(model=model, names=names, params=params, buffers=buffers, masks=masks,
+                        round=round_index, seed=seed)
+
+
+def _set_tensor(net, name, value):
+    """Replace parameter `name` of `net` by a plain (graph-carrying) tensor."""
+    *path, attr = name.split(".")
+    mod = net
+    for p in path:
+        mod = getattr(mod, p)
+    del mod._parameters[attr]
+    setattr(mod, attr, value)
+
+
+def reference_ita(model, ctx, batch, eps_x=5e-4, eps_theta=5e-4):
+    """Four separate forwards through deep copies; gradient w.r.t. an explicit mask tensor."""
+    gen = make_generator(ctx.seed, ctx.round, batch.index, "cpu", ITA_STREAM)
+    x = batch.x
+    dx = torch.randn(x.shape, generator=gen, dtype=x.dtype)
+    dtheta = [torch.randn(ctx.params[n].shape, generator=gen, dtype=x.dtype) for n in ctx.names]
+    masks = [m.to(x.dtype).requires_grad_(True) for m in ctx.masks]
+    nets = []
+    for perturbed in (False, True):
+        net = copy.deepcopy(model).eval()
+        with torch.no_grad():
+            for n, p in net.named_parameters():
+                p.copy_(ctx.params[n])
+            for n, b in net.named_buffers():
+                b.copy_(ctx.buffers[n])
+        for n, m, mb, d in zip(ctx.names, masks, ctx.masks, dtheta):
+            theta_m = ctx.params[n] * mb.to(x.dtype)  # theta * m, a constant
+            c = theta_m + eps_theta * d if perturbed else theta_m
+            _set_tensor(net, n, c * m)
+        for p in net.parameters():
+            p.requires_grad_(False)
+        nets.append(net)
+    src, tgt = nets
+    xp = x + eps_x * dx
+    o_s, p_s, o_t, p_t = src(x), src(xp), tgt(x), tgt(xp)
+    delta = (p_t - o_t) - (p_s - o_s)
+    a = (delta ** 2).sum() / (eps_x * eps_theta)
+    grads = torch.autograd.grad(a, masks)
+    return [(g * (mk != 0)).abs() for g, mk in zip(grads, ctx.masks)]
+
+
+def make_batch(index=3, shape=(4, 1, 8, 8), dtype=torch.float64, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return Batch(index, torch.randn(shape, generator=g, dtype=dtype))
+
+
+@needs_ops
+@pytest.mark.parametrize("cls", [TinyCNN, MLP])
+def test_ita_matches_four_explicit_forwards(cls):
+    model = make_model(cls)
+    ctx = make_ctx(model)
+    batch = make_batch(shape=(4, 1, 8, 8) if cls is TinyCNN else (5, 10))
+    got = ita_score(ctx, batch)
+    ref = reference_ita(model, ctx, batch)
+    for n, a, b in zip(ctx.names, got, ref):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9, msg=n)
+    assert all(float(b.sum()) > 0 for b in ref)
+    for s, m in zip(got, ctx.masks):
+        assert torch.all(s[~m] == 0)
+
+
+@needs_ops
+def test_ita_two_batches_accumulate_and_eps_options():
+    model = make_model()
+    ctx = make_ctx(model)
+    b1, b2 = make_batch(1, seed=1), make_batch(2, seed=2)
+    out = ita_score(ctx, b1, eps_x=1e-3, eps_theta=2e-4)
+    out = ita_score(ctx, b2, eps_x=1e-3, eps_theta=2e-4, out=out)
+    ref = [a + b for a, b in zip(reference_ita(model, ctx, b1, 1e-3, 2e-4), reference_ita(model, ctx, b2, 1e-3, 2e-4))]
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9)
+
+
+@needs_ops
+def test_ita_without_running_stats_uses_separate_forwards():
+    # BatchNorm without running statistics couples the samples of a batch; the scorer must not
+    # concatenate x and x + eps dx then (the reference runs them separately).
+    model = make_model(track=False)
+    ctx = make_ctx(model)
+    batch = make_batch()
+    got = ita_score(ctx, batch)
+    ref = reference_ita(model, ctx, batch)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9)
+
+
+@needs_ops
+def test_ita_runs_two_forwards_and_leaves_state_unchanged():
+    model = make_model()
+    model.train()
+    ctx = make_ctx(model)
+    calls = []
+    handle = model.register_forward_pre_hook(lambda mod, inp: calls.append(inp[0].shape[0]))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    params = {n: p.clone() for n, p in ctx.params.items()}
+    rng = torch.random.get_rng_state()
+    try:
+        ita_score(ctx, make_batch())
+    finally:
+        handle.remove()
+    assert calls == [8, 8]  # x and x + eps dx as one batch, once per parameter set
+    assert torch.equal(rng, torch.random.get_rng_state())
+    assert all(m.training for m in model.modules())
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+    for n, p in ctx.params.items():
+        assert torch.equal(p, params[n])
+
+
+def test_no_tf32_disables_and_restores_flags():
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        with no_tf32(torch.device("cuda")):  # only flags are touched; no GPU needed
+            assert not torch.backends.cuda.matmul.allow_tf32
+            assert not torch.backends.cudnn.allow_tf32
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        with pytest.raises(RuntimeError):
+            with no_tf32("cuda"):
+                raise RuntimeError("boom")
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        with no_tf32("cpu"):  # CPU: nothing changes
+            assert torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def test_ita_rejects_bad_eps_and_integer_inputs():
+    model = make_model(MLP)
+    ctx = make_ctx(model)
+    for bad in (0, -1e-3, float("inf"), float("nan"), "1e-3"):
+        with pytest.raises(ValueError, match="eps"):
+            ita_score(ctx, make_batch(shape=(2, 10)), eps=bad)
+    with pytest.raises(TypeError, match="floating"):
+        ita_score(ctx, Batch(0, torch.ones(2, 10, dtype=torch.long)))

@@ -1,0 +1,178 @@
+"""NTK-trace (Hutchinson) saliency against a double backward written out by hand."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from widetopo.rng import make_generator
+from widetopo.scores import Batch, ScoreContext, ntk_score
+from widetopo.scores.ntk import NTK_STREAM
+
+needs_ops = pytest.mark.needs_kernel("accumulate_score_", "masked_sq_norm")
+
+
+class TinyCNN(nn.Module):
+    def __init__(self, classes=5):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 6, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(6)
+        self.fc = nn.Linear(6 * 4 * 4, classes)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.max_pool2d(F.relu(self.bn2(self.conv2(x))), 2)
+        return self.fc(x.flatten(1))
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l1 = nn.Linear(10, 16)
+        self.l2 = nn.Linear(16, 12)
+        self.l3 = nn.Linear(12, 3)
+
+    def forward(self, x):
+        return self.l3(torch.tanh(self.l2(torch.relu(self.l1(x)))))
+
+
+def make_model(cls, dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    model = cls().to(dtype)
+    with torch.no_grad():  # non-trivial BatchNorm statistics and affine parameters
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    return model
+
+
+def make_ctx(model, keep=0.7, seed=3, round_index=2):
+    g = torch.Generator().manual_seed(99)
+    names = [n for n, p in model.named_parameters() if p.dim() > 1]
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+    masks = [torch.rand(params[n].shape, generator=g) < keep for n in names]
+    for n, m in zip(names, masks):
+        params[n] = params[n] * m
+    return ScoreContext(model=model, names=names, params=params, buffers=buffers, masks=masks,
+                        round=round_index, seed=seed)
+
+
+def reference_ntk(model, ctx, batch, probes=1):
+    """|sum_probes h * theta * m| with h = grad ||m * grad <v, f>||^2, plain autograd."""
+    net = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        for n, p in net.named_parameters():
+            p.copy_(ctx.params[n])
+        for n, b in net.named_buffers():
+            b.copy_(ctx.buffers[n])
+    named = dict(net.named_parameters())
+    all_params = list(named.values())
+    pr = [named[n] for n in ctx.names]
+    mask_of = {n: m.to(torch.float64) for n, m in zip(ctx.names, ctx.masks)}
+    gen = make_generator(ctx.seed, ctx.round, batch.index, "cpu", NTK_STREAM)
+    out = net(batch.x)
+    total = [torch.zeros_like(p) for p in pr]
+    for _ in range(probes):
+        v = torch.randn(out.shape, generator=gen, dtype=out.dtype)
+        g = torch.autograd.grad((v * out).sum(), all_params, create_graph=True)
+        t = 0
+        for (n, _), gi in zip(named.items(), g):
+            gi = gi * mask_of[n] if n in mask_of else gi
+            t = t + (gi * gi).sum()
+        h = torch.autograd.grad(t, pr, retain_graph=True)
+        total = [a + b for a, b in zip(total, h)]
+    return [(hs * ctx.params[n] * mask_of[n]).abs().detach() for hs, n in zip(total, ctx.names)]
+
+
+def batches(n=2, shape=(4, 1, 8, 8), dtype=torch.float64):
+    g = torch.Generator().manual_seed(5)
+    return [Batch(i + 7, torch.randn(shape, generator=g, dtype=dtype)) for i in range(n)]
+
+
+@needs_ops
+def test_ntk_matches_hand_double_backward_cnn():
+    model = make_model(TinyCNN)
+    ctx = make_ctx(model)
+    (batch,) = batches(1)
+    got = ntk_score(ctx, batch)
+    ref = reference_ntk(model, ctx, batch)
+    assert len(got) == len(ctx.names)
+    for n, a, b in zip(ctx.names, got, ref):
+        assert a.shape == b.shape and a.dtype == torch.float64
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=n)
+    assert any(float(b.abs().sum()) > 0 for b in ref)
+
+
+@needs_ops
+def test_ntk_probes_summed_signed_before_abs_and_batches_accumulate():
+    model = make_model(MLP)
+    ctx = make_ctx(model, keep=0.6)
+    bs = batches(2, shape=(6, 10))
+    out = None
+    for b in bs:
+        out = ntk_score(ctx, b, probes=3, out=out)
+    ref = [a + b for a, b in zip(reference_ntk(model, ctx, bs[0], 3), reference_ntk(model, ctx, bs[1], 3))]
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+@needs_ops
+def test_ntk_pruned_entries_zero_and_nonprunable_gradients_counted():
+    model = make_model(TinyCNN)
+    ctx = make_ctx(model, keep=0.5)
+    (batch,) = batches(1)
+    got = ntk_score(ctx, batch)
+    for s, m in zip(got, ctx.masks):
+        assert torch.all(s[~m] == 0)
+    # a reference that drops the non-prunable gradients from t gives a different score
+    net = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        for n, p in net.named_parameters():
+            p.copy_(ctx.params[n])
+        for n, b in net.named_buffers():
+            b.copy_(ctx.buffers[n])
+    pr = [dict(net.named_parameters())[n] for n in ctx.names]
+    gen = make_generator(ctx.seed, ctx.round, batch.index, "cpu", NTK_STREAM)
+    out = net(batch.x)
+    v = torch.randn(out.shape, generator=gen, dtype=out.dtype)
+    g = torch.autograd.grad((v * out).sum(), pr, create_graph=True)
+    t = sum(((gi * m) ** 2).sum() for gi, m in zip(g, ctx.masks))
+    h = torch.autograd.grad(t, pr)
+    only_prunable = [(hi * ctx.params[n] * m).abs() for hi, n, m in zip(h, ctx.names, ctx.masks)]
+    assert not all(torch.allclose(a, b) for a, b in zip(got, only_prunable))
+
+
+@needs_ops
+def test_ntk_leaves_global_rng_model_and_context_unchanged():
+    model = make_model(TinyCNN)
+    model.train()
+    ctx = make_ctx(model)
+    before_params = {n: p.clone() for n, p in ctx.params.items()}
+    before_state = {k: v.clone() for k, v in model.state_dict().items()}
+    state = torch.random.get_rng_state()
+    ntk_score(ctx, batches(1)[0])
+    assert torch.equal(state, torch.random.get_rng_state())
+    assert model.training and all(m.training for m in model.modules())
+    for n, p in ctx.params.items():
+        assert torch.equal(p, before_params[n]) and not p.requires_grad
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before_state[k])
+
+
+def test_ntk_rejects_bad_probes():
+    model = make_model(MLP)
+    ctx = make_ctx(model)
+    for bad in (0, -1, 1.5, True):
+        try:
+            ntk_score(ctx, Batch(0, torch.randn(2, 10, dtype=torch.float64)), probes=bad)
+        except ValueError as e:
+            assert "probes" in str(e)
+        else:
+            raise AssertionError(f"probes={bad!r} accepted")
