@@ -1,0 +1,69 @@
+"""Optional run checkpoint: resume a killed pruning run where it stopped.
+
+After every scoring round and every restoration step the engine writes {phase index, step
+within the phase, the phase's start density, masks, working prunable weights} atomically
+(temporary file + os.replace), together with a fingerprint of everything that determines the
+result (method, options, parameter names/shapes, a checksum of theta_init, the batches' shapes).
+A run started with the same path resumes if the fingerprint matches; otherwise it refuses.
+Randomness needs no state: every draw is seeded by (seed, round, batch index).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+FORMAT = 1
+
+
+class CheckpointMismatch(ValueError):
+    """The checkpoint file belongs to a different run."""
+
+
+class Checkpoint:
+    """One checkpoint file. Only `writer` processes write (rank 0 under torch.distributed)."""
+
+    def __init__(self, path, fingerprint: dict, writer: bool = True):
+        self.path = os.fspath(path)
+        self.fingerprint = dict(fingerprint)
+        self.writer = writer
+
+    def load(self) -> Optional[dict]:
+        """The saved state, or None when there is no file. Raises CheckpointMismatch for a
+        file written by a different run, ValueError for an unreadable one."""
+        if not os.path.exists(self.path):
+            return None
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # truncated/corrupt file
+            raise ValueError(f"checkpoint {self.path!r} cannot be read ({exc}); delete it to start over") from None
+        if not isinstance(state, dict) or state.get("format") != FORMAT:
+            raise ValueError(f"checkpoint {self.path!r} is not a widetopo checkpoint (format {FORMAT})")
+        saved = state.get("fingerprint", {})
+        if saved != self.fingerprint:
+            keys = sorted(k for k in set(saved) | set(self.fingerprint) if saved.get(k) != self.fingerprint.get(k))
+            raise CheckpointMismatch(
+                f"checkpoint {self.path!r} was written by a different run (differs in: {', '.join(keys)}); "
+                "delete it or choose another checkpoint path"
+            )
+        logger.info("resuming from checkpoint %s (phase %s, step %s)", self.path, state["phase"], state["step"])
+        return state
+
+    def save(self, state: dict) -> None:
+        """Write atomically: a reader sees the previous complete file or the new one."""
+        if not self.writer:
+            return
+        full = dict(state)
+        full["format"] = FORMAT
+        full["fingerprint"] = self.fingerprint
+        tmp = f"{self.path}.tmp{os.getpid()}"
+        try:
+            torch.save(full, tmp)
+            os.replace(tmp, self.path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)

@@ -1,0 +1,145 @@
+"""The result of a pruning run: bool masks keyed by parameter name, with metadata."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+import widetopo_ext
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    """Per-tensor statistics. Units: rank >= 2 -> output units (dim 0) and input units (dim 1);
+    rank 1 -> each entry is its own unit. active_* = units with at least one kept weight."""
+
+    name: str
+    shape: Tuple[int, ...]
+    numel: int
+    kept: int
+    density: float
+    out_units: int
+    in_units: int
+    active_out: int
+    active_in: int
+
+
+class Masks(Mapping):
+    """Mapping name -> bool tensor (True = kept), plus `.meta` (method, preset, target
+    density, seed, count mode, rounds, package version, ...)."""
+
+    def __init__(self, masks: Mapping, meta: Optional[dict] = None):
+        items: Dict[str, torch.Tensor] = {}
+        for name, m in masks.items():
+            if not isinstance(name, str):
+                raise TypeError(f"mask names must be strings, got {name!r}")
+            if not isinstance(m, torch.Tensor) or m.dtype != torch.bool:
+                raise TypeError(f"mask {name!r} must be a torch.bool tensor, got {getattr(m, 'dtype', type(m))}")
+            items[name] = m
+        self._masks = items
+        self.meta: dict = dict(meta or {})
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._masks[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._masks)
+
+    def __len__(self) -> int:
+        return len(self._masks)
+
+    def __repr__(self) -> str:
+        return f"Masks({len(self)} tensors, density={self.density:.6g}, method={self.meta.get('method')!r})"
+
+    @property
+    def numel(self) -> int:
+        return sum(m.numel() for m in self._masks.values())
+
+    @property
+    def kept(self) -> int:
+        if not self._masks:
+            return 0
+        return int(widetopo_ext.mask_stats(list(self._masks.values()))[:, 0].sum())
+
+    @property
+    def density(self) -> float:
+        """Fraction of masked (prunable) entries kept."""
+        n = self.numel
+        return self.kept / n if n else 1.0
+
+    def stats(self) -> List[LayerStats]:
+        """Per-layer kept counts and active units (one widetopo_ext.mask_stats call)."""
+        names = list(self._masks)
+        if not names:
+            return []
+        table = widetopo_ext.mask_stats([self._masks[n] for n in names]).tolist()
+        out = []
+        for name, (kept, act_out, act_in) in zip(names, table):
+            m = self._masks[name]
+            numel = m.numel()
+            if m.dim() >= 2:
+                out_units, in_units = m.shape[0], m.shape[1]
+            else:
+                out_units = in_units = numel
+            out.append(
+                LayerStats(
+                    name=name,
+                    shape=tuple(m.shape),
+                    numel=numel,
+                    kept=int(kept),
+                    density=kept / numel if numel else 1.0,
+                    out_units=int(out_units),
+                    in_units=int(in_units),
+                    active_out=int(act_out),
+                    active_in=int(act_in),
+                )
+            )
+        return out
+
+    def _targets(self, model: nn.Module) -> List[torch.Tensor]:
+        params = dict(model.named_parameters())
+        missing = [n for n in self._masks if n not in params]
+        wrong = [
+            f"{n}: mask {tuple(m.shape)} vs parameter {tuple(params[n].shape)}"
+            for n, m in self._masks.items()
+            if n in params and params[n].shape != m.shape
+        ]
+        if missing or wrong:
+            raise ValueError(
+                "masks do not fit the model: "
+                + (f"missing parameters {missing}" if missing else "")
+                + ("; " if missing and wrong else "")
+                + (f"shape mismatch {wrong}" if wrong else "")
+            )
+        return [params[n] for n in self._masks]
+
+    def apply_(self, model: nn.Module) -> nn.Module:
+        """Zero the pruned weights of `model` in place (widetopo_ext.apply_masks_); returns it."""
+        targets = self._targets(model)
+        masks = [m.to(t.device) for m, t in zip(self._masks.values(), targets)]
+        widetopo_ext.apply_masks_(targets, masks)
+        return model
+
+    def to(self, device) -> "Masks":
+        return Masks({n: m.to(device) for n, m in self._masks.items()}, self.meta)
+
+    def save(self, path) -> None:
+        """Write a mask file (format: widetopo.maskfile)."""
+        from widetopo.maskfile import save_masks
+
+        save_masks(self, path)
+
+    @classmethod
+    def load(cls, path, model: Optional[nn.Module] = None) -> "Masks":
+        """Read a mask file; with `model`, check it fits that model (widetopo.maskfile)."""
+        from widetopo.maskfile import load_masks
+
+        loaded = load_masks(path, model=model)
+        if isinstance(loaded, Masks):
+            return loaded
+        if isinstance(loaded, tuple) and len(loaded) == 2:
+            return cls(loaded[0], loaded[1])
+        return cls(loaded, getattr(loaded, "meta", None))
