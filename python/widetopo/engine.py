@@ -339,6 +339,9 @@ class Pruner:
             bar.close()
 
         result = Masks(OrderedDict(zip(self.names, masks)), self._result_meta(kept / n_prunable, world))
+        collapsed = [n for n, row in zip(self.names, widetopo_ext.mask_stats(masks).tolist()) if row[0] == 0]
+        if collapsed:
+            logger.warning("no weights kept in %d prunable tensor(s): %s", len(collapsed), ", ".join(collapsed))
         logger.info("pruning done: kept %d of %d prunable weights (density %g)", kept, n_prunable, kept / n_prunable)
         return result
 
@@ -394,7 +397,7 @@ class Pruner:
                 f"scorer {self.scorer.name!r} produced non-finite (NaN or inf) scores for layer "
                 f"{self.names[bad]!r} in round {round_index} ({phase})"
             )
-        if self.scorer.decay:
+        if self.scorer.decay and kept > 0:  # (kept == 0: everything is pruned already)
             widetopo_ext.density_decay_(scores, masks, -math.log10(density_now) / self.compression_factor)
         self._protect_pruned(scores, masks, kept < n_prunable)
         keep, mode = keep_count(d_t, n_prunable, n_all, self.count)

@@ -1,0 +1,319 @@
+"""The pruning loop: keep counts, never reviving, decay/threshold/restoration against a
+straightforward PyTorch statement of DESIGN 2, official counting, determinism, RNG hygiene."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import widetopo
+from widetopo.engine import Pruner
+from widetopo.restoration import RESTORE_STREAM
+from widetopo.rng import make_generator
+from widetopo.scores.base import Scorer
+
+pytestmark = pytest.mark.needs_kernel(
+    "global_threshold", "density_decay_", "restoration_scores", "apply_masks_", "mask_stats"
+)
+
+
+def tiny_cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3)
+    )  # prunable: 72 + 192 = 264 weights; all parameters: 264 + 4 + 8 + 3 = 279
+
+
+def batches(n=2, gen_seed=1):
+    g = torch.Generator().manual_seed(gen_seed)
+    return [(torch.randn(3, 2, 4, 4, generator=g), torch.randint(0, 3, (3,), generator=g)) for _ in range(n)]
+
+
+class RandScorer(Scorer):
+    """Per-round uniform scores times (|theta| + 0.1), drawn from the run's generator."""
+
+    name = "testrand"
+    data_dependent = False
+
+    def __init__(self, decay=False, log=None):
+        self.decay = decay
+        self.log = log
+
+    def score(self, ctx, batches):
+        if self.log is not None:
+            self.log.append(
+                dict(
+                    round=ctx.round,
+                    density=ctx.density,
+                    kept=sum(int(m.sum()) for m in ctx.masks),
+                    masks=[m.clone() for m in ctx.masks],
+                    prunable=[p.clone() for p in ctx.prunable],
+                )
+            )
+        gen = ctx.generator(0)
+        return [torch.rand(p.shape, generator=gen) * (p.abs() + 0.1) for p in ctx.prunable]
+
+
+# ---------------------------------------------------------------------------------------------
+# a straightforward reference of DESIGN 2 (full sorts, explicit formulas)
+# ---------------------------------------------------------------------------------------------
+def _ref_threshold(scores, masks, keep):
+    flat = torch.cat([torch.where(m, s.double(), -math.inf).reshape(-1) for s, m in zip(scores, masks)])
+    order = torch.sort(-flat, stable=True).indices[:keep]
+    new = torch.zeros(flat.numel(), dtype=torch.bool)
+    new[order] = True
+    out, off = [], 0
+    for m in masks:
+        out.append(new[off:off + m.numel()].view_as(m))
+        off += m.numel()
+    return out
+
+
+def _ref_decay(s, m, exponent):
+    if m.dim() < 2:
+        return s
+    o, i = m.shape[0], m.shape[1]
+    mm = m.reshape(o, i, -1).double()
+    den = (mm.sum((1, 2))[:, None] * mm.sum((0, 2))[None, :]).clamp_min(1.0)
+    f = mm * (den ** -exponent)[:, :, None]
+    return (s.double().reshape(o, i, -1) * f).reshape(s.shape)
+
+
+def reference_run(model, density, seed, T, R, J, Tp, gamma=5.0, decay=True, scale=1e-5):
+    names = [n for n, p in model.named_parameters() if n.endswith("weight") and p.dim() >= 2]
+    theta0 = [dict(model.named_parameters())[n].detach().clone() for n in names]
+    theta = [t.clone() for t in theta0]
+    masks = [torch.ones(t.shape, dtype=torch.bool) for t in theta]
+    n = sum(t.numel() for t in theta)
+    rnd = 0
+    counts = []
+
+    def score_rounds(start, rounds):
+        nonlocal rnd, masks, theta
+        for t in range(1, rounds + 1):
+            rnd += 1
+            kept = sum(int(m.sum()) for m in masks)
+            d_t = start * (density / start) ** (t / rounds) if t < rounds else density
+            gen = make_generator(seed, rnd, 0, "cpu", 0)
+            scores = [torch.rand(p.shape, generator=gen) * (p.abs() + 0.1) for p in theta]
+            if decay:
+                c = -math.log10(kept / n)
+                scores = [_ref_decay(s, m, c / gamma) for s, m in zip(scores, masks)]
+            keep = min(int(math.floor(d_t * n + 0.5)), kept)
+            masks = _ref_threshold(scores, masks, keep)
+            theta = [p * m for p, m in zip(theta, masks)]
+            counts.append(sum(int(m.sum()) for m in masks))
+
+    score_rounds(1.0, T)
+    for r in range(R):
+        d_r = density ** ((2 ** (r + 1) - 1) / 2 ** (r + 1))
+        for j in range(1, J + 1):
+            d_j = density + (d_r - density) * j / J
+            gen = make_generator(seed, -(r + 1), j, "cpu", RESTORE_STREAM)
+            scores = []
+            for m in masks:
+                o, i = m.shape[0], m.shape[1]
+                noise = torch.randn((o, i), generator=gen)
+                mm = m.reshape(o, i, -1).double()
+                k = mm.shape[2]
+                od, idn = mm.sum((1, 2)) / (i * k), mm.sum((0, 2)) / (o * k)
+                s = ((1 - od)[:, None] * (1 - idn)[None, :]).float() + scale * noise
+                s = s[:, :, None].expand(o, i, k).reshape(m.shape)
+                scores.append(torch.where(m, 2.0, s))
+            flat = torch.cat([s.reshape(-1).double() for s in scores])
+            keep = int(math.floor(d_j * n + 0.5))
+            order = torch.sort(-flat, stable=True).indices[:keep]
+            new = torch.zeros(n, dtype=torch.bool)
+            new[order] = True
+            off, out = 0, []
+            for m in masks:
+                out.append(new[off:off + m.numel()].view_as(m))
+                off += m.numel()
+            masks = out
+            counts.append(sum(int(m.sum()) for m in masks))
+        theta = [p * m for p, m in zip(theta0, masks)]
+        score_rounds(max(sum(int(m.sum()) for m in masks) / n, density), Tp)
+    return dict(zip(names, masks)), counts
+
+
+@pytest.mark.parametrize("decay", [True, False])
+def test_full_run_matches_reference(decay):
+    model = tiny_cnn()
+    log = []
+    masks = Pruner(
+        model, RandScorer(decay=decay, log=log), 0.05, rounds=4, restorations=2, restore_steps=3,
+        restore_rounds=3, seed=7, verbose=False,
+    ).run(batches())
+    expected, counts = reference_run(model, 0.05, 7, 4, 2, 3, 3, decay=decay)
+    assert list(masks) == list(expected)
+    for name in expected:
+        assert torch.equal(masks[name], expected[name]), name
+    assert [e["round"] for e in log] == list(range(1, 11))
+    # after each restoration the scorer sees theta = theta_init * m
+    init = [p.detach() for n, p in model.named_parameters() if n in expected]
+    for entry in (log[4], log[7]):
+        for p0, p, m in zip(init, entry["prunable"], entry["masks"]):
+            assert torch.equal(p, p0 * m)
+
+
+def test_exact_keep_counts_each_round():
+    # N_P = 264, d* = 0.1, T = 3: d_t = 0.1^(t/3) -> keep round(264 d_t) = 123, 57, 26
+    # restoration 0: d_r = 0.1^(1/2); J = 2: d_1 = 0.1 + (d_r - 0.1)/2 -> 55, d_2 = d_r -> 83
+    # T' = 2 from 83/264: sqrt(83/264 * 0.1) = 0.17731 -> 47, then 26
+    log = []
+    masks = Pruner(
+        tiny_cnn(), RandScorer(decay=True, log=log), 0.1, rounds=3, restorations=1, restore_steps=2,
+        restore_rounds=2, verbose=False,
+    ).run(batches())
+    assert [e["kept"] for e in log] == [264, 123, 57, 83, 47]
+    assert [e["density"] for e in log] == pytest.approx([1.0, 123 / 264, 57 / 264, 83 / 264, 47 / 264])
+    assert sum(int(m.sum()) for m in masks.values()) == 26
+    assert masks.density == pytest.approx(26 / 264)
+    assert masks.meta["density"] == pytest.approx(26 / 264)
+
+
+class Adversarial(Scorer):
+    """Scores every pruned entry far above every kept one, and kept ones 0 (all tied)."""
+
+    name = "adversarial"
+    data_dependent = False
+
+    def __init__(self, decay=False, log=None):
+        self.decay, self.log = decay, log
+
+    def score(self, ctx, batches):
+        self.log.append([m.clone() for m in ctx.masks])
+        return [torch.where(m, 0.0, 1e6) for m in ctx.masks]
+
+
+@pytest.mark.parametrize("count", ["exact", "official"])
+@pytest.mark.parametrize("decay", [False, True])
+def test_pruned_never_revived(count, decay):
+    log = []
+    masks = Pruner(tiny_cnn(), Adversarial(decay, log), 0.05, rounds=5, count=count, verbose=False).run(batches())
+    log.append(list(masks.values()))
+    for before, after in zip(log, log[1:]):
+        for b, a in zip(before, after):
+            assert not bool((a & ~b).any()), "a pruned weight came back"
+    if count == "exact":
+        assert [sum(int(m.sum()) for m in ms) for ms in log] == [264] + [
+            int(math.floor(264 * 0.05 ** (t / 5) + 0.5)) for t in range(1, 6)
+        ]
+
+
+class Fixed(Scorer):
+    name = "fixed"
+    data_dependent = False
+
+    def __init__(self, values):
+        self.values = values
+
+    def score(self, ctx, batches):
+        return [v.clone() for v in self.values]
+
+
+def test_official_counting_hand_example():
+    # Linear(4, 2): N_P = 8 weights, N_all = 10. d = 0.5: k = floor(0.5 * 10) = 5;
+    # prune every score <= the 6th smallest prunable score.
+    model = nn.Linear(4, 2)
+    data = [torch.randn(2, 4)]
+    s = torch.tensor([[1.0, 2, 3, 4], [5, 6, 7, 8]])
+    m = widetopo.prune(model, data, 0.5, method=Fixed([s]), count="official", verbose=False)
+    assert torch.equal(m["weight"], s > 6)  # sorted[5] = 6 -> keeps 7, 8 (density 0.25)
+    tied = torch.tensor([[1.0, 2, 3, 4], [5, 6, 6, 8]])
+    m = widetopo.prune(model, data, 0.5, method=Fixed([tied]), count="official", verbose=False)
+    assert torch.equal(m["weight"], tied > 6)  # both 6s pruned too -> only 8 survives
+    m = widetopo.prune(model, data, 0.5, method=Fixed([tied]), count="exact", verbose=False)
+    assert torch.equal(m["weight"], torch.tensor([[0, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool))
+    # d = 0.1: k = 9 >= N_P -> everything pruned
+    m = widetopo.prune(model, data, 0.1, method=Fixed([s]), count="official", verbose=False)
+    assert not bool(m["weight"].any())
+    assert m.meta["count"] == "official"
+
+
+def test_exact_ties_keep_first_in_order_among_kept():
+    # all scores tied: exactly round(0.5 * 8) = 4 kept, the first four in row-major order
+    model = nn.Linear(4, 2)
+    m = widetopo.prune(model, [torch.randn(2, 4)], 0.5, method=Fixed([torch.zeros(2, 4)]), verbose=False)
+    assert torch.equal(m["weight"], torch.tensor([[1, 1, 1, 1], [0, 0, 0, 0]], dtype=torch.bool))
+
+
+def test_same_seed_same_masks_and_global_rng_untouched():
+    model = tiny_cnn()
+    torch.manual_seed(1234)
+    state = torch.get_rng_state()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 2, 4, 4)), batch_size=4,
+                                         shuffle=True)
+    state = torch.get_rng_state()
+    a = widetopo.prune(model, loader, 0.2, method=RandScorer(decay=True), rounds=3, restorations=1,
+                       restore_steps=2, seed=5, verbose=False)
+    assert torch.equal(torch.get_rng_state(), state), "prune() changed the global RNG"
+    torch.rand(100)  # move the global RNG: the masks must not depend on it
+    b = widetopo.prune(model, loader, 0.2, method=RandScorer(decay=True), rounds=3, restorations=1,
+                       restore_steps=2, seed=5, verbose=False)
+    c = widetopo.prune(model, loader, 0.2, method=RandScorer(decay=True), rounds=3, restorations=1,
+                       restore_steps=2, seed=6, verbose=False)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert any(not torch.equal(a[n], c[n]) for n in a)
+    assert a.meta["seed"] == 5 and c.meta["seed"] == 6
+
+
+def test_data_forms():
+    model = tiny_cnn()
+    xs = [torch.randn(3, 2, 4, 4) for _ in range(2)]
+    ys = [torch.randint(0, 3, (3,)) for _ in range(2)]
+    seen = []
+
+    class Seen(RandScorer):
+        data_dependent = True
+
+        def score(self, ctx, bs):
+            seen.append([(b.index, b.x.shape[0], b.y is None) for b in bs])
+            return super().score(ctx, bs)
+
+    widetopo.prune(model, xs, 0.5, method=Seen(), verbose=False)
+    widetopo.prune(model, list(zip(xs, ys)), 0.5, method=Seen(), verbose=False)
+    widetopo.prune(model, (x for x in xs), 0.5, method=Seen(), verbose=False)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.cat(xs), torch.cat(ys)), batch_size=4)
+    widetopo.prune(model, loader, 0.5, method=Seen(), verbose=False)
+    assert seen[0] == [(0, 3, True), (1, 3, True)]
+    assert seen[1] == [(0, 3, False), (1, 3, False)]
+    assert seen[2] == seen[0]
+    assert seen[3] == [(0, 4, False), (1, 2, False)]
+
+
+def test_preset_and_options_reach_the_engine(monkeypatch):
+    got = {}
+    real = Pruner.__init__
+
+    def spy(self, model, scorer, density, names=None, **kw):
+        got.update(kw, scorer=scorer)
+        real(self, model, scorer, density, names, **kw)
+
+    monkeypatch.setattr(Pruner, "__init__", spy)
+    monkeypatch.setattr(Pruner, "run", lambda self, data: None)
+    model = tiny_cnn()
+    widetopo.prune(model, batches(), 0.1, method="widetopo")
+    assert (got["rounds"], got["restorations"], got["restore_steps"], got["restore_rounds"]) == (50, 2, 50, 50)
+    assert (got["schedule"], got["compression_factor"], got["count"], got["seed"]) == ("poly", 5.0, "exact", 0)
+    sc = got["scorer"]
+    assert (sc.mu1, sc.mu2, sc.eps, sc.probes, sc.decay) == (0.01, 1.0, 5e-4, 1, True)
+    widetopo.prune(model, batches(), 0.1, method="widetopo-s", mu1=0.5, rounds=3)
+    assert (got["rounds"], got["restorations"], got["restore_steps"], got["restore_rounds"]) == (3, 2, 50, 10)
+    assert got["scorer"].mu1 == 0.5
+    for method, rounds in [("random", 1), ("magnitude", 1), ("snip", 1), ("synflow", 100)]:
+        widetopo.prune(model, batches(), 0.1, method=method)
+        assert (got["rounds"], got["restorations"]) == (rounds, 0), method
+        assert got["scorer"].name == method
+
+
+def test_magnitude_end_to_end_keeps_largest():
+    model = tiny_cnn()
+    m = widetopo.prune(model, batches(), 0.1, method="magnitude", verbose=False)
+    w = torch.cat([model[0].weight.detach().abs().reshape(-1), model[4].weight.detach().abs().reshape(-1)])
+    keep = int(math.floor(0.1 * 264 + 0.5))
+    cut = torch.sort(w, descending=True).values[keep - 1]
+    got = torch.cat([m["0.weight"].reshape(-1), m["4.weight"].reshape(-1)])
+    assert int(got.sum()) == keep
+    assert torch.equal(got, w >= cut)
+    assert m.meta["method"] == "magnitude" and m.meta["preset"] == "magnitude"
