@@ -1,0 +1,78 @@
+"""torch.library.opcheck on small inputs for every op: schema (mutation/aliasing as declared),
+fake-tensor implementation (shapes/dtypes/strides agree with the real kernel), autograd
+registration and AOT dispatch (torch.compile's functionalization of the in-place list ops)."""
+import pytest
+import torch
+
+OPS = torch.ops.widetopo
+
+
+def _scores(dtype=torch.float32):
+    g = torch.Generator().manual_seed(3)
+    return [torch.randn(3, 4, generator=g).to(dtype), torch.randn(5, generator=g).to(dtype),
+            torch.randn(2, 3, 2, generator=g).to(dtype)]
+
+
+def _masks():
+    g = torch.Generator().manual_seed(4)
+    return [torch.rand(3, 4, generator=g) < 0.5, torch.rand(5, generator=g) < 0.5, torch.rand(2, 3, 2, generator=g) < 0.5]
+
+
+def _noise():
+    g = torch.Generator().manual_seed(5)
+    return [torch.randn(3, 4, generator=g), torch.empty(0), torch.randn(2, 3, generator=g)]
+
+
+FULL = None  # torch.library.opcheck's default test_utils
+# The dtype/list variants re-check the parts that depend on the inputs (schema: mutation and
+# aliasing as declared; fake impl: shapes/dtypes/strides match the kernel). Their AOT dispatch
+# path is the same as the main case of the op, so it is not re-traced (each trace costs ~1 s).
+SCHEMA_FAKE = ("test_schema", "test_autograd_registration", "test_faketensor")
+# global_threshold: test_aot_dispatch_dynamic cannot apply in torch 2.13. Its schema has an
+# argument named `mode`; auto_functionalize (needed for the mutable `masks` list) re-dispatches
+# the op's arguments as keywords into a handler called as handler(mode, *args, **kwargs), which
+# raises "got multiple values for argument 'mode'" (torch/_ops.py). The schema is fixed, so
+# the AOT path is excluded here and the failure is pinned by test_global_threshold_aot_known_failure.
+NO_AOT = SCHEMA_FAKE
+
+CASES = [
+    ("global_threshold-exact", "global_threshold", NO_AOT, lambda: (_scores(), _masks(), 9, "exact")),
+    ("global_threshold-official", "global_threshold", NO_AOT, lambda: (_scores(torch.float64), _masks(), 9, "official")),
+    ("global_threshold-bf16", "global_threshold", NO_AOT, lambda: (_scores(torch.bfloat16), _masks(), 0, "exact")),
+    ("density_decay_", "density_decay_", FULL, lambda: (_scores(), _masks(), 0.6)),
+    ("density_decay_-f16", "density_decay_", SCHEMA_FAKE, lambda: (_scores(torch.float16), _masks(), 0.6)),
+    ("restoration_scores", "restoration_scores", FULL, lambda: (_masks(), _noise(), 1e-3)),
+    ("accumulate_score_", "accumulate_score_", FULL, lambda: (_scores(), _scores(), _scores(), _masks(), True)),
+    ("accumulate_score_-empty-lists", "accumulate_score_", SCHEMA_FAKE, lambda: (_scores(), _scores(), [], [], False)),
+    ("masked_sq_norm-grad", "masked_sq_norm", FULL,
+     lambda: ([t.requires_grad_() for t in _scores(torch.float64)], _masks())),
+    ("masked_sq_norm-bf16-nomask", "masked_sq_norm", SCHEMA_FAKE, lambda: (_scores(torch.bfloat16), [])),
+    ("apply_masks_", "apply_masks_", FULL, lambda: (_scores(), _masks())),
+    ("mask_stats", "mask_stats", FULL, lambda: (_masks(),)),
+]
+
+
+def _require_kernel(name):
+    import widetopo_ext
+
+    if not widetopo_ext.build_info()["cpu_kernels"][name]:
+        pytest.skip(f"no CPU kernel for {name} in the built extension yet")
+
+
+@pytest.mark.parametrize("name,utils,build", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_opcheck(name, utils, build):
+    _require_kernel(name)
+    if utils is None:
+        torch.library.opcheck(getattr(OPS, name), build())
+    else:
+        torch.library.opcheck(getattr(OPS, name), build(), test_utils=utils)
+
+
+@pytest.mark.xfail(strict=True, raises=Exception,
+                   reason="torch 2.13 auto_functionalize clashes with the schema argument name `mode`")
+def test_global_threshold_aot_known_failure():
+    """Pins the limitation documented at NO_AOT: when this starts passing (torch fixed, or the
+    argument renamed), move global_threshold to the full default opcheck."""
+    _require_kernel("global_threshold")
+    torch.library.opcheck(OPS.global_threshold, (_scores(), _masks(), 9, "exact"),
+                          test_utils=("test_aot_dispatch_dynamic",))
