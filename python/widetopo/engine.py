@@ -32,6 +32,12 @@ from widetopo.scores.base import Batch, ScoreContext, Scorer
 logger = logging.getLogger(__name__)
 
 
+def _score_dtype(p: torch.Tensor) -> torch.dtype:
+    """Scores are summed, decayed and thresholded in float64 for float64 parameters, else in
+    float32 (also for 16-bit models), so every process all-reduces the same dtype."""
+    return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+
 class NonFiniteScoresError(RuntimeError):
     """A scorer produced NaN or inf scores."""
 
@@ -384,10 +390,9 @@ class Pruner:
             density=density_now,
         )
         if mine:
-            scores = self.scorer.score(ctx, mine)
+            scores = self._check_scores(self.scorer.score(ctx, mine), working)
         else:  # more processes than batches: this rank contributes nothing to the sum
-            scores = [torch.zeros(m.shape, dtype=torch.float32, device=m.device) for m in masks]
-        scores = self._check_scores(scores, working)
+            scores = [torch.zeros(p.shape, dtype=_score_dtype(p), device=p.device) for p in working]
         if self.scorer.data_dependent:
             dist_utils.all_reduce_sum_(scores)
         finite = torch.stack([torch.isfinite(s).all() for s in scores])
@@ -422,8 +427,8 @@ class Pruner:
                     f"{tuple(p.shape)}, got {getattr(s, 'dtype', type(s).__name__)} {tuple(getattr(s, 'shape', ()))}"
                 )
             s = s.detach()
-            if s.device != p.device:
-                s = s.to(p.device)
+            if s.device != p.device or s.dtype != _score_dtype(p):
+                s = s.to(device=p.device, dtype=_score_dtype(p))
             if not s.is_contiguous() or s.data_ptr() == p.data_ptr():
                 s = s.contiguous() if s.data_ptr() != p.data_ptr() else s.clone()
             out.append(s)

@@ -1,0 +1,130 @@
+"""Two processes on gloo over loopback: each scores its share of the batches, scores are summed
+with all_reduce, both ranks derive identical masks, equal to one process over the same batches."""
+import datetime
+import os
+import socket
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+pytestmark = pytest.mark.needs_kernel("global_threshold", "density_decay_", "restoration_scores", "apply_masks_",
+                                      "mask_stats")
+
+if not torch.distributed.is_available():  # pragma: no cover
+    pytest.skip("torch.distributed is not available in this torch build", allow_module_level=True)
+
+
+def free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(4 * 4 * 4, 3))
+
+
+def make_data(n):
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(3, 2, 4, 4, generator=g) for _ in range(n)]
+
+
+def make_scorer(log=None):
+    from widetopo.scores.base import Scorer
+
+    class DyadicScorer(Scorer):
+        """Per-batch scores k/1024 * (1 + |x|-rank of the batch): exact in float32, so sums do
+        not depend on the summation order and 1 vs 2 processes must agree bit for bit."""
+
+        name = "dyadic"
+        data_dependent = True
+        decay = True
+
+        def score(self, ctx, batches):
+            if log is not None:
+                log.append([b.index for b in batches])
+            out = [torch.zeros(p.shape) for p in ctx.prunable]
+            for b in batches:
+                gen = ctx.generator(b.index)
+                w = float(1 + int(b.x.abs().sum()) % 3)
+                for o, p in zip(out, ctx.prunable):
+                    k = torch.randint(0, 1024, p.shape, generator=gen).float()
+                    o += w * k / 1024 * (p != 0)
+            return out
+
+    return DyadicScorer()
+
+
+OPTS = dict(rounds=3, restorations=1, restore_steps=2, restore_rounds=2, seed=3, verbose=False)
+
+
+def _worker(rank, world, port, outdir):
+    import widetopo
+
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    try:
+        log = []
+        masks = widetopo.prune(make_model(), make_data(5), 0.1, method=make_scorer(log), **OPTS)
+        one = widetopo.prune(make_model(), make_data(1), 0.1, method=make_scorer(), **OPTS)
+        torch.save({"masks": dict(masks), "one": dict(one), "log": log, "meta": masks.meta},
+                   os.path.join(outdir, f"rank{rank}.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def run_spawned(world, outdir, timeout=120):
+    ctx = mp.spawn(_worker, args=(world, free_port(), outdir), nprocs=world, join=False)
+    deadline = time.monotonic() + timeout
+    try:
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"distributed workers did not finish within {timeout} s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.terminate()
+                p.join(5)
+
+
+def test_two_ranks_identical_and_equal_to_one_process(tmp_path):
+    import widetopo
+
+    run_spawned(2, str(tmp_path))
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    # each rank scored its own share of the 5 batches (index % 2 == rank) in every round
+    assert r0["log"] and all(idx == [0, 2, 4] for idx in r0["log"])
+    assert r1["log"] and all(idx == [1, 3] for idx in r1["log"])
+    assert r0["meta"]["world_size"] == 2
+    single = widetopo.prune(make_model(), make_data(5), 0.1, method=make_scorer(), **OPTS)
+    single_one = widetopo.prune(make_model(), make_data(1), 0.1, method=make_scorer(), **OPTS)
+    assert list(r0["masks"]) == list(single)
+    for name in single:
+        assert torch.equal(r0["masks"][name], r1["masks"][name]), name
+        assert torch.equal(r0["masks"][name], single[name]), name
+        # fewer batches than processes: rank 1 contributes zeros, the result is unchanged
+        assert torch.equal(r0["one"][name], r1["one"][name]), name
+        assert torch.equal(r0["one"][name], single_one[name]), name
+
+
+def test_helpers_without_process_group():
+    from widetopo import distributed as d
+    from widetopo.scores.base import Batch
+
+    assert d.rank_world() == (0, 1)
+    bs = [Batch(i, torch.zeros(1)) for i in range(5)]
+    assert [b.index for b in d.shard(bs, 1, 2)] == [1, 3]
+    assert [b.index for b in d.shard(bs, 0, 3)] == [0, 3]
+    t = [torch.ones(2)]
+    d.all_reduce_sum_(t)  # no-op
+    assert torch.equal(t[0], torch.ones(2))
+    with pytest.raises(ValueError, match="rank must be in"):
+        d.shard(bs, 2, 2)
