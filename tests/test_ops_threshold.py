@@ -11,7 +11,9 @@ import torch
 import widetopo_ext as W
 from widetopo_ext import reference as R
 
-pytestmark = pytest.mark.needs_kernel("global_threshold")
+needs_op = pytest.mark.needs_kernel("global_threshold")
+# Hand-computed examples run on the compiled op (through the wrapper) and on the reference.
+both = pytest.mark.parametrize("impl", [pytest.param(W, id="op", marks=needs_op), pytest.param(R, id="reference")])
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 SHAPES = [(), (1,), (7,), (0,), (3, 4), (1, 1), (5, 3, 3, 3), (4, 0, 3), (2, 3, 1, 1), (6, 5, 2)]
@@ -51,6 +53,7 @@ def check_against_reference(scores, keep, mode="exact", masks=None, ref_masks=No
     return thr
 
 
+@needs_op
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", ["normal", "ties", "equal"])
 @pytest.mark.parametrize("mode", ["exact", "official"])
@@ -61,24 +64,26 @@ def test_random_against_reference(dtype, kind, mode, gen):
         check_against_reference(scores, keep, mode)
 
 
-def test_keep_zero_and_all():
+@both
+def test_keep_zero_and_all(impl):
     scores = [torch.tensor([[3.0, -1.0], [2.0, 0.5]]), torch.tensor([7.0, -4.0])]
     masks = fresh_masks(scores, fill=True)
-    assert W.global_threshold(scores, masks, 0).item() == math.inf
+    assert impl.global_threshold(scores, masks, 0).item() == math.inf
     assert not any(m.any() for m in masks)
     masks = fresh_masks(scores)
-    assert W.global_threshold(scores, masks, 6).item() == -4.0
+    assert impl.global_threshold(scores, masks, 6).item() == -4.0
     assert all(m.all() for m in masks)
     # official: keep = 0 -> k = N -> everything pruned, +inf; keep = N -> k = 0 prunes the minimum.
     masks = fresh_masks(scores, fill=True)
-    assert W.global_threshold(scores, masks, 0, "official").item() == math.inf
+    assert impl.global_threshold(scores, masks, 0, "official").item() == math.inf
     assert not any(m.any() for m in masks)
     masks = fresh_masks(scores)
-    assert W.global_threshold(scores, masks, 6, "official").item() == -4.0
+    assert impl.global_threshold(scores, masks, 6, "official").item() == -4.0
     assert masks[1].tolist() == [True, False] and masks[0].all()
 
 
-def test_hand_computed_tie_rule():
+@both
+def test_hand_computed_tie_rule(impl):
     # Scores in (tensor, flat index) order: [1, 2, 2, 0] [2, -0.0, 0.0, 1].
     # Descending stable order: 2 (t0 e1), 2 (t0 e2), 2 (t1 e0), 1 (t0 e0), 1 (t1 e3), 0 (t0 e3),
     # -0.0 (t1 e1), 0.0 (t1 e2)  (-0.0 == 0.0 tie, resolved by position).
@@ -91,15 +96,16 @@ def test_hand_computed_tie_rule():
     }
     for keep, (m0, m1, thr) in expected.items():
         masks = fresh_masks(scores)
-        assert W.global_threshold(scores, masks, keep).item() == thr
+        assert impl.global_threshold(scores, masks, keep).item() == thr
         assert masks[0].tolist() == m0 and masks[1].tolist() == m1, keep
     # official, keep = 5: N = 8, k = 3, ascending [-0, 0, 0, 1, 1, 2, 2, 2], sorted[3] = 1:
     # prune every score <= 1, so only the three 2's survive (ties at the cut all go).
     masks = fresh_masks(scores)
-    assert W.global_threshold(scores, masks, 5, "official").item() == 1.0
+    assert impl.global_threshold(scores, masks, 5, "official").item() == 1.0
     assert masks[0].tolist() == [[False, True], [True, False]] and masks[1].tolist() == [True, False, False, False]
 
 
+@needs_op
 def test_official_ties_and_large_k(gen):
     scores = random_scores([(40,), (5, 6)], torch.float32, gen, "ties")
     n = 70
@@ -111,13 +117,15 @@ def test_official_ties_and_large_k(gen):
     assert not any(m.any() for m in masks)
 
 
-def test_all_equal_keeps_first_in_order():
+@both
+def test_all_equal_keeps_first_in_order(impl):
     scores = [torch.full((3, 2), 1.5), torch.full((4,), 1.5), torch.full((2, 2, 1, 1), 1.5)]
     masks = fresh_masks(scores)
-    assert W.global_threshold(scores, masks, 8).item() == 1.5
+    assert impl.global_threshold(scores, masks, 8).item() == 1.5
     assert masks[0].all() and masks[1].tolist() == [True, True, False, False] and not masks[2].any()
 
 
+@needs_op
 def test_many_tensors(gen):
     shapes = [tuple(int(d) for d in torch.randint(1, 5, (int(r),), generator=gen)) for r in
               torch.randint(0, 4, (230,), generator=gen)]
@@ -129,6 +137,7 @@ def test_many_tensors(gen):
             check_against_reference(scores, keep, "official")
 
 
+@needs_op
 def test_large_tensor_parallel_paths(gen):
     # Large enough for the multi-threaded histogram passes; plenty of exact ties in float16.
     scores = [torch.randn(120_000, generator=gen).to(torch.float16), torch.randn(64, 33, generator=gen).to(torch.float16)]
@@ -137,6 +146,7 @@ def test_large_tensor_parallel_paths(gen):
         check_against_reference(scores, keep, "official")
 
 
+@needs_op
 def test_extreme_finite_values():
     for dtype in DTYPES:
         fi = torch.finfo(dtype)
@@ -148,6 +158,7 @@ def test_extreme_finite_values():
             check_against_reference(scores, keep, "official")
 
 
+@needs_op
 def test_non_contiguous_views(gen):
     base_s = torch.randint(0, 4, (6, 8), generator=gen).to(torch.float32)
     base_s4 = torch.randint(0, 4, (3, 4, 5, 2), generator=gen).to(torch.float32)
@@ -172,6 +183,7 @@ def test_non_contiguous_views(gen):
             assert not mb2[:, 0].any() and not mb2[:, 4:].any()
 
 
+@needs_op
 def test_single_and_empty_tensors():
     scores = [torch.empty(0), torch.tensor([0.5]), torch.empty(3, 0), torch.tensor(2.0)]
     for keep in (0, 1, 2):
@@ -181,6 +193,7 @@ def test_single_and_empty_tensors():
     assert W.global_threshold([torch.empty(0)], masks, 0).item() == math.inf
 
 
+@needs_op
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 @pytest.mark.parametrize("mode", ["exact", "official"])
 def test_nonfinite_scores_error_names_tensor_and_leaves_masks(bad, mode, gen):

@@ -257,13 +257,13 @@ def masked_sq_norm(tensors, masks=None) -> torch.Tensor:
 
 def apply_masks_(tensors, masks) -> None:
     """In place: t <- m ? t : 0 (selection, so a pruned NaN/inf becomes 0). Runs under no_grad,
-    so leaf parameters that require grad can be passed directly. Any real dtype (float or int;
-    dtypes may differ between tensors)."""
+    so leaf parameters that require grad can be passed directly. Any real dtype (float, int or
+    bool; dtypes may differ between tensors)."""
     tensors = _tensor_list("tensors", tensors)
     masks = _masks_for("masks", masks, "tensors", tensors)
     for j, t in enumerate(tensors):
-        if t.is_complex() or t.dtype == torch.bool:
-            raise TypeError(f"tensors[{j}] has dtype {t.dtype}; allowed: real floating or integer dtypes")
+        if t.is_complex() or t.is_quantized:
+            raise TypeError(f"tensors[{j}] has dtype {t.dtype}; allowed: real floating, integer or bool dtypes")
     _check_device([("tensors", tensors), ("masks", masks)])
     if not tensors:
         return None
