@@ -144,9 +144,15 @@ def _pow2_rescale_hook(module, inputs, output):
     return output * torch.exp2(-torch.round(torch.log2(peak)))
 
 
+def _in_range(r: torch.Tensor) -> bool:
+    value = float(r.detach())
+    return math.isfinite(value) and value != 0.0
+
+
 def synflow_scores(ctx: ScoreContext, sample_shape: Sequence[int], rescale: bool = False):
     """Raw SynFlow scores |w * dR/dw| (float64) and R, for w = |theta*m| (all parameters
     linearised by abs, floating buffers too, as SynFlow does), R = sum f(1; w), eval mode.
+    Without rescaling, scores are None when R overflowed (inf/NaN) or underflowed to 0.
 
     rescale=True divides the output of every module that owns parameters by a power of two
     near its peak (forward hooks), which keeps activations and gradients of very deep nets in
@@ -170,6 +176,8 @@ def synflow_scores(ctx: ScoreContext, sample_shape: Sequence[int], rescale: bool
     try:
         with eval_mode(model), torch.enable_grad():
             r = ctx.forward(params, x, buffers).sum()
+            if not rescale and not _in_range(r):
+                return None, r.detach()  # no backward through an overflowed forward
             grads = torch.autograd.grad(r, leaves, allow_unused=True, materialize_grads=True)
     finally:
         for h in handles:
@@ -217,8 +225,8 @@ class SynFlowScorer(Scorer):
         )
 
     @staticmethod
-    def _usable(scores: List[torch.Tensor], r: torch.Tensor) -> bool:
-        if not math.isfinite(float(r)) or float(r) == 0.0:
+    def _usable(scores: Optional[List[torch.Tensor]], r: torch.Tensor) -> bool:
+        if scores is None or not _in_range(r):
             return False
         return bool(torch.stack([torch.isfinite(s).all() for s in scores]).all()) if scores else True
 

@@ -1,0 +1,214 @@
+"""Random, Magnitude, SNIP and SynFlow scorers against straightforward implementations."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from test_scores_ntk import MLP, TinyCNN, make_ctx, make_model
+from widetopo.rng import make_generator
+from widetopo.scores import Batch, MagnitudeScorer, RandomScorer, SNIPScorer, SynFlowScorer
+from widetopo.scores.baselines import synflow_scores
+
+needs_acc = pytest.mark.needs_kernel("accumulate_score_")
+
+
+def masked_copy(model, ctx, buffers=None):
+    net = copy.deepcopy(model)
+    with torch.no_grad():
+        for n, p in net.named_parameters():
+            p.copy_(ctx.params[n])
+        for n, b in net.named_buffers():
+            b.copy_((buffers or ctx.buffers)[n])
+    return net
+
+
+def labelled_batches(n=2, shape=(4, 1, 8, 8), classes=5):
+    g = torch.Generator().manual_seed(23)
+    return [Batch(i, torch.randn(shape, generator=g, dtype=torch.float64),
+                  torch.randint(0, classes, (shape[0],), generator=g)) for i in range(n)]
+
+
+# --------------------------------------------------------------------------------- magnitude
+@needs_acc
+def test_magnitude_is_abs_of_masked_weights():
+    model = make_model(TinyCNN, dtype=torch.float32)
+    ctx = make_ctx(model)
+    s = MagnitudeScorer()
+    assert not s.data_dependent and not s.decay and not s.needs_targets
+    out = s.score(ctx, [])
+    for n, o, m in zip(ctx.names, out, ctx.masks):
+        assert o.dtype == torch.float32
+        torch.testing.assert_close(o, (dict(model.named_parameters())[n].detach() * m).abs(), rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------ random
+@needs_acc
+@pytest.mark.parametrize("distribution", ["uniform", "normal"])
+def test_random_draws_from_round_generator(distribution):
+    model = make_model(MLP, dtype=torch.float32)
+    ctx = make_ctx(model, seed=5, round_index=9)
+    rng = torch.random.get_rng_state()
+    out = RandomScorer(distribution).score(ctx, [])
+    assert torch.equal(rng, torch.random.get_rng_state())
+    gen = make_generator(5, 9, 0, "cpu", 0)
+    for o, n, m in zip(out, ctx.names, ctx.masks):
+        shape = ctx.params[n].shape
+        draw = 1 - torch.rand(shape, generator=gen) if distribution == "uniform" else torch.randn(shape, generator=gen).abs()
+        torch.testing.assert_close(o, draw * m, rtol=0, atol=0)
+        assert torch.all(o[m] > 0) and torch.all(o[~m] == 0)
+        if distribution == "uniform":
+            assert float(o.max()) <= 1.0
+    again = RandomScorer(distribution).score(make_ctx(model, seed=5, round_index=9), [])
+    other = RandomScorer(distribution).score(make_ctx(model, seed=5, round_index=10), [])
+    assert all(torch.equal(a, b) for a, b in zip(out, again))
+    assert not any(torch.equal(a, b) for a, b in zip(out, other))
+    assert not RandomScorer().data_dependent
+
+
+def test_random_rejects_unknown_distribution():
+    with pytest.raises(ValueError, match="distribution"):
+        RandomScorer("cauchy")
+
+
+# -------------------------------------------------------------------------------------- SNIP
+def reference_snip(model, ctx, batches, buffers_per_batch=None):
+    total = None
+    for k, b in enumerate(batches):
+        net = masked_copy(model, ctx, buffers_per_batch[k] if buffers_per_batch else None).eval()
+        loss = F.cross_entropy(net(b.x), b.y)
+        loss.backward()
+        named = dict(net.named_parameters())
+        s = [(named[n].grad * named[n]).abs().detach() for n in ctx.names]
+        total = s if total is None else [a + c for a, c in zip(total, s)]
+    return total
+
+
+@needs_acc
+def test_snip_matches_hand_autograd():
+    model = make_model(TinyCNN)
+    model.train()
+    ctx = make_ctx(model)
+    bs = labelled_batches()
+    scorer = SNIPScorer()
+    assert scorer.needs_targets and scorer.data_dependent and not scorer.decay
+    rng = torch.random.get_rng_state()
+    got = scorer.score(ctx, bs)
+    assert torch.equal(rng, torch.random.get_rng_state())
+    ref = reference_snip(model, ctx, bs)
+    for n, a, r in zip(ctx.names, got, ref):
+        torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-12, msg=n)
+    assert all(m.training for m in model.modules())
+
+
+@needs_acc
+def test_snip_with_batchnorm_calibration():
+    from test_scores_widetopo import calibrated_buffers
+
+    model = make_model(TinyCNN)
+    ctx = make_ctx(model)
+    bs = labelled_batches()
+    got = SNIPScorer(calibrate_bn=True).score(ctx, bs)
+    ref = reference_snip(model, ctx, bs, [calibrated_buffers(model, ctx, b.x) for b in bs])
+    for a, r in zip(got, ref):
+        torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-12)
+
+
+def test_snip_requires_targets():
+    model = make_model(MLP)
+    ctx = make_ctx(model)
+    with pytest.raises(ValueError, match="targets.*batch 4"):
+        SNIPScorer().score(ctx, [Batch(4, torch.randn(2, 10, dtype=torch.float64))])
+
+
+# ----------------------------------------------------------------------------------- SynFlow
+def reference_synflow(model, ctx, sample_shape):
+    """Straightforward float64 SynFlow: |theta| everywhere (state dict), eval, all-ones input."""
+    net = masked_copy(model, ctx).double().eval()
+    with torch.no_grad():
+        for v in net.state_dict().values():
+            if v.is_floating_point():
+                v.abs_()
+    r = net(torch.ones((1, *sample_shape), dtype=torch.float64)).sum()
+    r.backward()
+    named = dict(net.named_parameters())
+    return [(named[n].grad * named[n]).abs().detach() for n in ctx.names], r.detach()
+
+
+def _normalised(scores):
+    peak = max(float(s.max()) for s in scores)
+    return [s / peak for s in scores]
+
+
+@needs_acc
+def test_synflow_matches_float64_reference():
+    model = make_model(TinyCNN, dtype=torch.float32)
+    ctx = make_ctx(model)
+    scorer = SynFlowScorer()
+    assert not scorer.data_dependent and not scorer.needs_targets
+    batch = Batch(0, torch.randn(4, 1, 8, 8))
+    rng = torch.random.get_rng_state()
+    got = scorer.score(ctx, [batch])
+    assert torch.equal(rng, torch.random.get_rng_state())
+    assert not scorer.rescaled
+    ref, _ = reference_synflow(model, ctx, (1, 8, 8))
+    for n, a, r, m in zip(ctx.names, got, _normalised(ref), ctx.masks):
+        assert a.dtype == torch.float64
+        torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-14, msg=n)
+        assert torch.all(a[~m] == 0)
+    # input_shape option instead of a batch
+    again = SynFlowScorer(input_shape=(1, 8, 8)).score(ctx, [])
+    assert all(torch.equal(a, b) for a, b in zip(got, again))
+    with pytest.raises(ValueError, match="input_shape"):
+        SynFlowScorer().score(ctx, [])
+
+
+def deep_net(depth, width=64, bn=True, bias=True, std=None):
+    """A plain chain of Linear (+ BatchNorm1d) + ReLU layers; std sets N(0, std^2) weights."""
+    torch.manual_seed(1)
+    layers = [nn.Linear(8, width, bias=bias)]
+    for _ in range(depth):
+        layers += [nn.Linear(width, width, bias=bias)] + ([nn.BatchNorm1d(width)] if bn else []) + [nn.ReLU()]
+    layers.append(nn.Linear(width, 3, bias=bias))
+    net = nn.Sequential(*layers)
+    if std is not None:
+        with torch.no_grad():
+            for m in net.modules():
+                if isinstance(m, nn.Linear):
+                    m.weight.normal_(0.0, std)
+    return net
+
+
+@needs_acc
+@pytest.mark.parametrize("bn", [True, False])
+def test_synflow_deep_net_does_not_overflow(bn):
+    # |w| * width ~ 100 per layer: the float64 R (~100^160) overflows, float32 much earlier
+    model = deep_net(160, bn=bn, std=2.0)
+    ctx = make_ctx(model, keep=0.9)
+    net = masked_copy(model, ctx).double().eval()
+    with torch.no_grad():
+        for v in net.state_dict().values():
+            if v.is_floating_point():
+                v.abs_()
+        r = net(torch.ones(1, 8, dtype=torch.float64)).sum()
+    assert not torch.isfinite(r)  # the exact float64 computation overflows on this net
+    scorer = SynFlowScorer(input_shape=(8,))
+    got = scorer.score(ctx, [])
+    assert scorer.rescaled
+    for s, m in zip(got, ctx.masks):
+        assert torch.isfinite(s).all()
+        assert torch.all(s[~m] == 0)
+    assert float(got[0][ctx.masks[0]].min()) > 0  # the first layer still gets a signal
+    assert float(got[-1][ctx.masks[-1]].min()) > 0
+
+
+@needs_acc
+def test_synflow_rescaling_is_exact_for_bias_free_chain():
+    model = deep_net(40, bn=True, bias=False)
+    ctx = make_ctx(model, keep=0.8)
+    exact, r = synflow_scores(ctx, (8,), rescale=False)
+    scaled, r2 = synflow_scores(ctx, (8,), rescale=True)
+    assert torch.isfinite(r) and float(r) > 1e15 and float(r2) < float(r)  # rescaling did act
+    for a, b in zip(_normalised(exact), _normalised(scaled)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-15)
