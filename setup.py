@@ -31,7 +31,10 @@ def _extension():
     rel = lambda pattern: sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
     sources = ["csrc/ops.cpp"] + rel("csrc/cpu/*.cpp")
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
-    cxx = ["-O3"]
+    # -fopenmp: at::parallel_for only runs in parallel when the caller is compiled with OpenMP
+    # (torch's CPU parallel backend); without it every kernel would run on one thread.
+    cxx = ["-O3", "-fopenmp"]
+    link = ["-fopenmp"]
     define_macros = []
     if _use_cuda():
         archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
@@ -42,6 +45,7 @@ def _extension():
             include_dirs=include_dirs,
             define_macros=define_macros,
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
+            extra_link_args=link,
         )
     return CppExtension(
         "widetopo_ext._C",
@@ -49,6 +53,7 @@ def _extension():
         include_dirs=include_dirs,
         define_macros=define_macros,
         extra_compile_args={"cxx": cxx},
+        extra_link_args=link,
     )
 
 

@@ -47,3 +47,31 @@ WIDETOPO_HD bool key_matches_prefix(U key, U prefix, int shift) {
 
 }  // namespace core
 }  // namespace widetopo
+
+namespace widetopo {
+namespace core {
+
+// True when the IEEE float with raw bits `bits` is finite (not inf, not NaN);
+// `exponent_mask` has exactly the exponent bits set (0x7F800000 for float32,
+// 0x7FF0000000000000 for float64, 0x7C00 for float16, 0x7F80 for bfloat16).
+template <typename U>
+WIDETOPO_HD bool bits_finite(U bits, U exponent_mask) {
+  return (bits & exponent_mask) != exponent_mask;
+}
+
+// Digit plan of a most-significant-digit-first select over W-bit keys with digits of at most
+// `max_bits` bits: pass p covers the bits [shift, shift + width) where the passes walk down
+// from the top. Returns the shift of pass p and writes its width; the number of passes is
+// radix_passes(W, max_bits).
+WIDETOPO_HD int radix_passes(int key_bits, int max_bits) {
+  return (key_bits + max_bits - 1) / max_bits;
+}
+WIDETOPO_HD int radix_pass_shift(int key_bits, int max_bits, int pass, int* width) {
+  int hi = key_bits - pass * max_bits;  // exclusive upper bit of this pass
+  int w = hi < max_bits ? hi : max_bits;
+  *width = w;
+  return hi - w;
+}
+
+}  // namespace core
+}  // namespace widetopo

@@ -1,0 +1,78 @@
+// CPU kernel of widetopo::restoration_scores (DESIGN 2.3). Float32 output per mask:
+//   rank >= 2: kept -> 2; pruned -> (1 - out_density[o]) (1 - in_density[i]) + scale * noise[o, i]
+//              out_density[o] = out_deg[o] / (I K), in_density[i] = in_deg[i] / (O K)
+//   rank < 2:  kept -> 2; pruned -> 1 (noise ignored).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "common.h"
+#include "widetopo/elementwise.h"
+
+namespace widetopo {
+namespace cpu {
+namespace {
+
+std::vector<at::Tensor> restoration_scores_cpu(at::TensorList masks, at::TensorList noise,
+                                               double noise_scale) {
+  constexpr const char* op = "restoration_scores";
+  check_same_length(masks, noise, op, "masks", "noise");
+  TORCH_CHECK(std::isfinite(noise_scale), "widetopo::restoration_scores: noise_scale must be finite, got ",
+              noise_scale);
+  for (size_t j = 0; j < masks.size(); ++j) {
+    check_cpu(masks[j], op, "masks", j);
+    TORCH_CHECK(masks[j].scalar_type() == at::kBool, "widetopo::restoration_scores: masks[", j,
+                "] must be torch.bool, got ", masks[j].scalar_type());
+    if (masks[j].dim() >= 2) {
+      check_cpu(noise[j], op, "noise", j);
+      TORCH_CHECK(noise[j].scalar_type() == at::kFloat, "widetopo::restoration_scores: noise[", j,
+                  "] must be float32, got ", noise[j].scalar_type());
+      TORCH_CHECK(noise[j].dim() == 2 && noise[j].size(0) == masks[j].size(0) &&
+                      noise[j].size(1) == masks[j].size(1),
+                  "widetopo::restoration_scores: noise[", j, "] must have shape (O, I) = (",
+                  masks[j].size(0), ", ", masks[j].size(1), ") for masks[", j, "] of shape ",
+                  masks[j].sizes(), ", got ", noise[j].sizes());
+    }
+  }
+  const float scale = static_cast<float>(noise_scale);
+  std::vector<at::Tensor> out;
+  out.reserve(masks.size());
+  for (size_t j = 0; j < masks.size(); ++j) {
+    const at::Tensor m = masks[j].contiguous();
+    at::Tensor s = at::empty(m.sizes(), m.options().dtype(at::kFloat));
+    const bool* mp = m.const_data_ptr<bool>();
+    float* sp = s.mutable_data_ptr<float>();
+    if (m.dim() < 2) {
+      at::parallel_for(0, m.numel(), kGrain, [&](int64_t b, int64_t e) {
+        for (int64_t x = b; x < e; ++x) sp[x] = core::restoration_score_rank1(mp[x]);
+      });
+    } else if (m.numel() > 0) {
+      const OIK d = oik_of(m);
+      std::vector<int64_t> out_deg(d.O), in_deg(d.I);
+      unit_degrees(mp, d, out_deg.data(), in_deg.data());
+      std::vector<float> out_den(d.O), in_den(d.I);
+      const float ik = static_cast<float>(d.I * d.K), ok = static_cast<float>(d.O * d.K);
+      for (int64_t o = 0; o < d.O; ++o) out_den[o] = static_cast<float>(out_deg[o]) / ik;
+      for (int64_t i = 0; i < d.I; ++i) in_den[i] = static_cast<float>(in_deg[i]) / ok;
+      const at::Tensor nz = noise[j].contiguous();
+      const float* np = nz.const_data_ptr<float>();
+      at::parallel_for(0, m.numel(), kGrain, [&](int64_t b, int64_t e) {
+        for (int64_t x = b; x < e; ++x) {
+          const core::UnitIndex u = core::unit_index(x, d.I, d.K);
+          sp[x] = core::restoration_score(mp[x], out_den[u.o], in_den[u.i], np[u.o * d.I + u.i], scale);
+        }
+      });
+    }
+    out.push_back(s);
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(widetopo, CPU, m) { m.impl("restoration_scores", &restoration_scores_cpu); }
+
+}  // namespace cpu
+}  // namespace widetopo
