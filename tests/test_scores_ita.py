@@ -74,12 +74,14 @@ def _set_tensor(net, name, value):
     setattr(mod, attr, value)
 
 
-def reference_ita(model, ctx, batch, eps_x=5e-4, eps_theta=5e-4):
-    """Four separate forwards through deep copies; gradient w.r.t. an explicit mask tensor."""
+def reference_ita(model, ctx, batch, eps_x=5e-4, eps_theta=5e-4, draw_dtype=None):
+    """Four separate forwards through deep copies; gradient w.r.t. an explicit mask tensor.
+    draw_dtype: dtype in which the random draws are made (default: the data's)."""
     gen = make_generator(ctx.seed, ctx.round, batch.index, "cpu", ITA_STREAM)
     x = batch.x
-    dx = torch.randn(x.shape, generator=gen, dtype=x.dtype)
-    dtheta = [torch.randn(ctx.params[n].shape, generator=gen, dtype=x.dtype) for n in ctx.names]
+    dd = draw_dtype or x.dtype
+    dx = torch.randn(x.shape, generator=gen, dtype=dd).to(x.dtype)
+    dtheta = [torch.randn(ctx.params[n].shape, generator=gen, dtype=dd).to(x.dtype) for n in ctx.names]
     masks = [m.to(x.dtype).requires_grad_(True) for m in ctx.masks]
     nets = []
     for perturbed in (False, True):
@@ -124,6 +126,20 @@ def test_ita_matches_four_explicit_forwards(cls):
     assert all(float(b.sum()) > 0 for b in ref)
     for s, m in zip(got, ctx.masks):
         assert torch.all(s[~m] == 0)
+
+
+@needs_ops
+def test_ita_float32_close_to_float64_evaluation():
+    # float32 finite differences (one concatenated batch) against a float64 evaluation with the
+    # same (float32) random draws: a few percent of noise, as expected for this estimator
+    model64 = make_model()
+    model32 = copy.deepcopy(model64).float()
+    batch = make_batch()
+    got = ita_score(make_ctx(model32), Batch(batch.index, batch.x.float()))
+    ref = reference_ita(model64, make_ctx(model64), batch, draw_dtype=torch.float32)
+    for a, r in zip(got, ref):
+        assert a.dtype == torch.float32
+        assert float((a.double() - r).norm() / r.norm()) < 0.05
 
 
 @needs_ops
