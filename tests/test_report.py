@@ -9,6 +9,16 @@ from torch import nn
 from widetopo.masks import Masks
 from widetopo.report import format_table, mask_report, plot_report, write_json
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one intra-op thread avoids thread-pool overhead on a busy 2-core machine
+    (restored afterwards, so other test files are unaffected)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 
 def hand_masks():
     # conv 3 out x 2 in x 2x2 kernel: keep out 0 <- in 1 (2 entries) and out 2 <- in 1 (1 entry)

@@ -8,6 +8,16 @@ from torch.nn.utils import prune
 
 from widetopo.training import MaskEnforcer, apply_masks, evaluate, fit, make_scheduler, remove_masks, train_epoch
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one intra-op thread avoids thread-pool overhead on a busy 2-core machine
+    (restored afterwards, so other test files are unaffected)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 
 def tiny_net(seed=0):
     torch.manual_seed(seed)
