@@ -17,6 +17,14 @@ if not torch.distributed.is_available():  # pragma: no cover
     pytest.skip("torch.distributed is not available in this torch build", allow_module_level=True)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def free_port():
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -65,6 +73,8 @@ OPTS = dict(rounds=3, restorations=1, restore_steps=2, restore_rounds=2, seed=3,
 
 def _worker(rank, world, port, outdir):
     import widetopo
+
+    torch.set_num_threads(1)  # tiny tensors; two processes already share the two cores
 
     torch.distributed.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,

@@ -2,7 +2,9 @@
 
 Each rank scores the batches whose global index i satisfies i % world == rank; the per-rank
 score sums are added with all_reduce, so every rank thresholds identical scores and derives
-identical masks. Without an initialised process group everything is a no-op (rank 0 of 1).
+identical masks. The engine also broadcasts rank 0's parameters and buffers into its private
+copies, so all ranks start from the same theta even if their models were initialised
+differently. Without an initialised process group everything is a no-op (rank 0 of 1).
 """
 from __future__ import annotations
 
