@@ -1,0 +1,143 @@
+"""Packaging checks: the imported packages are the installed distribution `widetopo`
+(site-packages, or the source tree of an editable install), the compiled library registers a
+CPU kernel for every op, the `widetopo` console script resolves, and the version is consistent.
+
+These catch a stray copy on sys.path (for example the source tree's widetopo_ext, which has no
+compiled library in a clean checkout, shadowing the installed one), a package missing from the
+wheel, and a stale install after a version bump.
+"""
+import importlib
+import importlib.metadata as md
+import json
+import os
+import subprocess
+import sysconfig
+
+import pytest
+import torch
+
+import widetopo
+import widetopo_ext
+from widetopo_ext import _C
+
+DIST = "widetopo"
+# The seven ops of issue 2 (names users and scripts rely on), written out independently of
+# the library's own list.
+EXPECTED_OPS = {
+    "global_threshold",
+    "density_decay_",
+    "restoration_scores",
+    "accumulate_score_",
+    "masked_sq_norm",
+    "apply_masks_",
+    "mask_stats",
+}
+
+
+def _real(path):
+    return os.path.realpath(os.fspath(path))
+
+
+@pytest.fixture(scope="module")
+def dist():
+    try:
+        return md.distribution(DIST)
+    except md.PackageNotFoundError:
+        pytest.fail("the distribution 'widetopo' is not installed: install it with "
+                    "`pip install --no-build-isolation .` (or -e .), not via PYTHONPATH")
+
+
+def _editable_root(dist):
+    """The source directory of an editable install, or None for a regular install."""
+    text = dist.read_text("direct_url.json")
+    if not text:
+        return None
+    info = json.loads(text)
+    if not info.get("dir_info", {}).get("editable"):
+        return None
+    url = info["url"]
+    assert url.startswith("file://"), url
+    return _real(url[len("file://"):])
+
+
+@pytest.mark.parametrize("module, source_path", [
+    (widetopo, ("python", "widetopo", "__init__.py")),
+    (widetopo_ext, ("widetopo_ext", "__init__.py")),
+])
+def test_packages_come_from_the_installed_distribution(dist, module, source_path):
+    imported = _real(module.__file__)
+    root = _editable_root(dist)
+    if root is not None:
+        expected = _real(os.path.join(root, *source_path))
+        assert imported == expected, (
+            f"{module.__name__} imported from {imported}, but the editable install points at "
+            f"{expected}: a stray copy shadows it")
+    else:
+        expected = _real(dist.locate_file("/".join(source_path[-2:])))
+        assert imported == expected, (
+            f"{module.__name__} imported from {imported}, not from the installed distribution "
+            f"({expected}): a stray copy (e.g. the source tree) is on sys.path")
+        assert "site-packages" in imported.split(os.sep) or "dist-packages" in imported.split(os.sep)
+
+
+def test_compiled_library_belongs_to_the_package(dist):
+    library = _real(_C.__file__)
+    assert os.path.dirname(library) == os.path.dirname(_real(widetopo_ext.__file__))
+    if _editable_root(dist) is None:
+        recorded = {_real(dist.locate_file(f)) for f in dist.files or ()}
+        assert library in recorded, f"{library} is not a file of the installed distribution"
+
+
+def test_every_op_has_a_cpu_kernel():
+    info = _C.build_info()
+    assert set(info["ops"]) == EXPECTED_OPS
+    assert info["cpu_kernels"] == {op: True for op in EXPECTED_OPS}
+    # Cross-check with the dispatcher itself and the public op namespace.
+    for op in EXPECTED_OPS:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"widetopo::{op}", "CPU"), op
+        assert hasattr(torch.ops.widetopo, op), op
+
+
+def test_build_info_cuda_fields_are_consistent():
+    info = _C.build_info()
+    assert set(info["cuda_kernels"]) == EXPECTED_OPS
+    assert info["with_cuda"] == any(info["cuda_kernels"].values())
+    assert info["torch_version"].split("+")[0] == torch.__version__.split("+")[0], (
+        "the library was compiled against another torch than the one imported: rebuild")
+    if info["with_cuda"]:
+        archs = [a for a in info["cuda_archs"].split(";") if a]
+        assert archs, "a CUDA build must report its compiled architectures"
+        for arch in archs:
+            major, _, minor = arch.replace("+PTX", "").partition(".")
+            assert major.isdigit() and minor.isdigit(), arch
+    else:
+        assert info["cuda_archs"] == ""
+
+
+def test_version_matches_distribution_metadata(dist):
+    assert widetopo.__version__ == dist.version == md.version(DIST)
+
+
+def test_console_script_resolves(dist):
+    scripts = [ep for ep in dist.entry_points if ep.group == "console_scripts"]
+    assert [(ep.name, ep.value) for ep in scripts] == [("widetopo", "widetopo.cli:main")]
+    try:
+        importlib.import_module("widetopo.cli")
+    except ModuleNotFoundError as exc:
+        if exc.name == "widetopo.cli":
+            pytest.skip("widetopo.cli is not written yet (the console script has no target)")
+        raise
+    main = scripts[0].load()
+    assert callable(main)
+
+    # The installer wrote an executable `widetopo` script that runs it.
+    candidates = [os.path.join(sysconfig.get_path("scripts", scheme), "widetopo")
+                  for scheme in (sysconfig.get_default_scheme(), f"{os.name}_user")]
+    script = next((c for c in candidates if os.access(c, os.X_OK)), None)
+    assert script is not None, f"no executable widetopo script in {candidates}"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=120,
+                          env=env, cwd=os.path.dirname(script))
+    assert done.returncode == 0, done.stderr
+    assert "usage" in done.stdout.lower()
+
