@@ -217,3 +217,16 @@ def test_ita_rejects_bad_eps_and_integer_inputs():
             ita_score(ctx, make_batch(shape=(2, 10)), eps=bad)
     with pytest.raises(TypeError, match="floating"):
         ita_score(ctx, Batch(0, torch.ones(2, 10, dtype=torch.long)))
+
+
+@needs_ops
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_ita_of_16bit_model_is_evaluated_in_float32(dtype):
+    model16 = make_model(MLP, dtype=dtype)
+    model32 = copy.deepcopy(model16).float()
+    batch = make_batch(shape=(5, 10), dtype=dtype)
+    got = ita_score(make_ctx(model16), batch)
+    ref = reference_ita(model32, make_ctx(model32), Batch(batch.index, batch.x.float()))
+    for a, r in zip(got, ref):
+        assert a.dtype == torch.float32 and torch.isfinite(a).all()
+        assert float((a - r).norm() / r.norm()) < 0.05

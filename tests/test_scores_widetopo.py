@@ -8,7 +8,7 @@ from torch import nn
 
 from test_scores_ita import reference_ita
 from test_scores_ntk import MLP, TinyCNN, make_ctx, make_model, reference_ntk
-from widetopo.scores import (SCORERS, Batch, MagnitudeScorer, RandomScorer, ScoreContext, SNIPScorer,
+from widetopo.scores import (SCORERS, Batch, MagnitudeScorer, RandomScorer, SNIPScorer,
                              SynFlowScorer, WideTopoScorer, make_scorer, scorer_options)
 
 needs_ops = pytest.mark.needs_kernel("accumulate_score_", "masked_sq_norm")

@@ -15,20 +15,13 @@ from torch import nn
 
 import widetopo_ext
 from widetopo.scores.base import Batch, ScoreContext, Scorer
+from widetopo.scores._util import as_dtypes, score_zeros
 from widetopo.scores.bn import calibrate_batchnorm, eval_mode
 from widetopo.scores.widetopo import check_finite
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["RandomScorer", "MagnitudeScorer", "SNIPScorer", "SynFlowScorer", "synflow_scores"]
-
-
-def _score_dtype(t: torch.Tensor) -> torch.dtype:
-    return t.dtype if t.dtype in (torch.float32, torch.float64) else torch.float32
-
-
-def _zeros(prunable: List[torch.Tensor], dtype: Optional[torch.dtype] = None) -> List[torch.Tensor]:
-    return [torch.zeros(p.shape, dtype=dtype or _score_dtype(p), device=p.device) for p in prunable]
 
 
 class RandomScorer(Scorer):
@@ -54,7 +47,7 @@ class RandomScorer(Scorer):
     def score(self, ctx: ScoreContext, batches: Sequence[Batch] = ()) -> List[torch.Tensor]:
         prunable = ctx.prunable
         gen = ctx.generator(0)
-        out = _zeros(prunable)
+        out = score_zeros(prunable)
         if self.distribution == "uniform":
             draws = [torch.rand(s.shape, generator=gen, dtype=s.dtype, device=s.device) for s in out]
             torch._foreach_neg_(draws)
@@ -75,8 +68,8 @@ class MagnitudeScorer(Scorer):
 
     def score(self, ctx: ScoreContext, batches: Sequence[Batch] = ()) -> List[torch.Tensor]:
         prunable = ctx.prunable
-        out = _zeros(prunable)
-        widetopo_ext.accumulate_score_(out, prunable, [], ctx.masks, absolute=True)
+        out = score_zeros(prunable)
+        widetopo_ext.accumulate_score_(out, as_dtypes(prunable, out), [], ctx.masks, absolute=True)
         return out
 
 
@@ -102,7 +95,7 @@ class SNIPScorer(Scorer):
 
     def score(self, ctx: ScoreContext, batches: Sequence[Batch]) -> List[torch.Tensor]:
         prunable = ctx.prunable
-        out = _zeros(prunable)
+        out = score_zeros(prunable)
         with eval_mode(ctx.model):
             for batch in batches:
                 if batch.y is None:
@@ -121,7 +114,8 @@ class SNIPScorer(Scorer):
                     logits = ctx.forward(params, x)
                     loss = F.cross_entropy(logits, y)
                     grads = torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)
-                widetopo_ext.accumulate_score_(out, list(grads), prunable, ctx.masks, absolute=True)
+                widetopo_ext.accumulate_score_(out, as_dtypes(grads, out), as_dtypes(prunable, out), ctx.masks,
+                                               absolute=True)
         check_finite(out, ctx, self.name)
         return out
 
@@ -182,7 +176,7 @@ def synflow_scores(ctx: ScoreContext, sample_shape: Sequence[int], rescale: bool
     finally:
         for h in handles:
             h.remove()
-    out = _zeros(leaves, torch.float64)
+    out = score_zeros(leaves, torch.float64)
     widetopo_ext.accumulate_score_(out, list(grads), leaves, ctx.masks, absolute=True)
     return out, r.detach()
 

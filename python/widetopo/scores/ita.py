@@ -25,6 +25,7 @@ import torch
 
 import widetopo_ext
 from widetopo.scores.base import Batch, ScoreContext
+from widetopo.scores._util import as_dtypes, score_zeros
 from widetopo.scores.bn import eval_mode, uses_batch_statistics
 
 logger = logging.getLogger(__name__)
@@ -50,6 +51,14 @@ def no_tf32(device: torch.device):
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _upcast(tensors):
+    """16-bit floating tensors of a name -> tensor dict as float32 (others unchanged)."""
+    return {n: (t.float() if t.dtype in _HALF else t) for n, t in tensors.items()}
+
+
 def _check_eps(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value == float("inf"):
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
@@ -64,23 +73,28 @@ def ita_score(
     eps_x: Optional[float] = None,
     eps_theta: Optional[float] = None,
 ) -> List[torch.Tensor]:
-    """Add |dA/dm| * [m != 0] of one batch to `out` (zeros if None) and return it, one tensor
-    per name in ctx.names.
+    """Add |dA/dm| * [m != 0] of one batch to `out` (zeros if None: float64 for float64
+    parameters, else float32) and return it, one tensor per name in ctx.names.
 
     eps sets both eps_x and eps_theta unless they are given. Random draws come from
     ctx.generator(batch.index, stream=ITA_STREAM) in this order: dx = randn(x.shape,
     dtype=x.dtype), then dtheta_p = randn(theta_p.shape, dtype=theta_p.dtype) for p in
     ctx.names order. Runs in eval mode with the context's current buffers (calibration is the
-    caller's job).
+    caller's job). 16-bit models are evaluated in float32 (draws then made in float32 too).
     """
     eps_x = _check_eps("eps_x", eps if eps_x is None else eps_x)
     eps_theta = _check_eps("eps_theta", eps if eps_theta is None else eps_theta)
-    prunable = ctx.prunable
     if out is None:
-        out = [torch.zeros_like(p) for p in prunable]
+        out = score_zeros(ctx.prunable)
     x = batch.x.to(ctx.device)
     if not x.is_floating_point():
         raise TypeError(f"ita_score needs floating inputs (x + eps*dx), got batch.x of dtype {x.dtype}")
+    base, buffers = ctx.params, ctx.buffers
+    if x.dtype in _HALF or any(p.dtype in _HALF for p in base.values()):
+        # a 16-bit finite difference at eps = 5e-4 is rounding noise: evaluate in float32
+        base, buffers = _upcast(base), _upcast(buffers)
+        x = x.float()
+    prunable = [base[n] for n in ctx.names]
     gen = ctx.generator(batch.index, stream=ITA_STREAM)
     dx = torch.randn(x.shape, generator=gen, dtype=x.dtype, device=x.device)
     c = [torch.randn(p.shape, generator=gen, dtype=p.dtype, device=p.device) for p in prunable]
@@ -92,8 +106,8 @@ def ita_score(
     m = [mk.to(p.dtype).requires_grad_(True) for mk, p in zip(ctx.masks, prunable)]
     src = torch._foreach_mul(prunable, m)
     tgt = torch._foreach_mul(c, m)
-    params_s = dict(ctx.params)
-    params_t = dict(ctx.params)
+    params_s = dict(base)
+    params_t = dict(base)
     params_s.update(zip(ctx.names, src))
     params_t.update(zip(ctx.names, tgt))
 
@@ -102,19 +116,19 @@ def ita_score(
     with eval_mode(ctx.model), no_tf32(x.device), torch.enable_grad():
         if uses_batch_statistics(ctx.model):
             # BatchNorm without running statistics couples the samples: no concatenation
-            o_s, p_s = ctx.forward(params_s, x), ctx.forward(params_s, xp)
-            o_t, p_t = ctx.forward(params_t, x), ctx.forward(params_t, xp)
+            o_s, p_s = ctx.forward(params_s, x, buffers), ctx.forward(params_s, xp, buffers)
+            o_t, p_t = ctx.forward(params_t, x, buffers), ctx.forward(params_t, xp, buffers)
         else:
             xx = torch.cat([x, xp], dim=0)
-            o_s, p_s = ctx.forward(params_s, xx).split(n, dim=0)
-            o_t, p_t = ctx.forward(params_t, xx).split(n, dim=0)
+            o_s, p_s = ctx.forward(params_s, xx, buffers).split(n, dim=0)
+            o_t, p_t = ctx.forward(params_t, xx, buffers).split(n, dim=0)
         delta = (p_t - o_t) - (p_s - o_s)
         a = delta.pow(2).sum() / (eps_x * eps_theta)
         if a.requires_grad:
             grads = torch.autograd.grad(a, m, allow_unused=True, materialize_grads=True)
         else:
             grads = [torch.zeros_like(p) for p in prunable]
-    widetopo_ext.accumulate_score_(out, list(grads), [], ctx.masks, absolute=True)
+    widetopo_ext.accumulate_score_(out, as_dtypes(grads, out), [], ctx.masks, absolute=True)
     if logger.isEnabledFor(logging.DEBUG):
         logger.debug("ita_score: batch %d, A = %.6g", batch.index, float(a.detach()))
     return out

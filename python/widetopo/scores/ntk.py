@@ -21,6 +21,7 @@ import torch
 
 import widetopo_ext
 from widetopo.scores.base import Batch, ScoreContext
+from widetopo.scores._util import as_dtypes, score_zeros
 from widetopo.scores.bn import eval_mode
 
 logger = logging.getLogger(__name__)
@@ -37,10 +38,6 @@ def _check_probes(probes) -> int:
     return probes
 
 
-def _zeros_like_all(tensors: List[torch.Tensor]) -> List[torch.Tensor]:
-    return [torch.zeros_like(t) for t in tensors]
-
-
 def _leaf_params(ctx: ScoreContext):
     """Leaf copies (sharing storage) of every floating parameter, requiring grad."""
     return {
@@ -55,8 +52,8 @@ def ntk_score(
     probes: int = 1,
     out: Optional[List[torch.Tensor]] = None,
 ) -> List[torch.Tensor]:
-    """Add |sum_probes h * theta * m| of one batch to `out` (created as zeros if None) and
-    return it, one tensor per name in ctx.names.
+    """Add |sum_probes h * theta * m| of one batch to `out` (created as zeros if None: float64
+    for float64 parameters, else float32) and return it, one tensor per name in ctx.names.
 
     Probes are drawn from ctx.generator(batch.index, stream=NTK_STREAM), one after the other,
     each with torch.randn(logits.shape, dtype=logits.dtype). The forward runs in eval mode with
@@ -66,7 +63,7 @@ def ntk_score(
     probes = _check_probes(probes)
     prunable = ctx.prunable
     if out is None:
-        out = _zeros_like_all(prunable)
+        out = score_zeros(prunable)
     x = batch.x.to(ctx.device)
     params = _leaf_params(ctx)
     prunable_set = set(ctx.names)
@@ -97,12 +94,12 @@ def ntk_score(
                 )
                 h = [hi.detach() for hi in h]
             else:  # f is linear in every prunable weight: the Hessian term vanishes
-                h = _zeros_like_all(prunable)
+                h = [torch.zeros_like(p) for p in prunable]
             if h_sum is None:
                 h_sum = list(h)
             else:
                 torch._foreach_add_(h_sum, h)
             del grads, g_pr, g_other, t, h
-    widetopo_ext.accumulate_score_(out, h_sum, prunable, ctx.masks, absolute=True)
+    widetopo_ext.accumulate_score_(out, as_dtypes(h_sum, out), as_dtypes(prunable, out), ctx.masks, absolute=True)
     logger.debug("ntk_score: batch %d, %d probe(s), %d parameters", batch.index, probes, len(all_names))
     return out

@@ -13,6 +13,7 @@ from typing import List, Sequence
 import torch
 
 from widetopo.scores.base import Batch, ScoreContext, Scorer
+from widetopo.scores._util import score_zeros
 from widetopo.scores.bn import calibrate_batchnorm, eval_mode
 from widetopo.scores.ita import _check_eps, ita_score
 from widetopo.scores.ntk import _check_probes, ntk_score
@@ -66,8 +67,8 @@ class WideTopoScorer(Scorer):
     def score(self, ctx: ScoreContext, batches: Sequence[Batch]) -> List[torch.Tensor]:
         """mu1 * sum_b |sum_probes h_b * theta * m| + mu2 * sum_b |dA_b/dm| * [m != 0]."""
         prunable = ctx.prunable
-        s_ntk = [torch.zeros_like(p) for p in prunable]
-        s_ita = [torch.zeros_like(p) for p in prunable]
+        s_ntk = score_zeros(prunable)
+        s_ita = score_zeros(prunable)
         with eval_mode(ctx.model):
             for batch in batches:
                 calibrate_batchnorm(ctx, batch.x.to(ctx.device))
