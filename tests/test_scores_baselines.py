@@ -151,7 +151,7 @@ def test_synflow_matches_float64_reference():
     rng = torch.random.get_rng_state()
     got = scorer.score(ctx, [batch])
     assert torch.equal(rng, torch.random.get_rng_state())
-    assert not scorer.rescaled
+    assert not scorer.diagnostics["rescaled"]
     ref, _ = reference_synflow(model, ctx, (1, 8, 8))
     for n, a, r, m in zip(ctx.names, got, _normalised(ref), ctx.masks):
         assert a.dtype == torch.float64
@@ -195,7 +195,7 @@ def test_synflow_deep_net_does_not_overflow(bn):
     assert not torch.isfinite(r)  # the exact float64 computation overflows on this net
     scorer = SynFlowScorer(input_shape=(8,))
     got = scorer.score(ctx, [])
-    assert scorer.rescaled
+    assert scorer.diagnostics["rescaled"]
     for s, m in zip(got, ctx.masks):
         assert torch.isfinite(s).all()
         assert torch.all(s[~m] == 0)

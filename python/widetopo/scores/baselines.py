@@ -94,15 +94,16 @@ class SNIPScorer(Scorer):
         return f"SNIPScorer(calibrate_bn={self.calibrate_bn})"
 
     def score(self, ctx: ScoreContext, batches: Sequence[Batch]) -> List[torch.Tensor]:
+        for batch in batches:
+            if batch.y is None:
+                raise ValueError(
+                    f"snip needs targets, but batch {batch.index} has none; pass (input, target) "
+                    "batches as data"
+                )
         prunable = ctx.prunable
         out = score_zeros(prunable)
         with eval_mode(ctx.model):
             for batch in batches:
-                if batch.y is None:
-                    raise ValueError(
-                        f"snip needs targets, but batch {batch.index} has none; pass (input, target) "
-                        "batches as data"
-                    )
                 x = batch.x.to(ctx.device)
                 y = batch.y.to(ctx.device)
                 if self.calibrate_bn:
@@ -187,8 +188,9 @@ class SynFlowScorer(Scorer):
 
     Computed in float64. If that overflows or underflows (very deep nets), it is recomputed with
     per-layer power-of-two rescaling of the activations (see synflow_scores); a warning is
-    logged. Scores are returned in float64, divided by their global maximum (a common factor:
-    the ranking is unchanged) so that they stay in range for any later cast.
+    logged and diagnostics["rescaled"] is set. Scores are returned in float64, divided by their
+    global maximum (a common factor: the ranking is unchanged) so that they stay in range for
+    any later cast.
     The sample shape comes from the first batch's x (only its shape is used) or `input_shape`.
     """
 
@@ -203,7 +205,8 @@ class SynFlowScorer(Scorer):
             if not input_shape or min(input_shape) < 1:
                 raise ValueError(f"input_shape must be a non-empty sequence of positive sizes, got {input_shape!r}")
         self.input_shape = input_shape
-        self.rescaled = False  # whether the last call needed the rescaled computation
+        # run diagnostics, kept out of the scalar attributes (the engine fingerprints those)
+        self.diagnostics = {"rescaled": False}
 
     def __repr__(self) -> str:
         return f"SynFlowScorer(input_shape={self.input_shape!r})"
@@ -227,13 +230,15 @@ class SynFlowScorer(Scorer):
     def score(self, ctx: ScoreContext, batches: Sequence[Batch] = ()) -> List[torch.Tensor]:
         shape = self._sample_shape(batches)
         scores, r = synflow_scores(ctx, shape, rescale=False)
-        self.rescaled = not self._usable(scores, r)
-        if self.rescaled:
-            logger.warning(
+        rescaled = not self._usable(scores, r)
+        if rescaled:
+            log = logger.debug if self.diagnostics["rescaled"] else logger.warning  # warn once
+            log(
                 "synflow: float64 R = %s is out of range in round %d; recomputing with per-layer "
                 "rescaling (approximate ranking for non-chain networks)", float(r), ctx.round,
             )
             scores, r = synflow_scores(ctx, shape, rescale=True)
+        self.diagnostics["rescaled"] = rescaled
         check_finite(scores, ctx, self.name)
         if scores:
             peak = torch.stack([s.amax() if s.numel() else s.new_zeros(()) for s in scores]).amax()
