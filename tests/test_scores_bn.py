@@ -133,3 +133,22 @@ def test_calibration_names_missing_buffer():
     del ctx.buffers["bn2.running_var"]
     with pytest.raises(KeyError, match="bn2.running_var"):
         calibrate_batchnorm(ctx, x_batch())
+
+
+def test_syncbatchnorm_calibrates_with_local_statistics(monkeypatch):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.SyncBatchNorm(3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 6 * 6, 2))
+    ctx = make_ctx(model)
+
+    def no_sync(self, x):  # stands in for the cross-process path
+        raise AssertionError("SyncBatchNorm.forward must not run during calibration")
+
+    monkeypatch.setattr(nn.SyncBatchNorm, "forward", no_sync)
+    x = x_batch()
+    assert calibrate_batchnorm(ctx, x) == 1
+    h = F.conv2d(x, ctx.params["0.weight"], ctx.params["0.bias"])
+    torch.testing.assert_close(ctx.buffers["1.running_mean"], h.mean((0, 2, 3)), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ctx.buffers["1.running_var"], h.var((0, 2, 3)), rtol=1e-5, atol=1e-6)
+    assert "forward" not in vars(model[1])  # the class's forward is back in charge
+    with pytest.raises(AssertionError, match="must not run"):
+        model[1](h)

@@ -136,3 +136,8 @@ def test_factory_methods_options_and_errors():
     for bad in ({"mu1": -1.0}, {"mu2": float("nan")}, {"eps": 0.0}, {"probes": 0}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             make_scorer("widetopo", **bad)
+
+
+def test_factory_rejects_non_string_method():
+    with pytest.raises(TypeError, match="method must be a string"):
+        make_scorer(["widetopo"])

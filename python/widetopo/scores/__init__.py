@@ -35,7 +35,9 @@ SCORERS: Dict[str, Type[Scorer]] = {
 
 
 def _lookup(method: str) -> Type[Scorer]:
-    key = method.lower() if isinstance(method, str) else method
+    if not isinstance(method, str):
+        raise TypeError(f"method must be a string, one of {', '.join(SCORERS)}; got {type(method).__name__}")
+    key = method.lower()
     if key not in SCORERS:
         raise ValueError(f"unknown method {method!r}; allowed: {', '.join(SCORERS)}")
     return SCORERS[key]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import types
 from typing import Dict, Iterator, List, Tuple
 
 import torch
@@ -59,8 +60,9 @@ def calibrate_batchnorm(ctx, x: torch.Tensor) -> int:
     num_batches_tracked <- 0 in ctx.buffers, momentum <- 1, then one forward of
     f(x; ctx.params) with those modules in train mode (every other module in eval mode, so
     dropout draws nothing), without gradients. Afterwards running_mean / running_var hold this
-    batch's mean and unbiased variance. Module flags and momenta are restored as found, also on
-    error; the model's own buffers are never written (functional_call swaps in ctx.buffers).
+    batch's mean and unbiased variance. SyncBatchNorm modules compute local statistics here (no
+    cross-process reduction). Module flags and momenta are restored as found, also on error;
+    the model's own buffers are never written (functional_call swaps in ctx.buffers).
 
     Returns the number of calibrated modules (no forward is run when it is 0).
     """
@@ -89,13 +91,20 @@ def calibrate_batchnorm(ctx, x: torch.Tensor) -> int:
             nbt.zero_()
 
     saved = [(m, m.momentum) for _, m in targets]
+    synced = [m for _, m in targets if isinstance(m, nn.SyncBatchNorm) and "forward" not in vars(m)]
     with eval_mode(model):
         try:
             for _, module in targets:
                 module.momentum = 1.0
                 module.train()
+            for module in synced:
+                # local statistics: a SyncBatchNorm would all-reduce them across processes, which
+                # hangs when ranks score different numbers of batches and mixes their data
+                module.forward = types.MethodType(_BatchNorm.forward, module)
             ctx.forward(ctx.params, x, buffers)
         finally:
             for module, momentum in saved:
                 module.momentum = momentum
+            for module in synced:
+                vars(module).pop("forward", None)
     return len(targets)
