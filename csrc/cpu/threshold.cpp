@@ -2,12 +2,16 @@
 // tensors and write the bool masks in place.
 //
 // Selection is a most-significant-digit-first radix select on order-preserving integer keys
-// of the floats (widetopo/radix.h): every pass builds a histogram (11-bit digits, per-task
-// histograms merged) of the keys that match the digits fixed so far, and the bin holding the
-// keep-th largest key fixes the next digit. After the last pass the prefix is the key of the
-// cut value `c` and `r` = keep - #(key > c) is the number of ties (key == c) still to keep.
-// The finite check is fused into the first pass. Extra memory: the histograms and one counter
-// per block of kBlock elements; no concatenated copy, no sort.
+// of the floats (widetopo/radix.h): every pass builds a histogram (11-bit digits, per-thread
+// histograms summed in thread order) of the keys that match the digits fixed so far, and the
+// bin holding the keep-th largest key fixes the next digit. The finite check is fused into the
+// first pass. As soon as at most kGatherLimit keys match the prefix, one final pass writes
+// every decided mask entry and gathers the few undecided (key, flat index) pairs, which are
+// sorted in memory. Otherwise, after the last digit the prefix is the cut key `c` and
+// r = keep - #(key > c) ties (key == c) are kept. Extra memory: the histograms, at most
+// kGatherLimit candidates and one counter per block of kBlock elements - all allocated as
+// torch tensors so memory profilers see them; no concatenated copy, no sort of the scores.
+// Non-contiguous score tensors are read through contiguous copies.
 //
 // Ties at the cut ("exact" mode) go to the entries first in (tensor index, row-major flat
 // index) order: ties are counted per fixed block of the flat index space, prefix-summed, and
@@ -17,6 +21,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <limits>
 #include <mutex>
@@ -41,19 +47,23 @@ struct KeyList {
 };
 
 // Histogram of the digit [shift, shift + width) of the keys that agree with `prefix` on every
-// bit at or above `fixed_shift`. When `check_finite`, also returns the smallest index of a
-// tensor holding a non-finite value (or -1).
+// bit at or above `fixed_shift`. Per-thread histograms live in one scratch tensor allocated
+// here (visible to the memory profiler) and are summed in thread order. When `check_finite`,
+// also reports the smallest index of a tensor holding a non-finite value (or -1).
 template <typename U>
 std::vector<int64_t> histogram_pass(const KeyList<U>& keys, U prefix, int fixed_shift, int shift,
                                     int width, bool check_finite, U exponent_mask,
                                     int64_t* first_bad) {
   const int64_t bins = int64_t(1) << width;
-  std::vector<int64_t> hist(bins, 0);
-  int64_t bad = -1;
-  std::mutex mu;
+  const int nthreads = std::max(1, at::get_num_threads());
+  at::Tensor scratch = at::zeros({nthreads, bins + 1}, at::TensorOptions().dtype(at::kLong));
+  int64_t* sp = scratch.mutable_data_ptr<int64_t>();
+  for (int t = 0; t < nthreads; ++t) sp[t * (bins + 1) + bins] = -1;  // first bad tensor
+  constexpr int W = int(sizeof(U) * 8);
   at::parallel_for(0, keys.index.total(), kHistGrain, [&](int64_t begin, int64_t end) {
-    std::vector<int64_t> local(bins, 0);
-    int64_t local_bad = -1;
+    const int tid = std::min(at::get_thread_num(), nthreads - 1);
+    int64_t* local = sp + tid * (bins + 1);
+    int64_t local_bad = local[bins];
     keys.index.for_segments(begin, end, [&](size_t j, int64_t lo, int64_t hi) {
       const U* p = keys.data[j];
       if (check_finite) {
@@ -63,19 +73,24 @@ std::vector<int64_t> histogram_pass(const KeyList<U>& keys, U prefix, int fixed_
           all_finite &= core::bits_finite<U>(bits, exponent_mask);
           ++local[core::key_digit<U>(core::order_key<U>(bits), shift, width)];
         }
-        if (!all_finite && local_bad < 0) local_bad = static_cast<int64_t>(j);
+        if (!all_finite && (local_bad < 0 || int64_t(j) < local_bad)) local_bad = int64_t(j);
       } else {
-        const U hi_prefix = fixed_shift >= int(sizeof(U) * 8) ? U(0) : U(prefix >> fixed_shift);
+        const U hi_prefix = fixed_shift >= W ? U(0) : U(prefix >> fixed_shift);
         for (int64_t e = lo; e < hi; ++e) {
           const U key = core::order_key<U>(p[e]);
           if (U(key >> fixed_shift) == hi_prefix) ++local[core::key_digit<U>(key, shift, width)];
         }
       }
     });
-    std::lock_guard<std::mutex> g(mu);
-    for (int64_t b = 0; b < bins; ++b) hist[b] += local[b];
-    if (local_bad >= 0 && (bad < 0 || local_bad < bad)) bad = local_bad;
+    local[bins] = local_bad;
   });
+  std::vector<int64_t> hist(bins, 0);
+  int64_t bad = -1;
+  for (int t = 0; t < nthreads; ++t) {
+    const int64_t* local = sp + t * (bins + 1);
+    for (int64_t b = 0; b < bins; ++b) hist[b] += local[b];
+    if (local[bins] >= 0 && (bad < 0 || local[bins] < bad)) bad = local[bins];
+  }
   if (first_bad) *first_bad = bad;
   return hist;
 }
@@ -97,6 +112,59 @@ double key_to_double(U key, at::ScalarType st) {
   }
 }
 
+// Once at most kGatherLimit keys match the prefix, one pass finishes the job: keys above the
+// prefix range are kept, keys below are pruned, and the matching keys ("candidates") are
+// gathered as (key, flat index) pairs, sorted by key descending then index ascending, and the
+// first `remaining` of them are kept ("exact"; "official" keeps those above the cut).
+constexpr int64_t kGatherLimit = 1 << 14;
+
+template <typename U>
+U finish_by_gather(const KeyList<U>& keys, const std::vector<bool*>& masks, U prefix,
+                   int fixed_shift, int64_t candidates, int64_t remaining, bool exact) {
+  constexpr int W = int(sizeof(U) * 8);
+  const int64_t N = keys.index.total();
+  const U hi_prefix = fixed_shift >= W ? U(0) : U(prefix >> fixed_shift);
+  at::Tensor gathered = at::empty({std::max<int64_t>(candidates, 1), 2}, at::TensorOptions().dtype(at::kLong));
+  int64_t* gp = gathered.mutable_data_ptr<int64_t>();
+  std::atomic<int64_t> slot{0};
+  const int64_t nblocks = (N + kBlock - 1) / kBlock;
+  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+    keys.index.for_segments(b0 * kBlock, std::min(N, b1 * kBlock), [&](size_t j, int64_t lo, int64_t hi) {
+      const U* p = keys.data[j];
+      bool* m = masks[j];
+      const int64_t base = keys.index.offsets[j];
+      for (int64_t e = lo; e < hi; ++e) {
+        const U key = core::order_key<U>(p[e]);
+        const U top = fixed_shift >= W ? U(0) : U(key >> fixed_shift);
+        m[e] = top > hi_prefix;
+        if (top == hi_prefix) {
+          const int64_t s = slot.fetch_add(1, std::memory_order_relaxed);
+          gp[2 * s] = static_cast<int64_t>(key);
+          gp[2 * s + 1] = base + e;
+        }
+      }
+    });
+  });
+  TORCH_INTERNAL_ASSERT(slot.load() == candidates, "global_threshold: candidate count changed");
+  struct Cand {
+    int64_t key, index;
+  };
+  Cand* c = reinterpret_cast<Cand*>(gp);
+  // Keys are stored as int64 from an unsigned U; compare them as U.
+  std::sort(c, c + candidates, [](const Cand& a, const Cand& b) {
+    const U ka = static_cast<U>(a.key), kb = static_cast<U>(b.key);
+    return ka != kb ? ka > kb : a.index < b.index;
+  });
+  const U cut = static_cast<U>(c[remaining - 1].key);
+  for (int64_t x = 0; x < candidates; ++x) {
+    const int64_t g = c[x].index;
+    const size_t j = std::upper_bound(keys.index.offsets.begin(), keys.index.offsets.end(), g) -
+                     keys.index.offsets.begin() - 1;
+    masks[j][g - keys.index.offsets[j]] = exact ? (x < remaining) : (static_cast<U>(c[x].key) > cut);
+  }
+  return cut;
+}
+
 // Returns the cut value; writes every mask.
 template <typename U>
 double threshold_impl(const std::vector<at::Tensor>& scores, const std::vector<bool*>& masks,
@@ -111,18 +179,19 @@ double threshold_impl(const std::vector<at::Tensor>& scores, const std::vector<b
   const int64_t N = keys.index.total();
   constexpr int W = int(sizeof(U) * 8);
 
-  // Pass 1..P: fix the digits of the keep-th largest key. `remaining` is its rank from the
-  // top among the keys matching the prefix.
+  // Passes: fix the digits of the keep-th largest key. `remaining` is its rank from the top
+  // among the keys matching the prefix, `matching` how many keys match the prefix.
   U prefix = 0;
   int64_t remaining = keep;
-  int64_t ties_total = 0;
+  int64_t matching = N;
+  int fixed_shift = W;
   const int passes = core::radix_passes(W, kDigitBits);
   const bool select = keep > 0;
   for (int p = 0; p < passes; ++p) {
     int width = 0;
     const int shift = core::radix_pass_shift(W, kDigitBits, p, &width);
     int64_t bad = -1;
-    auto hist = histogram_pass<U>(keys, prefix, shift + width, shift, width, p == 0,
+    auto hist = histogram_pass<U>(keys, prefix, fixed_shift, shift, width, p == 0,
                                   exponent_mask, &bad);
     if (p == 0) {
       TORCH_CHECK(bad < 0, "widetopo::global_threshold: scores[", bad,
@@ -135,7 +204,9 @@ double threshold_impl(const std::vector<at::Tensor>& scores, const std::vector<b
       remaining -= hist[b];
     }
     prefix = U(prefix | (U(b) << shift));
-    ties_total = hist[b];
+    matching = hist[b];
+    fixed_shift = shift;
+    if (matching <= kGatherLimit) break;
   }
 
   if (!select) {
@@ -144,8 +215,15 @@ double threshold_impl(const std::vector<at::Tensor>& scores, const std::vector<b
     });
     return std::numeric_limits<double>::infinity();
   }
+  if (matching <= kGatherLimit) {
+    const U cut = finish_by_gather<U>(keys, masks, prefix, fixed_shift, matching, remaining, exact);
+    return key_to_double<U>(cut, st);
+  }
+
+  // Every digit is fixed: the prefix is the cut key and `remaining` ties (key == cut) are kept.
   const U cut = prefix;
-  const int64_t r = remaining;  // ties to keep, 1 <= r <= ties_total
+  const int64_t r = remaining;  // 1 <= r <= matching
+  const int64_t ties_total = matching;
   const int64_t nblocks = (N + kBlock - 1) / kBlock;
 
   if (!exact || r == ties_total) {
@@ -167,7 +245,8 @@ double threshold_impl(const std::vector<at::Tensor>& scores, const std::vector<b
   } else {
     // Ties per block, exclusive prefix sum, then each block keeps ties while the running
     // count is below r.
-    std::vector<int64_t> before(nblocks + 1, 0);
+    at::Tensor before_t = at::zeros({nblocks + 1}, at::TensorOptions().dtype(at::kLong));
+    int64_t* before = before_t.mutable_data_ptr<int64_t>();
     at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         int64_t c = 0;
