@@ -130,6 +130,8 @@ WRAPPER_CASES = [
     # mask_stats
     ("ms-dtype", "mask_stats", lambda g: ([g["m"][0], g["s"][1]],), TypeError, r"masks\[1\].*bool"),
     ("ms-single", "mask_stats", lambda g: (g["m"][0],), TypeError, r"masks must be a list"),
+    ("ms-mapping", "mask_stats", lambda g: ({"w": g["m"][0]},), TypeError, r"masks.*mapping.*values\(\)"),
+    ("ms-string", "mask_stats", lambda g: ("w",), TypeError, r"masks must be a list"),
 ]
 
 

@@ -14,7 +14,8 @@ without calling the op (the dispatcher cannot pick a device for an empty list).
 import math
 import numbers
 import operator
-from typing import Iterable, List, Optional, Sequence
+from collections.abc import Iterable, Mapping
+from typing import List, Optional, Sequence
 
 import torch
 
@@ -45,7 +46,10 @@ def _tensor_list(name: str, value, optional: bool = False) -> List[torch.Tensor]
         raise TypeError(f"{name} must be a list of tensors, got None")
     if isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a list of tensors (one per parameter), not a single Tensor; wrap it as [t]")
-    if isinstance(value, (str, bytes, dict)) or not isinstance(value, Iterable):
+    if isinstance(value, Mapping):
+        raise TypeError(f"{name} must be a list of tensors, got a mapping ({type(value).__name__}); "
+                        f"pass list(mapping.values()) in the order of the partner list")
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
         raise TypeError(f"{name} must be a list of tensors, got {type(value).__name__}")
     items = list(value)
     for j, t in enumerate(items):
@@ -183,7 +187,7 @@ def restoration_scores(masks, noise, noise_scale: float = 1e-5) -> List[torch.Te
     if noise is None:
         raise TypeError("noise must be a list with one float32 (O, I) tensor per rank >= 2 mask "
                         "(None allowed only as an entry for rank < 2 masks)")
-    if isinstance(noise, torch.Tensor) or isinstance(noise, (str, bytes, dict)) or not isinstance(noise, Iterable):
+    if isinstance(noise, (torch.Tensor, str, bytes, Mapping)) or not isinstance(noise, Iterable):
         raise TypeError(f"noise must be a list of tensors, got {type(noise).__name__}")
     noise = list(noise)
     _check_length("noise", noise, "masks", masks)
