@@ -339,3 +339,35 @@ def test_wrappers_accept_tuples_and_generators(gen):
     expected = [torch.where(m, x, 0.0) for x, m in zip(t, masks)]
     W.apply_masks_((x for x in t), tuple(masks))
     assert all(torch.equal(x, e) for x, e in zip(t, expected))
+
+
+@pytest.mark.needs_kernel("density_decay_", "restoration_scores", "accumulate_score_", "apply_masks_", "mask_stats",
+                          "masked_sq_norm")
+def test_large_tensors_parallel_paths(gen):
+    # Big enough for several parallel tasks per tensor (rows split across tasks, per-task
+    # in-degree partials merged), plus a strided view of a big tensor.
+    shapes = [(96, 64, 3, 3), (700, 300), (50_000,)]
+    masks = rand_masks(shapes, gen, 0.3)
+    masks[1][:, 7] = False  # a dead input unit
+    masks[1][11] = False    # a dead output unit
+    scores = rand_tensors(shapes, torch.float32, gen)
+    ref = [s.clone() for s in scores]
+    W.density_decay_(scores, masks, 0.35)
+    R.density_decay_(ref, masks, 0.35)
+    for s, r in zip(scores, ref):
+        torch.testing.assert_close(s, r, **TOL[torch.float32])
+    noise = [torch.randn(m.shape[:2], generator=gen) if m.dim() >= 2 else None for m in masks]
+    for o, r in zip(W.restoration_scores(masks, noise), R.restoration_scores(masks, noise)):
+        torch.testing.assert_close(o, r, rtol=2e-6, atol=2e-7)
+    assert torch.equal(W.mask_stats(masks), R.mask_stats(masks))
+    a = rand_tensors(shapes, torch.float32, gen)
+    W.accumulate_score_(scores, a, None, masks)
+    R.accumulate_score_(ref, a, None, masks)
+    for s, r in zip(scores, ref):
+        torch.testing.assert_close(s, r, **TOL[torch.float32])
+    torch.testing.assert_close(W.masked_sq_norm(a, masks), R.masked_sq_norm(a, masks))
+    big = torch.randn(400, 600, generator=gen)
+    view, mv = big.t()[::2], torch.rand(300, 400, generator=gen) < 0.5
+    expected = torch.where(mv, view, 0.0)
+    W.apply_masks_([view], [mv])
+    assert torch.equal(big.t()[::2], expected)

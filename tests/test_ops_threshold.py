@@ -144,6 +144,13 @@ def test_large_tensor_parallel_paths(gen):
     for keep in (12_345, 100_001):
         check_against_reference(scores, keep)
         check_against_reference(scores, keep, "official")
+    # ~250 tensors of ~1000 ties-heavy scores: tensor boundaries inside parallel tasks/blocks.
+    sizes = torch.randint(500, 1500, (250,), generator=gen).tolist()
+    scores = [torch.randint(0, 50, (n,), generator=gen).to(torch.bfloat16) for n in sizes]
+    n = sum(sizes)
+    for keep in (n // 3, n - 777):
+        check_against_reference(scores, keep)
+        check_against_reference(scores, keep, "official")
 
 
 @needs_op
