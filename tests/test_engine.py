@@ -79,8 +79,8 @@ def _ref_decay(s, m, exponent):
     return (s.double().reshape(o, i, -1) * f).reshape(s.shape)
 
 
-def reference_run(model, density, seed, T, R, J, Tp, gamma=5.0, decay=True, scale=1e-5):
-    names = [n for n, p in model.named_parameters() if n.endswith("weight") and p.dim() >= 2]
+def reference_run(model, density, seed, T, R, J, Tp, gamma=5.0, decay=True, scale=1e-5, norm=False):
+    names = [n for n, p in model.named_parameters() if n.endswith("weight") and (norm or p.dim() >= 2)]
     theta0 = [dict(model.named_parameters())[n].detach().clone() for n in names]
     theta = [t.clone() for t in theta0]
     masks = [torch.ones(t.shape, dtype=torch.bool) for t in theta]
@@ -112,6 +112,9 @@ def reference_run(model, density, seed, T, R, J, Tp, gamma=5.0, decay=True, scal
             gen = make_generator(seed, -(r + 1), j, "cpu", RESTORE_STREAM)
             scores = []
             for m in masks:
+                if m.dim() < 2:
+                    scores.append(torch.where(m, 2.0, 1.0))
+                    continue
                 o, i = m.shape[0], m.shape[1]
                 noise = torch.randn((o, i), generator=gen)
                 mm = m.reshape(o, i, -1).double()
@@ -136,15 +139,16 @@ def reference_run(model, density, seed, T, R, J, Tp, gamma=5.0, decay=True, scal
     return dict(zip(names, masks)), counts
 
 
-@pytest.mark.parametrize("decay", [True, False])
-def test_full_run_matches_reference(decay):
+@pytest.mark.parametrize("decay, norm", [(True, False), (False, False), (True, True)])
+def test_full_run_matches_reference(decay, norm):
     model = tiny_cnn()
     log = []
+    names = ["0.weight", "1.weight", "4.weight"] if norm else None  # with the BatchNorm weight (rank 1)
     masks = Pruner(
-        model, RandScorer(decay=decay, log=log), 0.05, rounds=4, restorations=2, restore_steps=3,
+        model, RandScorer(decay=decay, log=log), 0.05, names, rounds=4, restorations=2, restore_steps=3,
         restore_rounds=3, seed=7, verbose=False,
     ).run(batches())
-    expected, counts = reference_run(model, 0.05, 7, 4, 2, 3, 3, decay=decay)
+    expected, counts = reference_run(model, 0.05, 7, 4, 2, 3, 3, decay=decay, norm=norm)
     assert list(masks) == list(expected)
     for name in expected:
         assert torch.equal(masks[name], expected[name]), name
@@ -317,3 +321,23 @@ def test_magnitude_end_to_end_keeps_largest():
     assert int(got.sum()) == keep
     assert torch.equal(got, w >= cut)
     assert m.meta["method"] == "magnitude" and m.meta["preset"] == "magnitude"
+
+
+def test_prune_with_norm_and_bias_selection():
+    model = tiny_cnn()
+    m = widetopo.prune(model, batches(), 0.2, method=RandScorer(), include_norm=True, include_bias=True,
+                       rounds=2, verbose=False)
+    assert list(m) == ["0.weight", "0.bias", "1.weight", "1.bias", "4.weight", "4.bias"]
+    n = 72 + 4 + 4 + 4 + 192 + 3
+    assert m.kept == int(math.floor(0.2 * n + 0.5))
+    assert "include_norm" in m.meta["selection"]
+
+
+def test_logs_collapsed_layers(caplog):
+    # official counting over all 279 parameters at d = 0.05 prunes all 264 prunable weights
+    with caplog.at_level("INFO", logger="widetopo.engine"):
+        m = widetopo.prune(tiny_cnn(), batches(), 0.05, method=RandScorer(), count="official", verbose=False)
+    assert m.kept == 0
+    assert any("no weights kept in 2 prunable tensor(s): 0.weight, 4.weight" in r.getMessage()
+               for r in caplog.records if r.levelname == "WARNING")
+    assert any("pruning done" in r.getMessage() for r in caplog.records)
