@@ -89,6 +89,30 @@ def _device(text: str) -> str:
     return str(dev)
 
 
+def _threads(text: str):
+    if text == "auto":
+        return text
+    return _int_at_least(1)(text)
+
+
+def _set_threads(choice) -> int:
+    """Apply --threads; auto -> 1 when the 1-minute load average says the cores are taken."""
+    import torch
+
+    if choice == "auto":
+        cores = os.cpu_count() or 1
+        try:
+            busy = os.getloadavg()[0] > cores - 0.5
+        except (AttributeError, OSError):  # not available on this platform
+            busy = False
+        if busy:
+            torch.set_num_threads(1)
+            logger.info("machine busy (load %.1f on %d cores): using 1 CPU thread (--threads to override)", os.getloadavg()[0], cores)
+    else:
+        torch.set_num_threads(int(choice))
+    return torch.get_num_threads()
+
+
 def _choices(names):
     def parse(text: str) -> str:
         key = text.strip().lower()
@@ -173,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     verbosity = parser.add_mutually_exclusive_group()
     verbosity.add_argument("-q", "--quiet", action="store_true", help="only results and errors; no progress bars")
     verbosity.add_argument("-v", "--verbose", action="store_true", help="debug messages and tracebacks on errors")
+    parser.add_argument("--threads", type=_threads, default="auto",
+                        help="intra-op CPU threads: a number, or auto = all cores when the machine is idle, 1 when "
+                             "it is busy (oversubscribed threads slow small models down many times); default: auto")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("prune", help="prune a freshly initialized network and write a mask file",
@@ -196,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "arguments: WideTopo-S, density 0.05, small CNN on scikit-learn digits.")
     _add_model_data(p)
     _add_prune(p)
-    _add_train(p, epochs_default=8)
+    _add_train(p, epochs_default=10)
     p.add_argument("--no-dense", action="store_true", help="skip the dense baseline")
     p.add_argument("-o", "--output", default=None, help="also write the mask file here")
 
@@ -533,6 +560,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     _setup_logging(args.quiet, args.verbose)
     try:
+        _set_threads(args.threads)
         return COMMANDS[args.command](args, args.quiet)
     except KeyboardInterrupt:
         print("widetopo: interrupted", file=sys.stderr)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
 from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 
@@ -280,6 +281,9 @@ def fit(model: nn.Module, train_loader, test_loader=None, *, epochs: int = 10, l
         raise ValueError(f"mask_mode must be 'enforcer' or 'prune', got {mask_mode!r}")
     if not lr > 0:
         raise ValueError(f"lr must be > 0, got {lr}")
+    # like the engine's bar: only on a terminal (logs written to files stay clean); without a
+    # bar, one INFO line per epoch instead
+    progress = bool(progress) and sys.stderr.isatty()
     model.to(device)
     enforcer = None
     if masks is not None and mask_mode == "prune":
@@ -297,7 +301,7 @@ def fit(model: nn.Module, train_loader, test_loader=None, *, epochs: int = 10, l
             if test_loader is not None:
                 row.update({f"test_{k}": v for k, v in evaluate(model, test_loader, device).items()})
             history.append(row)
-            logger.info("%sepoch %d/%d: train loss %.4f acc %.4f%s", f"{desc}: " if desc else "", epoch + 1, epochs,
+            logger.log(logging.DEBUG if progress else logging.INFO, "%sepoch %d/%d: train loss %.4f acc %.4f%s", f"{desc}: " if desc else "", epoch + 1, epochs,
                         row["train_loss"], row["train_accuracy"],
                         f", test acc {row['test_accuracy']:.4f}" if "test_accuracy" in row else "")
             if progress and hasattr(epoch_iter, "set_postfix"):
