@@ -99,6 +99,16 @@ def _check_device(named_lists) -> Optional[torch.device]:
     return device
 
 
+def _check_writable(name: str, items: Sequence[torch.Tensor]) -> None:
+    """Tensors written in place must not have several elements sharing one memory location
+    (e.g. from expand()): the result would be ill-defined, and the kernels would fail only
+    after having written the earlier tensors of the list."""
+    for j, t in enumerate(items):
+        if torch._debug_has_internal_overlap(t) == 1:
+            raise ValueError(f"{name}[{j}] is written in place but several of its elements share one memory "
+                             f"location (e.g. a view from expand()); pass a tensor with distinct elements (.clone())")
+
+
 def _check_real(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
@@ -142,6 +152,7 @@ def global_threshold(scores, masks, keep: int, mode: str = "exact") -> torch.Ten
     masks = _masks_for("masks", masks, "scores", scores)
     _check_float("scores", scores, scores[0].dtype if scores else None)
     _check_device([("scores", scores), ("masks", masks)])
+    _check_writable("masks", masks)
     if isinstance(keep, bool):
         raise TypeError("keep must be an int, got bool")
     try:
@@ -168,6 +179,7 @@ def density_decay_(scores, masks, exponent: float) -> None:
     masks = _masks_for("masks", masks, "scores", scores)
     _check_float("scores", scores, scores[0].dtype if scores else None)
     _check_device([("scores", scores), ("masks", masks)])
+    _check_writable("scores", scores)
     exponent = _check_real("exponent", exponent)
     if not scores:
         return None
@@ -236,6 +248,7 @@ def accumulate_score_(scores, a, b=None, masks=None, absolute: bool = True) -> N
     _check_float("a", a, dtype)
     _check_float("b", b, dtype)
     _check_device([("scores", scores), ("a", a), ("b", b), ("masks", masks)])
+    _check_writable("scores", scores)
     absolute = _check_flag("absolute", absolute)
     if not scores:
         return None
@@ -269,6 +282,7 @@ def apply_masks_(tensors, masks) -> None:
         if t.is_complex() or t.is_quantized:
             raise TypeError(f"tensors[{j}] has dtype {t.dtype}; allowed: real floating, integer or bool dtypes")
     _check_device([("tensors", tensors), ("masks", masks)])
+    _check_writable("tensors", tensors)
     if not tensors:
         return None
     with torch.no_grad():
