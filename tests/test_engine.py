@@ -341,3 +341,38 @@ def test_logs_collapsed_layers(caplog):
     assert any("no weights kept in 2 prunable tensor(s): 0.weight, 4.weight" in r.getMessage()
                for r in caplog.records if r.levelname == "WARNING")
     assert any("pruning done" in r.getMessage() for r in caplog.records)
+
+
+class _FakeTTY:
+    def __init__(self):
+        self.text = []
+
+    def write(self, s):
+        self.text.append(s)
+
+    def flush(self):
+        pass
+
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("verbose", [True, False])
+def test_progress_bar_only_on_a_tty_when_verbose(monkeypatch, verbose):
+    import sys
+
+    tty = _FakeTTY()
+    monkeypatch.setattr(sys, "stderr", tty)
+    widetopo.prune(tiny_cnn(), batches(), 0.1, method=RandScorer(), rounds=2, restorations=1, restore_steps=2,
+                   restore_rounds=2, verbose=verbose)
+    text = "".join(tty.text)
+    if verbose:
+        assert "phase=restore0" in text and "phase=prune1" in text and "density=" in text
+        assert "s_per_round=" in text and "s_per_step=" in text
+    else:
+        assert text == ""
+
+
+def test_no_progress_bar_without_a_tty(capsys):
+    widetopo.prune(tiny_cnn(), batches(), 0.1, method=RandScorer(), rounds=2, verbose=True)
+    assert capsys.readouterr().err == ""  # pytest's captured stderr is not a TTY
