@@ -65,3 +65,12 @@ def test_fake_impls_give_contract_outputs():
     assert torch.ops.widetopo.density_decay_(scores, masks, 1.0) is None
     assert torch.ops.widetopo.apply_masks_(scores, masks) is None
     assert torch.ops.widetopo.accumulate_score_(scores, scores, [], [], True) is None
+
+
+def test_reference_has_the_wrapper_signatures():
+    import inspect
+
+    for name in OP_NAMES + ["apply_masks_to_grads_"]:
+        wrapper, ref = inspect.signature(getattr(W, name)), inspect.signature(getattr(W.reference, name))
+        assert [(p.name, p.default) for p in wrapper.parameters.values()] == \
+               [(p.name, p.default) for p in ref.parameters.values()], name
