@@ -154,6 +154,33 @@ def test_large_tensor_parallel_paths(gen):
 
 
 @needs_op
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_huge_tie_group_at_the_cut(dtype, gen):
+    # Pruned weights all score 0: far more ties at the cut than any small candidate buffer,
+    # so the select must fix every digit and split the tie group across blocks by position.
+    shapes = [(30_000,), (120, 250), (70, 10, 3, 3), (9_000,)]
+    scores = [torch.randn(s, generator=gen).abs().add_(0.5).to(dtype) for s in shapes]
+    for s in scores:
+        s.view(-1)[torch.rand(s.numel(), generator=gen) < 0.7] = 0.0
+    zeros = sum(int((s == 0).sum()) for s in scores)
+    n = sum(s.numel() for s in scores)
+    assert zeros > 50_000
+    for keep in (n - zeros + 1, n - zeros + zeros // 2 + 3, n, n - zeros):
+        check_against_reference(scores, keep)
+        check_against_reference(scores, keep, "official")
+
+
+@needs_op
+def test_float32_several_radix_passes(gen):
+    # 43k float32 scores in [1, 1.25) share their top digit (sign, exponent, 2 mantissa bits),
+    # so the select needs further passes before the candidates are few.
+    scores = [torch.rand(25_000, generator=gen) * 0.25 + 1, torch.rand(60, 300, generator=gen) * 0.25 + 1]
+    for keep in (1, 17_777, 42_999):
+        check_against_reference(scores, keep)
+        check_against_reference(scores, keep, "official")
+
+
+@needs_op
 def test_extreme_finite_values():
     for dtype in DTYPES:
         fi = torch.finfo(dtype)
