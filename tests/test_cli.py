@@ -138,6 +138,15 @@ def test_runtime_errors_exit_1_with_message(tmp_path, capsys):
     assert "cifar" in err.lower() and "Traceback" not in err
 
 
+def test_bench_quick(capsys):
+    assert main(["-q", "bench", "--repeat", "1", "--samples", "16", "--prune-batch-size", "8", "--ops-model", "cnn",
+                 "--max-train-samples", "64"]) == 0
+    out = capsys.readouterr().out
+    for op in ("apply_masks_", "mask_stats", "global_threshold", "density_decay_", "masked_sq_norm"):
+        assert op in out
+    assert "one WideTopo scoring round" in out and "plain forward+backward" in out
+
+
 def test_help_exits_0(capsys):
     assert main(["--help"]) == 0
     assert "prune" in capsys.readouterr().out
