@@ -26,6 +26,7 @@ void accumulate_score_cpu(at::TensorList scores, at::TensorList a, at::TensorLis
   if (has_m) check_same_length(scores, masks, op, "scores", "masks (or an empty list)");
   for (size_t j = 0; j < scores.size(); ++j) {
     check_cpu(scores[j], op, "scores", j);
+    check_writable(scores[j], op, "scores", j);
     check_score_dtype(scores[j], op, "scores", j);
     check_cpu(a[j], op, "a", j);
     check_score_dtype(a[j], op, "a", j);

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <c10/util/irange.h>
 
@@ -56,6 +57,14 @@ inline void check_same_shape(const at::Tensor& t, const at::Tensor& partner, con
   TORCH_CHECK(t.sizes() == partner.sizes(), "widetopo::", op, ": ", name, "[", j, "] has shape ",
               t.sizes(), " but ", partner_name, "[", j, "] has shape ", partner.sizes(),
               "; they must be equal");
+}
+
+// An in-place output must not have internally overlapping memory (e.g. from expand()): the
+// result would depend on write order, and copying a working copy back would fail half-way.
+inline void check_writable(const at::Tensor& t, const char* op, const char* name, size_t j) {
+  TORCH_CHECK(at::has_internal_overlap(t) != at::MemOverlap::Yes, "widetopo::", op, ": ", name, "[", j,
+              "] is written in place but has internally overlapping memory (e.g. from expand()); ",
+              "pass a tensor that owns its elements (e.g. .clone())");
 }
 
 // (O, I, K) of a rank >= 2 tensor: dim 0 = output units, dim 1 = input units, rest = kernel.

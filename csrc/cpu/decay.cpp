@@ -8,6 +8,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
 #include <vector>
 
 #include "common.h"
@@ -24,6 +26,7 @@ void density_decay_cpu(at::TensorList scores, at::TensorList masks, double expon
               exponent);
   for (size_t j = 0; j < scores.size(); ++j) {
     check_cpu(scores[j], op, "scores", j);
+    check_writable(scores[j], op, "scores", j);
     check_score_dtype(scores[j], op, "scores", j);
     check_mask(masks[j], scores[j], op, "masks", "scores", j);
   }
@@ -34,14 +37,26 @@ void density_decay_cpu(at::TensorList scores, at::TensorList masks, double expon
     const bool* mp = m.const_data_ptr<bool>();
     std::vector<int64_t> out_deg(d.O), in_deg(d.I);
     unit_degrees(mp, d, out_deg.data(), in_deg.data());
+    // For a kept entry out_deg[o], in_deg[i] >= 1, so the factor splits into per-unit parts:
+    // one pow per unit instead of one per element (core::decay_unit_factor).
+    std::vector<double> out_f(d.O), in_f(d.I);
+    for (int64_t o = 0; o < d.O; ++o) out_f[o] = core::decay_unit_factor(out_deg[o], exponent);
+    for (int64_t i = 0; i < d.I; ++i) in_f[i] = core::decay_unit_factor(in_deg[i], exponent);
     Writable w(scores[j]);
+    const int64_t row = d.I * d.K;
+    const int64_t grain_rows = std::max<int64_t>(1, kGrain / std::max<int64_t>(row, 1));
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.work.scalar_type(), "density_decay_", [&] {
       scalar_t* sp = w.work.mutable_data_ptr<scalar_t>();
-      at::parallel_for(0, w.work.numel(), kGrain, [&](int64_t begin, int64_t end) {
-        for (int64_t e = begin; e < end; ++e) {
-          const core::UnitIndex u = core::unit_index(e, d.I, d.K);
-          const double f = core::decay_factor(mp[e], out_deg[u.o], in_deg[u.i], exponent);
-          sp[e] = static_cast<scalar_t>(static_cast<double>(sp[e]) * f);
+      at::parallel_for(0, d.O, grain_rows, [&](int64_t o0, int64_t o1) {
+        for (int64_t o = o0; o < o1; ++o) {
+          for (int64_t i = 0; i < d.I; ++i) {
+            const double f = out_f[o] * in_f[i];
+            const int64_t base = o * row + i * d.K;
+            for (int64_t k = 0; k < d.K; ++k) {
+              const double fk = mp[base + k] ? f : 0.0;  // decay_factor(m, out_deg, in_deg, e)
+              sp[base + k] = static_cast<scalar_t>(static_cast<double>(sp[base + k]) * fk);
+            }
+          }
         }
       });
     });

@@ -29,6 +29,7 @@ void apply_masks_cpu(at::TensorList tensors, at::TensorList masks) {
   check_same_length(tensors, masks, op, "tensors", "masks");
   for (size_t j = 0; j < tensors.size(); ++j) {
     check_cpu(tensors[j], op, "tensors", j);
+    check_writable(tensors[j], op, "tensors", j);
     const auto st = tensors[j].scalar_type();
     TORCH_CHECK(!at::isComplexType(st) && tensors[j].element_size() <= 8 &&
                     !at::isQIntType(st),

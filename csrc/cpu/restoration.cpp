@@ -6,6 +6,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
 #include <vector>
 
 #include "common.h"
@@ -58,10 +60,17 @@ std::vector<at::Tensor> restoration_scores_cpu(at::TensorList masks, at::TensorL
       for (int64_t i = 0; i < d.I; ++i) in_den[i] = static_cast<float>(in_deg[i]) / ok;
       const at::Tensor nz = noise[j].contiguous();
       const float* np = nz.const_data_ptr<float>();
-      at::parallel_for(0, m.numel(), kGrain, [&](int64_t b, int64_t e) {
-        for (int64_t x = b; x < e; ++x) {
-          const core::UnitIndex u = core::unit_index(x, d.I, d.K);
-          sp[x] = core::restoration_score(mp[x], out_den[u.o], in_den[u.i], np[u.o * d.I + u.i], scale);
+      const int64_t row = d.I * d.K;
+      const int64_t grain_rows = std::max<int64_t>(1, kGrain / std::max<int64_t>(row, 1));
+      at::parallel_for(0, d.O, grain_rows, [&](int64_t o0, int64_t o1) {
+        for (int64_t o = o0; o < o1; ++o) {
+          for (int64_t i = 0; i < d.I; ++i) {
+            const float n = np[o * d.I + i];
+            const int64_t base = o * row + i * d.K;
+            for (int64_t k = 0; k < d.K; ++k) {
+              sp[base + k] = core::restoration_score(mp[base + k], out_den[o], in_den[i], n, scale);
+            }
+          }
         }
       });
     }

@@ -297,6 +297,7 @@ at::Tensor global_threshold_cpu(at::TensorList scores, at::TensorList masks, int
                 "] has dtype ", scores[j].scalar_type(), " but scores[0] has dtype ", st,
                 "; all scores of one call must share a dtype");
     check_mask(masks[j], scores[j], op, "masks", "scores", j);
+    check_writable(masks[j], op, "masks", j);
     N += scores[j].numel();
   }
   TORCH_CHECK(keep >= 0 && keep <= N, "widetopo::global_threshold: keep must be in [0, N] with N = ",

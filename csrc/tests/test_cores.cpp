@@ -215,6 +215,14 @@ void test_decay_factor() {
   CHECK_NEAR(decay_factor(true, 4, 2, 0.2), std::pow(8.0, -0.2), 1e-15);
   CHECK(decay_factor(true, 0, 5, 0.7) == 1.0);  // max(0 * 5, 1) = 1
   CHECK(decay_factor(true, 1, 1, 3.0) == 1.0);
+
+  using widetopo::core::decay_unit_factor;
+  CHECK_NEAR(decay_unit_factor(4, 0.5), 0.5, 1e-15);
+  CHECK(decay_unit_factor(0, 0.5) == 1.0);  // max(0, 1) = 1
+  CHECK(decay_unit_factor(7, 0.0) == 1.0);
+  // Kept entries: the per-unit parts multiply to the full factor.
+  CHECK_NEAR(decay_unit_factor(3, 0.3) * decay_unit_factor(5, 0.3), decay_factor(true, 3, 5, 0.3), 1e-15);
+  CHECK_NEAR(decay_unit_factor(128, 0.4) * decay_unit_factor(9, 0.4), decay_factor(true, 128, 9, 0.4), 1e-15);
 }
 
 void test_restoration() {

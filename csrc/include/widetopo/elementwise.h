@@ -81,3 +81,24 @@ WIDETOPO_HD T apply_mask(T v, bool kept) {
 
 }  // namespace core
 }  // namespace widetopo
+
+namespace widetopo {
+namespace core {
+
+// Per-unit part of the decay factor: max(deg, 1)^(-exponent). For a kept entry both degrees
+// are >= 1, so decay_factor(true, out_deg, in_deg, e) equals
+// decay_unit_factor(out_deg, e) * decay_unit_factor(in_deg, e) (up to rounding); kernels use
+// this to call pow once per unit instead of once per element.
+WIDETOPO_HD double decay_unit_factor(int64_t deg, double exponent) {
+  if (exponent == 0.0) {
+    return 1.0;
+  }
+  double d = static_cast<double>(deg);
+  if (d < 1.0) {
+    d = 1.0;
+  }
+  return pow(d, -exponent);
+}
+
+}  // namespace core
+}  // namespace widetopo
