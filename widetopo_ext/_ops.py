@@ -101,8 +101,7 @@ def _check_device(named_lists) -> Optional[torch.device]:
 
 def _check_writable(name: str, items: Sequence[torch.Tensor]) -> None:
     """Tensors written in place must not have several elements sharing one memory location
-    (e.g. from expand()): the result would be ill-defined, and the kernels would fail only
-    after having written the earlier tensors of the list."""
+    (e.g. from expand()): the result would depend on write order. (The kernels refuse it too.)"""
     for j, t in enumerate(items):
         if torch._debug_has_internal_overlap(t) == 1:
             raise ValueError(f"{name}[{j}] is written in place but several of its elements share one memory "
