@@ -179,6 +179,11 @@ def test_missing_allowed_when_not_strict(tmp_path):
     with pytest.raises(MaskMismatchError, match="missing"):
         load_masks(path, model=model)
     assert set(load_masks(path, model=model, strict=False)) == {"0.weight"}
+    # a file from a run with a custom prunable selection is not strict by default
+    save_masks(Masks({"0.weight": torch.ones(5, 3, 3, 3, dtype=torch.bool)}, meta={"selection": "{'pattern': '^0'}"}), path)
+    assert set(load_masks(path, model=model)) == {"0.weight"}
+    with pytest.raises(MaskMismatchError, match="missing"):
+        load_masks(path, model=model, strict=True)
 
 
 def test_bad_inputs_to_save(tmp_path):

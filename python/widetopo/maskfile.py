@@ -233,11 +233,13 @@ def check_masks_fit(model: nn.Module, shapes: Mapping[str, Iterable[int]], stric
         )
 
 
-def load_masks(path, model: Optional[nn.Module] = None, strict: bool = True):
+def load_masks(path, model: Optional[nn.Module] = None, strict: Optional[bool] = None):
     """Read a mask file written by save_masks and return widetopo.Masks.
 
     With `model`, every mask is checked against the model's parameters (see check_masks_fit;
     all differences are reported together) and placed on the device of its parameter.
+    strict (default: True unless the file's meta records a custom prunable "selection")
+    also requires a mask for every default-prunable parameter of the model.
     `.meta` holds the stored metadata plus "density", "package_version" and "format_version".
     """
     from widetopo.masks import Masks
@@ -259,7 +261,9 @@ def load_masks(path, model: Optional[nn.Module] = None, strict: bool = True):
         shapes[name] = shape
         tensors[name] = mask
     if model is not None:
-        check_masks_fit(model, shapes, strict=strict, source=f"masks in {os.fspath(path)!r}")
+        if strict is None:
+            strict = "selection" not in (header.get("meta") or {})
+        check_masks_fit(model, shapes, strict=bool(strict), source=f"masks in {os.fspath(path)!r}")
         params = dict(model.named_parameters())
         tensors = {n: m.to(params[n].device) for n, m in tensors.items()}
     meta = dict(header.get("meta") or {})
