@@ -145,13 +145,15 @@ def _method_names():
 
 def _add_model_data(p, required_defaults: bool = True):
     d = DEFAULTS if required_defaults else {}
+    dflt = "%(default)s" if required_defaults else "from the mask file (cnn / digits with --dense)"
     p.add_argument("--model", type=_choices(_model_names()), default=d.get("model"),
-                   help=f"network ({', '.join(_model_names())}); default: %(default)s")
+                   help=f"network ({', '.join(_model_names())}); default: {dflt}")
     p.add_argument("--dataset", type=_choices(_dataset_names()), default=d.get("dataset"),
-                   help=f"dataset ({', '.join(_dataset_names())}); default: %(default)s")
+                   help=f"dataset ({', '.join(_dataset_names())}); default: {dflt}")
     p.add_argument("--data-dir", default=None, help="folder with the dataset files (cifar, fashion-mnist, folder)")
     p.add_argument("--seed", type=int, default=None if not required_defaults else 0,
-                   help="seed of the network initialization and of the pruning randomness; default: %(default)s")
+                   help="seed of the network initialization and of the pruning randomness; default: "
+                        + ("%(default)s" if required_defaults else "from the mask file (0 with --dense)"))
     p.add_argument("--device", type=_device, default="cpu", help="cpu, cuda, cuda:N or auto; default: %(default)s")
     p.add_argument("--max-train-samples", type=_int_at_least(1), default=None, help="use only the first N training samples")
     p.add_argument("--max-test-samples", type=_int_at_least(1), default=None, help="use only the first N test samples")
