@@ -97,6 +97,14 @@ inline void unit_degrees(const bool* m, const OIK& d, int64_t* out_deg, int64_t*
     for (int64_t o = o0; o < o1; ++o) {
       const bool* r = m + o * row;
       int64_t total = 0;
+      if (d.K == 1) {  // 1x1 convolutions and linear layers: one flat, vectorizable loop
+        for (int64_t i = 0; i < d.I; ++i) {
+          part[i] += r[i];
+          total += r[i];
+        }
+        out_deg[o] = total;
+        continue;
+      }
       for (int64_t i = 0; i < d.I; ++i) {
         const bool* c = r + i * d.K;
         int64_t s = 0;

@@ -49,6 +49,16 @@ void density_decay_cpu(at::TensorList scores, at::TensorList masks, double expon
       scalar_t* sp = w.work.mutable_data_ptr<scalar_t>();
       at::parallel_for(0, d.O, grain_rows, [&](int64_t o0, int64_t o1) {
         for (int64_t o = o0; o < o1; ++o) {
+          if (d.K == 1) {  // 1x1 convolutions and linear layers
+            scalar_t* r = sp + o * row;
+            const bool* mr = mp + o * row;
+            const double fo = out_f[o];
+            for (int64_t i = 0; i < d.I; ++i) {
+              const double fk = mr[i] ? fo * in_f[i] : 0.0;
+              r[i] = static_cast<scalar_t>(static_cast<double>(r[i]) * fk);
+            }
+            continue;
+          }
           for (int64_t i = 0; i < d.I; ++i) {
             const double f = out_f[o] * in_f[i];
             const int64_t base = o * row + i * d.K;
