@@ -19,6 +19,54 @@ import sys
 
 from setuptools import find_namespace_packages, setup
 
+
+def _say(message):
+    # setup.py runs before setuptools configures logging; stderr shows under `pip install -v`.
+    print("widetopo setup: " + message, file=sys.stderr)
+
+
+def _env_flag(name):
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _env_off(name):
+    return os.environ.get(name, "").strip().lower() in ("0", "false", "no", "off")
+
+
+def _find_cuda_home():
+    """Set CUDA_HOME when torch's own guess would go wrong.
+
+    torch takes the toolkit from `which nvcc` when CUDA_HOME/CUDA_PATH are unset; if that nvcc
+    is a wrapper script (e.g. /usr/local/bin/nvcc) the guess (/usr/local) has no CUDA headers.
+    nvcc itself knows its toolkit: `nvcc --dryrun -E -x cu /dev/null` prints
+    `#$ TOP=<toolkit>/bin/..`.
+    """
+    import shutil
+    import subprocess
+
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return
+    guess = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+    if os.path.exists(os.path.join(guess, "include", "cuda_runtime.h")):
+        return
+    try:
+        out = subprocess.run([nvcc, "--dryrun", "-E", "-x", "cu", os.devnull],
+                             capture_output=True, text=True, timeout=60).stderr
+    except (OSError, subprocess.SubprocessError):
+        return
+    match = re.search(r"^#\$ TOP=(.*)$", out, re.M)
+    if match:
+        top = os.path.realpath(match.group(1).strip())
+        if os.path.exists(os.path.join(top, "bin", "nvcc")):
+            os.environ["CUDA_HOME"] = top
+
+
+if not _env_off("USE_CUDA"):
+    _find_cuda_home()
+
 try:
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
@@ -40,19 +88,6 @@ _DEFAULT_ARCHS = {
     (12, 8): "7.0;7.5;8.0;8.6;8.9;9.0;10.0;12.0+PTX",
     (0, 0): "7.0;7.5;8.0;8.6;8.9;9.0+PTX",
 }
-
-
-def _say(message):
-    # setup.py runs before setuptools configures logging; stderr shows under `pip install -v`.
-    print("widetopo setup: " + message, file=sys.stderr)
-
-
-def _env_flag(name):
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def _env_off(name):
-    return os.environ.get(name, "").strip().lower() in ("0", "false", "no", "off")
 
 
 def _use_cuda():
