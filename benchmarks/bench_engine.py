@@ -1,8 +1,9 @@
 """End-to-end WideTopo-S: widetopo.prune vs the plain-PyTorch, official-structure baseline
 (benchmarks/official_baseline.py) in the same run, on a CIFAR ResNet-20 with a small pruning
-set of random 3x32x32 images (default 2 batches of 16: the full preset, 30 scoring rounds and
-100 restoration steps per implementation, takes about 8 minutes on 2 idle CPU cores; 2 x 32
-doubles that). Reports seconds per scoring round and per restoration step for
+set of random 3x32x32 images (default 2 batches of 16). The full preset is 30 scoring rounds
+and 100 restoration steps per implementation: measured ~35 s per round per implementation on
+the shared 2-core box under load ~10 (estimated ~8 s idle), so set WIDETOPO_BENCH_ROUNDS=2
+(6 rounds, 7.8 min for both under that load) on a busy machine; 2 x 32 images doubles it. Reports seconds per scoring round and per restoration step for
 both, the end-to-end speedup (target >= 2x) and the overlap of the two masks.
 
     pytest benchmarks/bench_engine.py            # pytest-benchmark; table printed at the end
