@@ -72,9 +72,10 @@ try:
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 except ImportError as exc:  # pragma: no cover - depends on the build environment
     sys.exit(
-        "widetopo: building needs torch installed in this environment ({}).\n"
-        "Install torch first, then build without isolation so the extension is compiled "
-        "against that torch:\n"
+        "widetopo: building needs torch importable in the build environment ({}).\n"
+        "pip builds in an isolated environment without torch unless it is given "
+        "--no-build-isolation.\nInstall torch first, then build without isolation so the "
+        "extension is compiled against that torch:\n"
         "    pip install torch==2.13.0\n"
         "    pip install --no-build-isolation .".format(exc)
     )
