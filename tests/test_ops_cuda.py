@@ -162,11 +162,11 @@ def test_threshold_hand_computed():
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_threshold_non_contiguous(dtype):
     g = _gen(2)
-    base = _scores([(6, 8), (5, 4, 3)], dtype, g, "ties")
-    scores = [base[0].cuda().t(), base[1].cuda().permute(2, 0, 1)]
-    masks = [torch.ones(8, 6, dtype=torch.bool, device="cuda").t().t().t(),
-             torch.ones(5, 4, 3, dtype=torch.bool, device="cuda").permute(2, 0, 1)]
-    assert not masks[0].is_contiguous() and not scores[0].is_contiguous()
+    base = _scores([(8, 6), (4, 3, 5)], dtype, g, "ties")
+    scores = [base[0].cuda().t(), base[1].cuda().permute(2, 0, 1)]  # (6, 8), (5, 4, 3)
+    masks = [torch.ones(8, 6, dtype=torch.bool, device="cuda").t(),
+             torch.ones(4, 3, 5, dtype=torch.bool, device="cuda").permute(2, 0, 1)]
+    assert all(not x.is_contiguous() for x in scores + masks)
     ref_masks = [torch.ones(m.shape, dtype=torch.bool, device="cuda") for m in masks]
     thr = ops.global_threshold(scores, masks, 40, "exact")
     ref = R.global_threshold(scores, ref_masks, 40, "exact")
@@ -225,6 +225,7 @@ def test_threshold_current_stream_and_device():
         stream = torch.cuda.Stream()
     s = [x.to(dev) for x in scores]
     m = [torch.zeros(x.shape, dtype=torch.bool, device=dev) for x in s]
+    stream.wait_stream(torch.cuda.current_stream(dev))  # inputs were written on the default stream
     with torch.cuda.device(0), torch.cuda.stream(stream):
         thr = ops.global_threshold(s, m, 700, "exact")
     stream.synchronize()
@@ -412,3 +413,26 @@ def test_apply_masks_non_contiguous_and_errors():
         ops.apply_masks_([torch.zeros(2, device="cuda", dtype=torch.complex64)], [torch.ones(2, dtype=torch.bool, device="cuda")])
     with pytest.raises(RuntimeError, match=r"masks\[0\]"):
         ops.apply_masks_([torch.zeros(2, device="cuda")], [torch.ones(3, dtype=torch.bool, device="cuda")])
+
+
+# ---------------------------------------------------------------------------------------------
+# schemas / fake kernels on CUDA inputs
+# ---------------------------------------------------------------------------------------------
+@needs_cuda
+def test_opcheck_cuda():
+    g = _gen(10)
+    shapes = [(3, 4), (5,), (2, 3, 2, 2)]
+    sc = _cuda(_scores(shapes, torch.float32, g))
+    mk = _cuda(_masks(shapes, g))
+    noise = [torch.randn(3, 4, device="cuda"), torch.empty(0, device="cuda"), torch.randn(2, 3, device="cuda")]
+    cases = [
+        (ops.global_threshold, ([x.clone() for x in sc], [x.clone() for x in mk], 7, "exact")),
+        (ops.density_decay_, ([x.clone() for x in sc], mk, 0.5)),
+        (ops.restoration_scores, (mk, noise, 1e-5)),
+        (ops.accumulate_score_, ([x.clone() for x in sc], sc, sc, mk, True)),
+        (ops.masked_sq_norm, (sc, mk)),
+        (ops.apply_masks_, ([x.clone() for x in sc], mk)),
+        (ops.mask_stats, (mk,)),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))

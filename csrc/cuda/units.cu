@@ -1,6 +1,7 @@
 // CUDA kernels of the ops that need per-unit degrees of a mask viewed as (O, I, K):
 //   out_deg[o] = sum_{i,k} m[o,i,k],  in_deg[i] = sum_{o,k} m[o,i,k]
-//   widetopo::density_decay_:     S *= decay_factor(m, out_deg[o], in_deg[i], exponent), rank >= 2
+//   widetopo::density_decay_:     S *= decay_factor(m, out_deg[o], in_deg[i], exponent), rank >= 2,
+//                                 evaluated as m ? f(out_deg) f(in_deg) : 0, f = decay_unit_factor
 //   widetopo::restoration_scores: float32; restoration_score(m, out_deg/(I K), in_deg/(O K),
 //                                 noise[o, i], scale) for rank >= 2, restoration_score_rank1(m)
 //   widetopo::mask_stats:         int64 (n, 3): kept, #o with out_deg > 0, #i with in_deg > 0
@@ -12,6 +13,7 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <map>
 #include <vector>
@@ -127,20 +129,31 @@ Degrees compute_degrees(at::TensorList masks, const at::Device& device, long lon
 // ---------------------------------------------------------------------------------------------
 // density_decay_
 // ---------------------------------------------------------------------------------------------
-// ptr[0] = scores, ptr[1] = mask, ptr[2] = out_deg, ptr[3] = in_deg; aux0 = I, aux1 = K.
+// In place over the whole degree buffer: deg -> core::decay_unit_factor(deg, exponent), stored
+// as double in the same 8-byte word. For a kept entry both degrees are >= 1, so
+// decay_factor(m, out_deg, in_deg, e) = m ? out_f[o] * in_f[i] : 0: one pow per unit, not per
+// element (the CPU kernel does the same, so both round alike).
+__global__ void unit_factor_kernel(long long* deg, int64_t n, double exponent) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t x = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; x < n; x += stride) {
+    const double f = core::decay_unit_factor(static_cast<int64_t>(deg[x]), exponent);
+    deg[x] = __double_as_longlong(f);
+  }
+}
+
+// ptr[0] = scores, ptr[1] = mask, ptr[2] = out_f, ptr[3] = in_f (double); aux0 = I, aux1 = K.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
-    decay_kernel(const __grid_constant__ ListMeta<4> meta, double exponent) {
+    decay_kernel(const __grid_constant__ ListMeta<4> meta) {
   const BlockTask t = locate_block(meta, kChunk);
   scalar_t* s = static_cast<scalar_t*>(meta.ptr[0][t.slot]);
   const bool* m = static_cast<const bool*>(meta.ptr[1][t.slot]);
-  const unsigned long long* out_deg = static_cast<const unsigned long long*>(meta.ptr[2][t.slot]);
-  const unsigned long long* in_deg = static_cast<const unsigned long long*>(meta.ptr[3][t.slot]);
+  const double* out_f = static_cast<const double*>(meta.ptr[2][t.slot]);
+  const double* in_f = static_cast<const double*>(meta.ptr[3][t.slot]);
   const int64_t I = meta.aux0[t.slot], K = meta.aux1[t.slot];
   for (int64_t e = t.begin + threadIdx.x; e < t.end; e += kThreads) {
     const core::UnitIndex u = core::unit_index(e, I, K);
-    const double f = core::decay_factor(m[e], static_cast<int64_t>(out_deg[u.o]),
-                                        static_cast<int64_t>(in_deg[u.i]), exponent);
+    const double f = m[e] ? out_f[u.o] * in_f[u.i] : 0.0;  // = decay_factor(m, out_deg, in_deg, e)
     s[e] = static_cast<scalar_t>(static_cast<double>(s[e]) * f);
   }
 }
@@ -169,6 +182,11 @@ void density_decay_cuda(at::TensorList scores, at::TensorList masks, double expo
   }
   if (unit_masks.empty()) return;
   const Degrees d = compute_degrees(unit_masks, device, nullptr, stream);
+  const int64_t words = d.deg.numel();
+  const unsigned grid = static_cast<unsigned>(std::min<int64_t>((words + kThreads - 1) / kThreads, 4096));
+  unit_factor_kernel<<<grid, kThreads, 0, stream>>>(reinterpret_cast<long long*>(d.deg.data_ptr<int64_t>()),
+                                                     words, exponent);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
   std::vector<Writable> work;
   work.reserve(unit_masks.size());
   std::map<at::ScalarType, std::vector<TensorEntry<4>>> groups;
@@ -189,7 +207,7 @@ void density_decay_cuda(at::TensorList scores, at::TensorList masks, double expo
   for (const auto& g : groups) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.first, "density_decay_cuda", [&] {
       multi_tensor_launch<4>(g.second, kChunk, [&](const ListMeta<4>& meta, int64_t blocks) {
-        decay_kernel<scalar_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(meta, exponent);
+        decay_kernel<scalar_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(meta);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
