@@ -24,13 +24,15 @@ static const std::vector<std::string>& op_names() {
 
 TORCH_LIBRARY(widetopo, m) {
   // Keep the `keep` highest scores over all tensors together and write the bool masks.
-  // mode "exact": exactly `keep` entries kept; ties at the cut are broken in favour of the
+  // rule "exact": exactly `keep` entries kept; ties at the cut are broken in favour of the
   // entry that comes first in (tensor index, row-major flat index) order.
-  // mode "official": with k = N - keep, prune every score <= the (k+1)-th smallest
+  // rule "official": with k = N - keep, prune every score <= the (k+1)-th smallest
   // (0-indexed sorted[k]); everything is pruned when k >= N.
+  // (The Python wrapper calls this argument `mode`; the schema avoids that name because
+  // torch's auto_functionalize passes its own positional `mode` to the handler.)
   // Returns the cut value (0-d float64): the smallest kept score ("exact"; +inf when keep == 0),
   // or sorted[k] ("official"; +inf when k >= N).
-  m.def("global_threshold(Tensor[] scores, Tensor(a!)[] masks, int keep, str mode=\"exact\") -> Tensor");
+  m.def("global_threshold(Tensor[] scores, Tensor(a!)[] masks, int keep, str rule=\"exact\") -> Tensor");
   // In place: S <- S * (m / max(out_deg * in_deg, 1))^exponent for rank >= 2 tensors.
   m.def("density_decay_(Tensor(a!)[] scores, Tensor[] masks, float exponent) -> ()");
   // Restoration scores (float32), one tensor per mask; noise[j] has shape (O, I) for rank >= 2

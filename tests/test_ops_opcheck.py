@@ -28,17 +28,11 @@ FULL = None  # torch.library.opcheck's default test_utils
 # aliasing as declared; fake impl: shapes/dtypes/strides match the kernel). Their AOT dispatch
 # path is the same as the main case of the op, so it is not re-traced (each trace costs ~1 s).
 SCHEMA_FAKE = ("test_schema", "test_autograd_registration", "test_faketensor")
-# global_threshold: test_aot_dispatch_dynamic cannot apply in torch 2.13. Its schema has an
-# argument named `mode`; auto_functionalize (needed for the mutable `masks` list) re-dispatches
-# the op's arguments as keywords into a handler called as handler(mode, *args, **kwargs), which
-# raises "got multiple values for argument 'mode'" (torch/_ops.py). The schema is fixed, so
-# the AOT path is excluded here and the failure is pinned by test_global_threshold_aot_known_failure.
-NO_AOT = SCHEMA_FAKE
 
 CASES = [
-    ("global_threshold-exact", "global_threshold", NO_AOT, lambda: (_scores(), _masks(), 9, "exact")),
-    ("global_threshold-official", "global_threshold", NO_AOT, lambda: (_scores(torch.float64), _masks(), 9, "official")),
-    ("global_threshold-bf16", "global_threshold", NO_AOT, lambda: (_scores(torch.bfloat16), _masks(), 0, "exact")),
+    ("global_threshold-exact", "global_threshold", FULL, lambda: (_scores(), _masks(), 9, "exact")),
+    ("global_threshold-official", "global_threshold", SCHEMA_FAKE, lambda: (_scores(torch.float64), _masks(), 9, "official")),
+    ("global_threshold-bf16", "global_threshold", SCHEMA_FAKE, lambda: (_scores(torch.bfloat16), _masks(), 0, "exact")),
     ("density_decay_", "density_decay_", FULL, lambda: (_scores(), _masks(), 0.6)),
     ("density_decay_-f16", "density_decay_", SCHEMA_FAKE, lambda: (_scores(torch.float16), _masks(), 0.6)),
     ("restoration_scores", "restoration_scores", FULL, lambda: (_masks(), _noise(), 1e-3)),
@@ -66,13 +60,3 @@ def test_opcheck(name, utils, build):
         torch.library.opcheck(getattr(OPS, name), build())
     else:
         torch.library.opcheck(getattr(OPS, name), build(), test_utils=utils)
-
-
-@pytest.mark.xfail(strict=True, raises=Exception,
-                   reason="torch 2.13 auto_functionalize clashes with the schema argument name `mode`")
-def test_global_threshold_aot_known_failure():
-    """Pins the limitation documented at NO_AOT: when this starts passing (torch fixed, or the
-    argument renamed), move global_threshold to the full default opcheck."""
-    _require_kernel("global_threshold")
-    torch.library.opcheck(OPS.global_threshold, (_scores(), _masks(), 9, "exact"),
-                          test_utils=("test_aot_dispatch_dynamic",))

@@ -14,7 +14,7 @@ def _device(tensors, fallback="cpu"):
 
 
 @torch.library.register_fake("widetopo::global_threshold")
-def _global_threshold_fake(scores, masks, keep, mode="exact"):
+def _global_threshold_fake(scores, masks, keep, rule="exact"):
     # The cut value: 0-d float64 on the scores' device. Masks are written in place.
     return torch.empty((), dtype=torch.float64, device=_device(scores))
 
