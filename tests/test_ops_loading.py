@@ -28,7 +28,7 @@ def test_exports_and_schemas():
         schema = getattr(torch.ops.widetopo, name).default._schema
         assert schema.name == f"widetopo::{name}"
     assert str(torch.ops.widetopo.global_threshold.default._schema).startswith(
-        "widetopo::global_threshold(Tensor[] scores, Tensor(a!)[] masks, int keep, str mode=\"exact\")")
+        "widetopo::global_threshold(Tensor[] scores, Tensor(a!)[] masks, int keep, str rule=\"exact\")")
 
 
 def test_missing_extension_error_says_how_to_build(monkeypatch):
