@@ -19,25 +19,8 @@ namespace {
 
 void accumulate_score_cpu(at::TensorList scores, at::TensorList a, at::TensorList b,
                           at::TensorList masks, bool absolute) {
-  constexpr const char* op = "accumulate_score_";
-  check_same_length(scores, a, op, "scores", "a");
+  args::check_accumulate_score(scores, a, b, masks, at::kCPU);
   const bool has_b = !b.empty(), has_m = !masks.empty();
-  if (has_b) check_same_length(scores, b, op, "scores", "b (or an empty list)");
-  if (has_m) check_same_length(scores, masks, op, "scores", "masks (or an empty list)");
-  for (size_t j = 0; j < scores.size(); ++j) {
-    check_cpu(scores[j], op, "scores", j);
-    check_writable(scores[j], op, "scores", j);
-    check_score_dtype(scores[j], op, "scores", j);
-    check_cpu(a[j], op, "a", j);
-    check_score_dtype(a[j], op, "a", j);
-    check_same_shape(a[j], scores[j], op, "a", "scores", j);
-    if (has_b) {
-      check_cpu(b[j], op, "b", j);
-      check_score_dtype(b[j], op, "b", j);
-      check_same_shape(b[j], scores[j], op, "b", "scores", j);
-    }
-    if (has_m) check_mask(masks[j], scores[j], op, "masks", "scores", j);
-  }
   for (size_t j = 0; j < scores.size(); ++j) {
     if (scores[j].numel() == 0) continue;
     const auto st = scores[j].scalar_type();
@@ -67,19 +50,8 @@ void accumulate_score_cpu(at::TensorList scores, at::TensorList a, at::TensorLis
 // Sum in double over fixed blocks of kGrain elements, blocks added in order: the result
 // does not depend on the number of threads.
 at::Tensor masked_sq_norm_cpu(at::TensorList tensors, at::TensorList masks) {
-  constexpr const char* op = "masked_sq_norm";
+  const at::ScalarType st = args::check_masked_sq_norm(tensors, masks, at::kCPU);
   const bool has_m = !masks.empty();
-  if (has_m) check_same_length(tensors, masks, op, "tensors", "masks (or an empty list)");
-  at::ScalarType st = at::kFloat;
-  for (size_t j = 0; j < tensors.size(); ++j) {
-    check_cpu(tensors[j], op, "tensors", j);
-    check_score_dtype(tensors[j], op, "tensors", j);
-    if (j == 0) st = tensors[0].scalar_type();
-    TORCH_CHECK(tensors[j].scalar_type() == st, "widetopo::masked_sq_norm: tensors[", j,
-                "] has dtype ", tensors[j].scalar_type(), " but tensors[0] has dtype ", st,
-                "; all tensors of one call must share a dtype");
-    if (has_m) check_mask(masks[j], tensors[j], op, "masks", "tensors", j);
-  }
   const at::ScalarType out_st = (st == at::kHalf || st == at::kBFloat16) ? at::kFloat : st;
   double total = 0.0;
   for (size_t j = 0; j < tensors.size(); ++j) {

@@ -20,16 +20,7 @@ namespace cpu {
 namespace {
 
 void density_decay_cpu(at::TensorList scores, at::TensorList masks, double exponent) {
-  constexpr const char* op = "density_decay_";
-  check_same_length(scores, masks, op, "scores", "masks");
-  TORCH_CHECK(std::isfinite(exponent), "widetopo::density_decay_: exponent must be finite, got ",
-              exponent);
-  for (size_t j = 0; j < scores.size(); ++j) {
-    check_cpu(scores[j], op, "scores", j);
-    check_writable(scores[j], op, "scores", j);
-    check_score_dtype(scores[j], op, "scores", j);
-    check_mask(masks[j], scores[j], op, "masks", "scores", j);
-  }
+  args::check_density_decay(scores, masks, exponent, at::kCPU);
   for (size_t j = 0; j < scores.size(); ++j) {
     if (scores[j].dim() < 2 || scores[j].numel() == 0) continue;
     const OIK d = oik_of(scores[j]);

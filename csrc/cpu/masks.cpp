@@ -25,18 +25,7 @@ void apply_mask_bits(U* p, const bool* m, int64_t n) {
 }
 
 void apply_masks_cpu(at::TensorList tensors, at::TensorList masks) {
-  constexpr const char* op = "apply_masks_";
-  check_same_length(tensors, masks, op, "tensors", "masks");
-  for (size_t j = 0; j < tensors.size(); ++j) {
-    check_cpu(tensors[j], op, "tensors", j);
-    check_writable(tensors[j], op, "tensors", j);
-    const auto st = tensors[j].scalar_type();
-    TORCH_CHECK(!at::isComplexType(st) && tensors[j].element_size() <= 8 &&
-                    !at::isQIntType(st),
-                "widetopo::apply_masks_: tensors[", j, "] has unsupported dtype ", st,
-                "; real floating, integer or bool tensors are allowed");
-    check_mask(masks[j], tensors[j], op, "masks", "tensors", j);
-  }
+  args::check_apply_masks(tensors, masks, at::kCPU);
   for (size_t j = 0; j < tensors.size(); ++j) {
     const int64_t n = tensors[j].numel();
     if (n == 0) continue;
@@ -55,12 +44,7 @@ void apply_masks_cpu(at::TensorList tensors, at::TensorList masks) {
 }
 
 at::Tensor mask_stats_cpu(at::TensorList masks) {
-  constexpr const char* op = "mask_stats";
-  for (size_t j = 0; j < masks.size(); ++j) {
-    check_cpu(masks[j], op, "masks", j);
-    TORCH_CHECK(masks[j].scalar_type() == at::kBool, "widetopo::mask_stats: masks[", j,
-                "] must be torch.bool, got ", masks[j].scalar_type());
-  }
+  args::check_mask_stats(masks, at::kCPU);
   const int64_t n = static_cast<int64_t>(masks.size());
   at::Tensor out = at::zeros({n, 3}, at::TensorOptions().dtype(at::kLong));
   int64_t* op_ = out.mutable_data_ptr<int64_t>();

@@ -19,25 +19,7 @@ namespace {
 
 std::vector<at::Tensor> restoration_scores_cpu(at::TensorList masks, at::TensorList noise,
                                                double noise_scale) {
-  constexpr const char* op = "restoration_scores";
-  check_same_length(masks, noise, op, "masks", "noise");
-  TORCH_CHECK(std::isfinite(noise_scale), "widetopo::restoration_scores: noise_scale must be finite, got ",
-              noise_scale);
-  for (size_t j = 0; j < masks.size(); ++j) {
-    check_cpu(masks[j], op, "masks", j);
-    TORCH_CHECK(masks[j].scalar_type() == at::kBool, "widetopo::restoration_scores: masks[", j,
-                "] must be torch.bool, got ", masks[j].scalar_type());
-    if (masks[j].dim() >= 2) {
-      check_cpu(noise[j], op, "noise", j);
-      TORCH_CHECK(noise[j].scalar_type() == at::kFloat, "widetopo::restoration_scores: noise[", j,
-                  "] must be float32, got ", noise[j].scalar_type());
-      TORCH_CHECK(noise[j].dim() == 2 && noise[j].size(0) == masks[j].size(0) &&
-                      noise[j].size(1) == masks[j].size(1),
-                  "widetopo::restoration_scores: noise[", j, "] must have shape (O, I) = (",
-                  masks[j].size(0), ", ", masks[j].size(1), ") for masks[", j, "] of shape ",
-                  masks[j].sizes(), ", got ", noise[j].sizes());
-    }
-  }
+  args::check_restoration_scores(masks, noise, noise_scale, at::kCPU);
   const float scale = static_cast<float>(noise_scale);
   std::vector<at::Tensor> out;
   out.reserve(masks.size());

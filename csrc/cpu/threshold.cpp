@@ -281,27 +281,9 @@ double threshold_impl(const std::vector<at::Tensor>& scores, const std::vector<b
 }
 
 at::Tensor global_threshold_cpu(at::TensorList scores, at::TensorList masks, int64_t keep,
-                                c10::string_view mode) {
-  constexpr const char* op = "global_threshold";
-  const std::string mode_s(mode.data(), mode.size());
-  TORCH_CHECK(mode_s == "exact" || mode_s == "official", "widetopo::global_threshold: mode must be ",
-              "\"exact\" or \"official\", got \"", mode_s, "\"");
-  check_same_length(scores, masks, op, "scores", "masks");
-  at::ScalarType st = at::kFloat;
-  int64_t N = 0;
-  for (size_t j = 0; j < scores.size(); ++j) {
-    check_cpu(scores[j], op, "scores", j);
-    check_score_dtype(scores[j], op, "scores", j);
-    if (j == 0) st = scores[0].scalar_type();
-    TORCH_CHECK(scores[j].scalar_type() == st, "widetopo::global_threshold: scores[", j,
-                "] has dtype ", scores[j].scalar_type(), " but scores[0] has dtype ", st,
-                "; all scores of one call must share a dtype");
-    check_mask(masks[j], scores[j], op, "masks", "scores", j);
-    check_writable(masks[j], op, "masks", j);
-    N += scores[j].numel();
-  }
-  TORCH_CHECK(keep >= 0 && keep <= N, "widetopo::global_threshold: keep must be in [0, N] with N = ",
-              N, " (total number of scores), got ", keep);
+                                c10::string_view rule) {
+  const args::ThresholdCall call = args::check_global_threshold(scores, masks, keep, rule, at::kCPU);
+  const at::ScalarType st = call.dtype;
 
   std::vector<at::Tensor> work_scores;
   std::vector<Writable> work_masks;
@@ -314,7 +296,7 @@ at::Tensor global_threshold_cpu(at::TensorList scores, at::TensorList masks, int
   }
   for (auto& w : work_masks) mask_ptrs.push_back(w.work.mutable_data_ptr<bool>());
 
-  const bool exact = mode_s == "exact";
+  const bool exact = call.exact;
   double cut;
   switch (st) {
     case at::kDouble:

@@ -1,7 +1,6 @@
 // Shared pieces of the CUDA kernels (device-side helpers live here, not in csrc/include):
-//  - argument checks with messages that name the argument (same wording as csrc/cpu/common.h,
-//    with "on the CUDA device of the call" instead of "on the CPU");
-//  - Writable: a contiguous working copy of an in-place argument, copied back at the end;
+//  - call_device: the device an op's arguments are checked against (the checks themselves,
+//    OIK and Writable are shared with the CPU backend: csrc/common/arguments.h);
 //  - the multi-tensor launch: up to ListMeta<D>::kMaxTensors tensors per launch, their
 //    addresses / sizes passed by value as one kernel argument (__grid_constant__), grid over
 //    (tensor, chunk) pairs. A block finds its tensor by a binary search of the cumulative
@@ -18,6 +17,8 @@
 #include <limits>
 #include <vector>
 
+#include "../common/arguments.h"
+
 namespace widetopo {
 namespace cuda {
 
@@ -30,85 +31,17 @@ constexpr int64_t kMaxGridX = 2147483647; // CUDA limit of gridDim.x
 // ---------------------------------------------------------------------------------------------
 // argument checks
 // ---------------------------------------------------------------------------------------------
-inline void check_same_length(at::TensorList a, at::TensorList b, const char* op, const char* name_a,
-                              const char* name_b) {
-  TORCH_CHECK(a.size() == b.size(), "widetopo::", op, ": ", name_a, " and ", name_b,
-              " must have the same length, got ", a.size(), " and ", b.size());
-}
-
-// Every tensor of a call must be a CUDA tensor on `device` (the device of the first tensor).
-inline void check_cuda(const at::Tensor& t, const at::Device& device, const char* op, const char* name,
-                       size_t j) {
-  TORCH_CHECK(t.defined(), "widetopo::", op, ": ", name, "[", j, "] is undefined");
-  TORCH_CHECK(t.is_cuda() && t.device() == device, "widetopo::", op, ": ", name, "[", j,
-              "] must be on ", device, " like the other tensors of the call, got ", t.device());
-}
-
-inline bool is_score_dtype(at::ScalarType s) {
-  return s == at::kFloat || s == at::kDouble || s == at::kHalf || s == at::kBFloat16;
-}
-
-inline void check_score_dtype(const at::Tensor& t, const char* op, const char* name, size_t j) {
-  TORCH_CHECK(is_score_dtype(t.scalar_type()), "widetopo::", op, ": ", name, "[", j,
-              "] must be float32, float64, float16 or bfloat16, got ", t.scalar_type());
-}
-
-inline void check_same_shape(const at::Tensor& t, const at::Tensor& partner, const char* op,
-                             const char* name, const char* partner_name, size_t j) {
-  TORCH_CHECK(t.sizes() == partner.sizes(), "widetopo::", op, ": ", name, "[", j, "] has shape ",
-              t.sizes(), " but ", partner_name, "[", j, "] has shape ", partner.sizes(),
-              "; they must be equal");
-}
-
-// A mask: bool, on the call's device, same shape as its partner tensor.
-inline void check_mask(const at::Tensor& mask, const at::Tensor& partner, const at::Device& device,
-                       const char* op, const char* mask_name, const char* partner_name, size_t j) {
-  check_cuda(mask, device, op, mask_name, j);
-  TORCH_CHECK(mask.scalar_type() == at::kBool, "widetopo::", op, ": ", mask_name, "[", j,
-              "] must be torch.bool, got ", mask.scalar_type());
-  check_same_shape(mask, partner, op, mask_name, partner_name, j);
-}
-
 // The device of a call: that of the first tensor of its main list. Only reached through the
-// CUDA dispatch key, so some argument is a CUDA tensor; the checks above do the rest.
+// CUDA dispatch key, so some argument is a CUDA tensor; args::check_* do the rest.
 inline at::Device call_device(at::TensorList main, at::TensorList other = {}) {
   if (!main.empty() && main[0].defined()) return main[0].device();
   if (!other.empty() && other[0].defined()) return other[0].device();
   return at::Device(at::kCUDA, c10::cuda::current_device());
 }
 
-// (O, I, K) of a rank >= 2 tensor: dim 0 = output units, dim 1 = input units, rest = kernel.
-struct OIK {
-  int64_t O;
-  int64_t I;
-  int64_t K;
-};
-
-inline OIK oik_of(const at::Tensor& t) {
-  OIK d{t.size(0), t.size(1), 1};
-  for (int64_t k = 2; k < t.dim(); ++k) d.K *= t.size(k);
-  return d;
-}
-
-// A contiguous tensor to write into and the caller's tensor to copy it back into afterwards
-// (when the caller's tensor is not contiguous). The copy back runs on the current stream.
-struct Writable {
-  at::Tensor work;
-  at::Tensor target;
-  bool copy_back = false;
-
-  explicit Writable(const at::Tensor& t) : target(t) {
-    if (t.is_contiguous()) {
-      work = t;
-    } else {
-      work = t.contiguous();
-      copy_back = true;
-    }
-  }
-  void finish() {
-    if (copy_back) target.copy_(work);
-  }
-};
+using args::OIK;
+using args::oik_of;
+using args::Writable;
 
 // ---------------------------------------------------------------------------------------------
 // multi-tensor launch

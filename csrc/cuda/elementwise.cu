@@ -42,25 +42,9 @@ __global__ void __launch_bounds__(kThreads)
 
 void accumulate_score_cuda(at::TensorList scores, at::TensorList a, at::TensorList b,
                            at::TensorList masks, bool absolute) {
-  constexpr const char* op = "accumulate_score_";
-  check_same_length(scores, a, op, "scores", "a");
   const bool has_b = !b.empty(), has_m = !masks.empty();
-  if (has_b) check_same_length(scores, b, op, "scores", "b (or an empty list)");
-  if (has_m) check_same_length(scores, masks, op, "scores", "masks (or an empty list)");
   const at::Device device = call_device(scores, a);
-  for (size_t j = 0; j < scores.size(); ++j) {
-    check_cuda(scores[j], device, op, "scores", j);
-    check_score_dtype(scores[j], op, "scores", j);
-    check_cuda(a[j], device, op, "a", j);
-    check_score_dtype(a[j], op, "a", j);
-    check_same_shape(a[j], scores[j], op, "a", "scores", j);
-    if (has_b) {
-      check_cuda(b[j], device, op, "b", j);
-      check_score_dtype(b[j], op, "b", j);
-      check_same_shape(b[j], scores[j], op, "b", "scores", j);
-    }
-    if (has_m) check_mask(masks[j], scores[j], device, op, "masks", "scores", j);
-  }
+  args::check_accumulate_score(scores, a, b, masks, device);
   if (scores.empty()) return;
   c10::cuda::CUDAGuard guard(device);
   cudaStream_t stream = current_stream();
@@ -136,20 +120,9 @@ __global__ void __launch_bounds__(kReduceThreads)
 }
 
 at::Tensor masked_sq_norm_cuda(at::TensorList tensors, at::TensorList masks) {
-  constexpr const char* op = "masked_sq_norm";
   const bool has_m = !masks.empty();
-  if (has_m) check_same_length(tensors, masks, op, "tensors", "masks (or an empty list)");
   const at::Device device = call_device(tensors, masks);
-  at::ScalarType st = at::kFloat;
-  for (size_t j = 0; j < tensors.size(); ++j) {
-    check_cuda(tensors[j], device, op, "tensors", j);
-    check_score_dtype(tensors[j], op, "tensors", j);
-    if (j == 0) st = tensors[0].scalar_type();
-    TORCH_CHECK(tensors[j].scalar_type() == st, "widetopo::masked_sq_norm: tensors[", j,
-                "] has dtype ", tensors[j].scalar_type(), " but tensors[0] has dtype ", st,
-                "; all tensors of one call must share a dtype");
-    if (has_m) check_mask(masks[j], tensors[j], device, op, "masks", "tensors", j);
-  }
+  const at::ScalarType st = args::check_masked_sq_norm(tensors, masks, device);
   const at::ScalarType out_st = (st == at::kHalf || st == at::kBFloat16) ? at::kFloat : st;
   c10::cuda::CUDAGuard guard(device);
   const auto out_opts = at::TensorOptions().dtype(out_st).device(device);
@@ -204,17 +177,8 @@ __global__ void __launch_bounds__(kThreads) apply_masks_kernel(const __grid_cons
 }
 
 void apply_masks_cuda(at::TensorList tensors, at::TensorList masks) {
-  constexpr const char* op = "apply_masks_";
-  check_same_length(tensors, masks, op, "tensors", "masks");
   const at::Device device = call_device(tensors, masks);
-  for (size_t j = 0; j < tensors.size(); ++j) {
-    check_cuda(tensors[j], device, op, "tensors", j);
-    const auto st = tensors[j].scalar_type();
-    TORCH_CHECK(!at::isComplexType(st) && tensors[j].element_size() <= 8 && !at::isQIntType(st),
-                "widetopo::apply_masks_: tensors[", j, "] has unsupported dtype ", st,
-                "; real floating, integer or bool tensors are allowed");
-    check_mask(masks[j], tensors[j], device, op, "masks", "tensors", j);
-  }
+  args::check_apply_masks(tensors, masks, device);
   if (tensors.empty()) return;
   c10::cuda::CUDAGuard guard(device);
   cudaStream_t stream = current_stream();

@@ -336,27 +336,11 @@ void run_threshold(const std::vector<TensorEntry<2>>& entries, int64_t keep, boo
 }
 
 at::Tensor global_threshold_cuda(at::TensorList scores, at::TensorList masks, int64_t keep,
-                                 c10::string_view mode) {
-  constexpr const char* op = "global_threshold";
-  const std::string mode_s(mode.data(), mode.size());
-  TORCH_CHECK(mode_s == "exact" || mode_s == "official", "widetopo::global_threshold: mode must be ",
-              "\"exact\" or \"official\", got \"", mode_s, "\"");
-  check_same_length(scores, masks, op, "scores", "masks");
+                                 c10::string_view rule) {
   const at::Device device = call_device(scores, masks);
-  at::ScalarType st = at::kFloat;
-  int64_t N = 0;
-  for (size_t j = 0; j < scores.size(); ++j) {
-    check_cuda(scores[j], device, op, "scores", j);
-    check_score_dtype(scores[j], op, "scores", j);
-    if (j == 0) st = scores[0].scalar_type();
-    TORCH_CHECK(scores[j].scalar_type() == st, "widetopo::global_threshold: scores[", j,
-                "] has dtype ", scores[j].scalar_type(), " but scores[0] has dtype ", st,
-                "; all scores of one call must share a dtype");
-    check_mask(masks[j], scores[j], device, op, "masks", "scores", j);
-    N += scores[j].numel();
-  }
-  TORCH_CHECK(keep >= 0 && keep <= N, "widetopo::global_threshold: keep must be in [0, N] with N = ",
-              N, " (total number of scores), got ", keep);
+  const args::ThresholdCall call = args::check_global_threshold(scores, masks, keep, rule, device);
+  const at::ScalarType st = call.dtype;
+  const int64_t N = call.numel;
 
   c10::cuda::CUDAGuard guard(device);
   const auto dopts = at::TensorOptions().dtype(at::kDouble).device(device);
@@ -382,7 +366,7 @@ at::Tensor global_threshold_cuda(at::TensorList scores, at::TensorList masks, in
     entries.push_back(e);
   }
   at::Tensor cut = keep > 0 ? at::empty({}, dopts) : at::scalar_tensor(inf, dopts);
-  const bool exact = mode_s == "exact";
+  const bool exact = call.exact;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "global_threshold_cuda", [&] {
     run_threshold<scalar_t>(entries, keep, exact, device, cut);
   });

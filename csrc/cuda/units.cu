@@ -159,15 +159,8 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 void density_decay_cuda(at::TensorList scores, at::TensorList masks, double exponent) {
-  constexpr const char* op = "density_decay_";
-  check_same_length(scores, masks, op, "scores", "masks");
-  TORCH_CHECK(std::isfinite(exponent), "widetopo::density_decay_: exponent must be finite, got ", exponent);
   const at::Device device = call_device(scores, masks);
-  for (size_t j = 0; j < scores.size(); ++j) {
-    check_cuda(scores[j], device, op, "scores", j);
-    check_score_dtype(scores[j], op, "scores", j);
-    check_mask(masks[j], scores[j], device, op, "masks", "scores", j);
-  }
+  args::check_density_decay(scores, masks, exponent, device);
   if (scores.empty()) return;
   c10::cuda::CUDAGuard guard(device);
   cudaStream_t stream = current_stream();
@@ -245,26 +238,8 @@ __global__ void __launch_bounds__(kThreads) restoration_kernel(const __grid_cons
 
 std::vector<at::Tensor> restoration_scores_cuda(at::TensorList masks, at::TensorList noise,
                                                 double noise_scale) {
-  constexpr const char* op = "restoration_scores";
-  check_same_length(masks, noise, op, "masks", "noise");
-  TORCH_CHECK(std::isfinite(noise_scale), "widetopo::restoration_scores: noise_scale must be finite, got ",
-              noise_scale);
   const at::Device device = call_device(masks, noise);
-  for (size_t j = 0; j < masks.size(); ++j) {
-    check_cuda(masks[j], device, op, "masks", j);
-    TORCH_CHECK(masks[j].scalar_type() == at::kBool, "widetopo::restoration_scores: masks[", j,
-                "] must be torch.bool, got ", masks[j].scalar_type());
-    if (masks[j].dim() >= 2) {
-      check_cuda(noise[j], device, op, "noise", j);
-      TORCH_CHECK(noise[j].scalar_type() == at::kFloat, "widetopo::restoration_scores: noise[", j,
-                  "] must be float32, got ", noise[j].scalar_type());
-      TORCH_CHECK(noise[j].dim() == 2 && noise[j].size(0) == masks[j].size(0) &&
-                      noise[j].size(1) == masks[j].size(1),
-                  "widetopo::restoration_scores: noise[", j, "] must have shape (O, I) = (",
-                  masks[j].size(0), ", ", masks[j].size(1), ") for masks[", j, "] of shape ",
-                  masks[j].sizes(), ", got ", noise[j].sizes());
-    }
-  }
+  args::check_restoration_scores(masks, noise, noise_scale, device);
   std::vector<at::Tensor> out;
   out.reserve(masks.size());
   if (masks.empty()) return out;
@@ -331,13 +306,8 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 at::Tensor mask_stats_cuda(at::TensorList masks) {
-  constexpr const char* op = "mask_stats";
   const at::Device device = call_device(masks);
-  for (size_t j = 0; j < masks.size(); ++j) {
-    check_cuda(masks[j], device, op, "masks", j);
-    TORCH_CHECK(masks[j].scalar_type() == at::kBool, "widetopo::mask_stats: masks[", j,
-                "] must be torch.bool, got ", masks[j].scalar_type());
-  }
+  args::check_mask_stats(masks, device);
   c10::cuda::CUDAGuard guard(device);
   const int64_t n = static_cast<int64_t>(masks.size());
   at::Tensor out = at::zeros({n, 3}, at::TensorOptions().dtype(at::kLong).device(device));
