@@ -51,6 +51,18 @@ def test_prune_writes_mask_file_with_metadata(mask_file, capsys):
     assert masks.kept == kept
 
 
+def test_prune_imagenet_preset_sets_schedule(tmp_path):
+    # WideTopo's ImageNet configuration: T = T' = 5 (explicit --rounds would still win).
+    path = tmp_path / "imagenet.wtm"
+    argv = ["-q", "prune", "--density", "0.2", "--preset", "imagenet", "--samples", "24",
+            "--prune-batch-size", "24", "--restorations", "1", "--restore-steps", "2",
+            "--max-train-samples", "64", "-o", str(path)]
+    assert main(argv) == 0
+    meta = read_header(path)["meta"]
+    assert (meta["rounds"], meta["restore_rounds"], meta["restorations"]) == (5, 5, 1)
+    assert meta["preset"] == "widetopo-s/imagenet"
+
+
 def test_train_under_mask_file(mask_file, tmp_path, capsys):
     results = tmp_path / "train.json"
     state = tmp_path / "model.pt"

@@ -22,6 +22,9 @@ logger = logging.getLogger("widetopo.cli")
 
 DEFAULTS = {"model": "cnn", "dataset": "digits", "method": "widetopo-s", "density": 0.05}
 
+#: --preset: schedule options applied on top of the method's own preset (explicit options win).
+PRESETS = {"default": {}, "imagenet": {"rounds": 5, "restore_rounds": 5}}
+
 
 class CLIError(Exception):
     """A runtime problem to report as one line on stderr (exit status 1)."""
@@ -166,6 +169,9 @@ def _add_prune(p):
                    help="fraction of prunable weights kept, in (0, 1]; default: %(default)s")
     p.add_argument("--samples", type=_int_at_least(1), default=1000, help="pruning samples; default: %(default)s")
     p.add_argument("--prune-batch-size", type=_int_at_least(1), default=256, help="pruning batch size; default: %(default)s")
+    p.add_argument("--preset", choices=tuple(PRESETS), default="default",
+                   help="schedule preset of the method: default (its published CIFAR configuration) or imagenet "
+                        "(WideTopo's ImageNet configuration, T = T' = 5); default: %(default)s")
     p.add_argument("--rounds", type=_int_at_least(1), default=None, help="override the preset's scoring rounds T")
     p.add_argument("--restorations", type=_int_at_least(0), default=None, help="override the preset's restorations R")
     p.add_argument("--restore-rounds", type=_int_at_least(1), default=None, help="override the preset's rounds after each restoration T'")
@@ -294,6 +300,7 @@ def _prune(args, model, train_ds, quiet: bool):
     subset = train_ds.subset(n, seed=args.seed)
     loader = data_loader(subset, batch_size=args.prune_batch_size, shuffle=False)
     options = {"seed": int(args.seed), "verbose": not quiet, "device": args.device}
+    options.update(PRESETS[args.preset])
     for key in ("rounds", "restorations", "restore_rounds", "restore_steps", "count"):
         value = getattr(args, key, None)
         if value is not None:
@@ -308,6 +315,8 @@ def _prune(args, model, train_ds, quiet: bool):
         "image_size": train_ds.image_size, "pruning_samples": n, "pruning_seconds": round(seconds, 3),
     })
     masks.meta.setdefault("preset", args.method)
+    if args.preset != "default":
+        masks.meta["preset"] = f"{args.method}/{args.preset}"
     return masks, seconds
 
 
