@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from test_scores_ntk import MLP, TinyCNN, make_ctx, make_model
+from scoring_nets import MLP, TinyCNN, make_ctx, make_model
 from widetopo.rng import make_generator
 from widetopo.scores import Batch, MagnitudeScorer, RandomScorer, SNIPScorer, SynFlowScorer
 from widetopo.scores.baselines import synflow_scores
@@ -104,7 +104,7 @@ def test_snip_matches_hand_autograd():
 
 @needs_acc
 def test_snip_with_batchnorm_calibration():
-    from test_scores_widetopo import calibrated_buffers
+    from scoring_nets import calibrated_buffers
 
     model = make_model(TinyCNN)
     ctx = make_ctx(model)

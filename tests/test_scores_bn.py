@@ -1,12 +1,13 @@
 """BatchNorm calibration against a deep copy run in train mode with momentum 1."""
-import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from widetopo.scores import ScoreContext, calibrate_batchnorm
+from scoring_nets import calibrated_copy
+from scoring_nets import make_ctx as _make_ctx
+from widetopo.scores import calibrate_batchnorm
 from widetopo.scores.bn import eval_mode
 
 
@@ -27,14 +28,7 @@ class TinyCNN(nn.Module):
 
 
 def make_ctx(model, keep=0.7):
-    g = torch.Generator().manual_seed(3)
-    names = [n for n, p in model.named_parameters() if p.dim() > 1]
-    params = {n: p.detach().clone() for n, p in model.named_parameters()}
-    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
-    masks = [torch.rand(params[n].shape, generator=g) < keep for n in names]
-    for n, m in zip(names, masks):
-        params[n] = params[n] * m
-    return ScoreContext(model=model, names=names, params=params, buffers=buffers, masks=masks)
+    return _make_ctx(model, keep=keep, seed=0, round_index=0, mask_seed=3)
 
 
 def make_model():
@@ -52,23 +46,6 @@ def x_batch(seed=1):
     return torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
 
 
-def reference_calibration(model, ctx, x):
-    net = copy.deepcopy(model)
-    with torch.no_grad():
-        for n, p in net.named_parameters():
-            p.copy_(ctx.params[n])
-    net.eval()
-    for m in net.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.reset_running_stats()
-            m.momentum = 1.0
-            m.train()
-    with torch.no_grad():
-        net(x)
-    net.eval()
-    return net
-
-
 def test_calibration_matches_train_mode_copy_with_momentum_one():
     model = make_model()
     ctx = make_ctx(model)
@@ -76,7 +53,7 @@ def test_calibration_matches_train_mode_copy_with_momentum_one():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     n = calibrate_batchnorm(ctx, x)
     assert n == 2
-    ref = reference_calibration(model, ctx, x)
+    ref = calibrated_copy(model, ctx, x)
     for k, v in ref.named_buffers():
         torch.testing.assert_close(ctx.buffers[k], v, rtol=1e-6, atol=1e-7, msg=k)
     # by hand for the first layer: batch mean and unbiased variance of conv1's output

@@ -3,65 +3,13 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from widetopo.rng import make_generator
-from widetopo.scores import Batch, ScoreContext, ntk_score
+from scoring_nets import MLP, TinyCNN, make_ctx, make_model
+from widetopo.scores import Batch, ntk_score
 from widetopo.scores.ntk import NTK_STREAM
 
 needs_ops = pytest.mark.needs_kernel("accumulate_score_", "masked_sq_norm")
-
-
-class TinyCNN(nn.Module):
-    def __init__(self, classes=5):
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(4)
-        self.conv2 = nn.Conv2d(4, 6, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(6)
-        self.fc = nn.Linear(6 * 4 * 4, classes)
-
-    def forward(self, x):
-        x = F.relu(self.bn1(self.conv1(x)))
-        x = F.max_pool2d(F.relu(self.bn2(self.conv2(x))), 2)
-        return self.fc(x.flatten(1))
-
-
-class MLP(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.l1 = nn.Linear(10, 16)
-        self.l2 = nn.Linear(16, 12)
-        self.l3 = nn.Linear(12, 3)
-
-    def forward(self, x):
-        return self.l3(torch.tanh(self.l2(torch.relu(self.l1(x)))))
-
-
-def make_model(cls, dtype=torch.float64, seed=0):
-    torch.manual_seed(seed)
-    model = cls().to(dtype)
-    with torch.no_grad():  # non-trivial BatchNorm statistics and affine parameters
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
-    return model
-
-
-def make_ctx(model, keep=0.7, seed=3, round_index=2):
-    g = torch.Generator().manual_seed(99)
-    names = [n for n, p in model.named_parameters() if p.dim() > 1]
-    params = {n: p.detach().clone() for n, p in model.named_parameters()}
-    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
-    masks = [torch.rand(params[n].shape, generator=g) < keep for n in names]
-    for n, m in zip(names, masks):
-        params[n] = params[n] * m
-    return ScoreContext(model=model, names=names, params=params, buffers=buffers, masks=masks,
-                        round=round_index, seed=seed)
 
 
 def reference_ntk(model, ctx, batch, probes=1):

@@ -4,31 +4,14 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 
 from test_scores_ita import reference_ita
-from test_scores_ntk import MLP, TinyCNN, make_ctx, make_model, reference_ntk
+from scoring_nets import MLP, TinyCNN, calibrated_buffers, make_ctx, make_model
+from test_scores_ntk import reference_ntk
 from widetopo.scores import (SCORERS, Batch, MagnitudeScorer, RandomScorer, SNIPScorer,
                              SynFlowScorer, WideTopoScorer, make_scorer, scorer_options)
 
 needs_ops = pytest.mark.needs_kernel("accumulate_score_", "masked_sq_norm")
-
-
-def calibrated_buffers(model, ctx, x):
-    """BN statistics of batch x by hand: a deep copy in train mode with momentum 1."""
-    net = copy.deepcopy(model)
-    with torch.no_grad():
-        for n, p in net.named_parameters():
-            p.copy_(ctx.params[n])
-    net.eval()
-    for m in net.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.reset_running_stats()
-            m.momentum = 1.0
-            m.train()
-    with torch.no_grad():
-        net(x)
-    return {n: b.detach().clone() for n, b in net.named_buffers()}
 
 
 def batches(n=2, shape=(4, 1, 8, 8)):
@@ -105,7 +88,7 @@ def test_widetopo_non_finite_scores_name_layer_and_round():
     ctx = fresh_ctx(model, round_index=7)
     x = torch.randn(4, 10, dtype=torch.float64)
     x[0, 0] = float("nan")
-    with pytest.raises(FloatingPointError, match=r"'l1\.weight'.*round 7"):
+    with pytest.raises(FloatingPointError, match=r"'layers\.0\.weight'.*round 7"):
         WideTopoScorer().score(ctx, [Batch(0, x)])
 
 
