@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import torch
 from torch import nn
@@ -145,13 +145,13 @@ def write_json(report: dict, path) -> str:
 
 def plot_report(report: dict, out_dir, prefix: str = "mask") -> List[str]:
     """Two PNG plots in `out_dir`: <prefix>_density.png (per-layer density bars, log scale) and
-    <prefix>_units.png (active / total output and input units per layer). Needs matplotlib
-    (Agg backend, no display); returns the written paths."""
+    <prefix>_units.png (active / total output and input units per layer). Needs matplotlib;
+    draws on Agg figures directly, so the caller's pyplot backend and state are left alone.
+    Returns the written paths."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg", force=True)
-        import matplotlib.pyplot as plt
+        import matplotlib  # noqa: F401  (the package itself first: a clear error when it is absent)
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
     except ImportError:
         raise ImportError("plots need matplotlib: pip install matplotlib (or install widetopo[plot])") from None
     os.makedirs(out_dir, exist_ok=True)
@@ -161,7 +161,17 @@ def plot_report(report: dict, out_dir, prefix: str = "mask") -> List[str]:
     width = max(6.0, 0.35 * len(layers) + 2)
     paths = []
 
-    fig, ax = plt.subplots(figsize=(width, 4.5))
+    def finish(fig, axes, suffix):
+        for ax in axes:
+            ax.set_xticks(x)
+            ax.set_xticklabels(labels, rotation=90, fontsize=7)
+            ax.legend(loc="best", fontsize=8)
+        fig.tight_layout()
+        paths.append(os.path.join(os.fspath(out_dir), f"{prefix}_{suffix}.png"))
+        FigureCanvasAgg(fig).print_png(paths[-1])
+
+    fig = Figure(figsize=(width, 4.5))
+    ax = fig.add_subplot(1, 1, 1)
     dens = [r["density"] for r in layers]
     colors = ["tab:red" if r["collapsed"] else "tab:blue" for r in layers]
     ax.bar(x, [max(d, 1e-6) for d in dens], color=colors)
@@ -169,25 +179,14 @@ def plot_report(report: dict, out_dir, prefix: str = "mask") -> List[str]:
     ax.axhline(report["total"]["density"], color="k", ls="--", lw=1, label=f"overall {report['total']['density']:.4f}")
     ax.set_ylabel("density (kept / total), log scale")
     ax.set_title("per-layer density" + (" (red: collapsed)" if report["collapsed"] else ""))
-    ax.set_xticks(x)
-    ax.set_xticklabels(labels, rotation=90, fontsize=7)
-    ax.legend(loc="best", fontsize=8)
-    fig.tight_layout()
-    paths.append(os.path.join(os.fspath(out_dir), f"{prefix}_density.png"))
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
+    finish(fig, [ax], "density")
 
-    fig, axes = plt.subplots(1, 2, figsize=(width * 1.4, 4.5))
+    fig = Figure(figsize=(width * 1.4, 4.5))
+    axes = [fig.add_subplot(1, 2, k) for k in (1, 2)]
     for ax, (active, total, title) in zip(axes, [("active_out", "out_units", "output units"), ("active_in", "in_units", "input units")]):
         ax.bar(x, [r[total] for r in layers], color="lightgray", label="total")
         ax.bar(x, [r[active] for r in layers], color="tab:green", label="active")
         ax.set_title(f"active {title} per layer")
-        ax.set_xticks(x)
-        ax.set_xticklabels(labels, rotation=90, fontsize=7)
-        ax.legend(loc="best", fontsize=8)
-    fig.tight_layout()
-    paths.append(os.path.join(os.fspath(out_dir), f"{prefix}_units.png"))
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
+    finish(fig, axes, "units")
     logger.info("wrote plots %s", ", ".join(paths))
     return paths
