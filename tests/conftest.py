@@ -3,6 +3,8 @@
 - `@pytest.mark.needs_kernel("op", ...)`: skip (with the reason) when the compiled extension has
   no CPU kernel for one of the ops yet (widetopo_ext.build_info()["cpu_kernels"]).
 - `gen` fixture: a seeded torch.Generator, so every test draws reproducible data.
+- `one_thread` fixture: one intra-op thread for the duration of a test (files of tiny-tensor
+  tests use it with `pytestmark = pytest.mark.usefixtures("one_thread")`).
 """
 import pytest
 import torch
@@ -37,3 +39,13 @@ def gen():
     g = torch.Generator()
     g.manual_seed(20261122)
     return g
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: on a busy 2-core machine intra-op threads cost far more than they save.
+    The previous thread count is restored, so other tests are unaffected."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -10,19 +10,13 @@ import torch
 from widetopo.cli import main
 from widetopo.maskfile import load_masks, read_header
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
+
 pytest.importorskip("sklearn", reason="the CLI tests use scikit-learn's bundled digits dataset")
 
 TINY_PRUNE = ["--samples", "48", "--prune-batch-size", "24", "--rounds", "2", "--restorations", "1",
               "--restore-rounds", "1", "--restore-steps", "3", "--max-train-samples", "160"]
 TINY_TRAIN = ["--epochs", "1", "--batch-size", "32", "--max-train-samples", "160", "--max-test-samples", "80"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -17,14 +17,6 @@ if not torch.distributed.is_available():  # pragma: no cover
     pytest.skip("torch.distributed is not available in this torch build", allow_module_level=True)
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def free_port():
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

@@ -9,19 +9,13 @@ from torch import nn
 
 import widetopo
 
-pytestmark = pytest.mark.needs_kernel(
-    "global_threshold", "density_decay_", "restoration_scores", "accumulate_score_", "masked_sq_norm",
-    "apply_masks_", "mask_stats",
-)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny tensors: on a busy 2-core machine intra-op threads cost far more than they save
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    pytest.mark.needs_kernel(
+        "global_threshold", "density_decay_", "restoration_scores", "accumulate_score_", "masked_sq_norm",
+        "apply_masks_", "mask_stats",
+    ),
+]
 
 
 def small_cnn():

@@ -10,15 +10,7 @@ from torch import nn
 from widetopo.maskfile import FORMAT_VERSION, MAGIC, MaskFileError, MaskMismatchError, load_masks, read_header, save_masks
 from widetopo.masks import Masks
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids thread-pool overhead on a busy 2-core machine
-    (restored afterwards, so other test files are unaffected)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 def small_model():

@@ -9,15 +9,7 @@ from torch import nn
 from widetopo.masks import Masks
 from widetopo.report import format_table, mask_report, plot_report, write_json
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids thread-pool overhead on a busy 2-core machine
-    (restored afterwards, so other test files are unaffected)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 def hand_masks():

@@ -8,15 +8,7 @@ from torch.nn.utils import prune
 
 from widetopo.training import MaskEnforcer, apply_masks, evaluate, fit, make_scheduler, remove_masks, train_epoch
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids thread-pool overhead on a busy 2-core machine
-    (restored afterwards, so other test files are unaffected)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 def tiny_net(seed=0):
