@@ -46,16 +46,11 @@ CASES = [
 ]
 
 
-def _require_kernel(name):
-    import widetopo_ext
-
-    if not widetopo_ext.build_info()["cpu_kernels"][name]:
-        pytest.skip(f"no CPU kernel for {name} in the built extension yet")
-
-
-@pytest.mark.parametrize("name,utils,build", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+@pytest.mark.parametrize(
+    "name,utils,build",
+    [pytest.param(*c[1:], id=c[0], marks=pytest.mark.needs_kernel(c[1])) for c in CASES],
+)
 def test_opcheck(name, utils, build):
-    _require_kernel(name)
     if utils is None:
         torch.library.opcheck(getattr(OPS, name), build())
     else:
