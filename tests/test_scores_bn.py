@@ -8,7 +8,7 @@ from torch import nn
 from scoring_nets import calibrated_copy
 from scoring_nets import make_ctx as _make_ctx
 from widetopo.scores import calibrate_batchnorm
-from widetopo.scores.bn import eval_mode
+from widetopo.scores.bn import affine_batchnorm, eval_mode
 
 
 class TinyCNN(nn.Module):
@@ -129,3 +129,106 @@ def test_syncbatchnorm_calibrates_with_local_statistics(monkeypatch):
     assert "forward" not in vars(model[1])  # the class's forward is back in charge
     with pytest.raises(AssertionError, match="must not run"):
         model[1](h)
+
+
+# --------------------------------------------------------------------------- affine_batchnorm
+def _stats_bn(cls, channels, affine=True):
+    torch.manual_seed(0)
+    bn = cls(channels, affine=affine).double().eval()
+    with torch.no_grad():
+        bn.running_mean.uniform_(-2, 2)
+        bn.running_var.uniform_(0.5, 3)
+        if affine:
+            bn.weight.uniform_(-2, 2)
+            bn.bias.uniform_(-1, 1)
+    return bn
+
+
+def _hand_eval_bn(x, mean, var, weight, bias, eps):
+    """(x - mean) / sqrt(var + eps) * weight + bias over dim 1."""
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    y = (x - mean.view(shape)) / torch.sqrt(var.view(shape) + eps)
+    if weight is not None:
+        y = y * weight.view(shape) + bias.view(shape)
+    return y
+
+
+@pytest.mark.parametrize(
+    "cls,shape,affine",
+    [
+        (nn.BatchNorm1d, (5, 3), True),
+        (nn.BatchNorm1d, (5, 3, 4), True),
+        (nn.BatchNorm2d, (4, 3, 5, 5), True),
+        (nn.BatchNorm2d, (4, 3, 5, 5), False),
+        (nn.BatchNorm3d, (2, 3, 2, 3, 3), True),
+        (nn.SyncBatchNorm, (4, 3, 5, 5), True),
+    ],
+)
+def test_affine_batchnorm_values_gradients_and_hvp_match_hand_formula(cls, shape, affine):
+    bn = _stats_bn(cls, 3, affine)
+    x = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    leaves = [x] + ([bn.weight, bn.bias] if affine else [])
+
+    def trace_grad(forward):
+        """y, the gradient of <v, y * y> and the gradient of its squared norm (second order)."""
+        y = forward()
+        v = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)
+        g = torch.autograd.grad((v * y * y).sum(), leaves, create_graph=True)
+        h = torch.autograd.grad(sum((gi * gi).sum() for gi in g), leaves)
+        return [y.detach()] + [gi.detach() for gi in g] + list(h)
+
+    ref = trace_grad(lambda: _hand_eval_bn(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps))
+    with affine_batchnorm(bn):
+        assert "forward" in vars(bn)
+        got = trace_grad(lambda: bn(x))
+    assert "forward" not in vars(bn)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_affine_batchnorm_forward_equals_stock_eval_kernel_in_float32():
+    bn = _stats_bn(nn.BatchNorm2d, 6).float()
+    x = torch.randn(8, 6, 7, 7, generator=torch.Generator().manual_seed(2))
+    expected = F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+    with affine_batchnorm(bn):
+        got = bn(x)
+    torch.testing.assert_close(got, expected, rtol=2e-6, atol=1e-6)
+
+
+def test_affine_batchnorm_falls_back_in_train_mode_without_stats_and_for_mixed_dtypes():
+    x = torch.randn(6, 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    bn = _stats_bn(nn.BatchNorm2d, 3).train()
+    mean_before = bn.running_mean.clone()
+    with affine_batchnorm(bn):
+        y = bn(x)  # train mode: batch statistics, running stats updated with momentum 0.1
+    torch.testing.assert_close(y.mean((0, 2, 3)), bn.bias.detach(), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(bn.running_mean, 0.9 * mean_before + 0.1 * x.mean((0, 2, 3)))
+
+    no_stats = nn.BatchNorm2d(3, track_running_stats=False).double().eval()
+    with affine_batchnorm(no_stats):
+        y = no_stats(x)  # no running statistics: normalised with the batch's own
+    torch.testing.assert_close(y.mean((0, 2, 3)), torch.zeros(3, dtype=torch.float64), rtol=0, atol=1e-9)
+
+    mixed = _stats_bn(nn.BatchNorm2d, 3)
+    mixed.weight.data = mixed.weight.data.float()
+    with affine_batchnorm(mixed), pytest.raises(RuntimeError):
+        mixed(x)  # the stock kernel's own dtype error, not a silent promotion
+
+
+def test_affine_batchnorm_is_reentrant_skips_custom_forwards_and_cleans_up_on_error():
+    class MyBN(nn.BatchNorm2d):
+        def forward(self, x):
+            return super().forward(x) + 1
+
+    model = nn.Sequential(nn.BatchNorm2d(2), MyBN(2)).eval()
+    with affine_batchnorm(model):
+        with affine_batchnorm(model):
+            assert "forward" in vars(model[0]) and "forward" not in vars(model[1])
+        assert "forward" in vars(model[0])  # the inner exit leaves the outer patch alone
+    assert "forward" not in vars(model[0])
+    with pytest.raises(ValueError), affine_batchnorm(model):
+        raise ValueError("boom")
+    assert "forward" not in vars(model[0])
+    x = torch.zeros(1, 2, 1, 1)
+    with affine_batchnorm(model):
+        torch.testing.assert_close(model(x), torch.ones(1, 2, 1, 1), rtol=0, atol=1e-5)

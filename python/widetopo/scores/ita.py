@@ -26,7 +26,7 @@ import torch
 import widetopo_ext
 from widetopo.scores.base import Batch, ScoreContext
 from widetopo.scores._util import as_dtypes, score_zeros
-from widetopo.scores.bn import eval_mode, uses_batch_statistics
+from widetopo.scores.bn import affine_batchnorm, eval_mode, uses_batch_statistics
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ def ita_score(
 
     xp = x + eps_x * dx
     n = x.shape[0]
-    with eval_mode(ctx.model), no_tf32(x.device), torch.enable_grad():
+    with eval_mode(ctx.model), affine_batchnorm(ctx.model), no_tf32(x.device), torch.enable_grad():
         if uses_batch_statistics(ctx.model):
             # BatchNorm without running statistics couples the samples: no concatenation
             o_s, p_s = ctx.forward(params_s, x, buffers), ctx.forward(params_s, xp, buffers)

@@ -22,7 +22,7 @@ import torch
 import widetopo_ext
 from widetopo.scores.base import Batch, ScoreContext
 from widetopo.scores._util import as_dtypes, score_zeros
-from widetopo.scores.bn import eval_mode
+from widetopo.scores.bn import affine_batchnorm, eval_mode
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def ntk_score(
     gen = ctx.generator(batch.index, stream=NTK_STREAM)
 
     h_sum: Optional[List[torch.Tensor]] = None
-    with eval_mode(ctx.model), torch.enable_grad():
+    with eval_mode(ctx.model), affine_batchnorm(ctx.model), torch.enable_grad():
         logits = ctx.forward(params, x)
         for k in range(probes):
             v = torch.randn(logits.shape, generator=gen, dtype=logits.dtype, device=logits.device)
