@@ -60,6 +60,29 @@ def make_scorer(log=None):
     return DyadicScorer()
 
 
+def make_failing_scorer(rank):
+    scorer = make_scorer()
+    score = scorer.score
+
+    def failing(ctx, batches):
+        if rank == 1 and ctx.round == 2:
+            raise ValueError("scorer broke on rank 1")
+        return score(ctx, batches)
+
+    scorer.score = failing
+    return scorer
+
+
+def _failure(call):
+    """(exception type name, message, seconds until it was raised) of call(), or None."""
+    tic = time.monotonic()
+    try:
+        call()
+    except Exception as exc:
+        return type(exc).__name__, str(exc), time.monotonic() - tic
+    return None
+
+
 OPTS = dict(rounds=3, restorations=1, restore_steps=2, restore_rounds=2, seed=3, verbose=False)
 WT_OPTS = dict(rounds=2, restorations=1, restore_steps=2, restore_rounds=2, seed=3, verbose=False)
 
@@ -78,8 +101,15 @@ def _worker(rank, world, port, outdir):
         masks = widetopo.prune(make_model(), make_data(5), 0.1, method=make_scorer(log), **OPTS)
         one = widetopo.prune(make_model(), make_data(1), 0.1, method=make_scorer(), **OPTS)
         wt = widetopo.prune(make_model(), make_data(4), 0.1, method="widetopo-s", **WT_OPTS)
-        torch.save({"masks": dict(masks), "one": dict(one), "wt": dict(wt), "log": log, "meta": masks.meta},
-                   os.path.join(outdir, f"rank{rank}.pt"))
+        errors = {
+            # rank 1's scorer raises in round 2; rank 1 gets no data at all
+            "scorer": _failure(lambda: widetopo.prune(make_model(), make_data(4), 0.1,
+                                                      method=make_failing_scorer(rank), **OPTS)),
+            "data": _failure(lambda: widetopo.prune(make_model(), make_data(4 if rank == 0 else 0), 0.1,
+                                                    method=make_scorer(), **OPTS)),
+        }
+        torch.save({"masks": dict(masks), "one": dict(one), "wt": dict(wt), "log": log, "meta": masks.meta,
+                    "errors": errors}, os.path.join(outdir, f"rank{rank}.pt"))
     finally:
         torch.distributed.destroy_process_group()
 
@@ -154,3 +184,19 @@ def test_widetopo_scorer_two_ranks(spawned, one_thread):
         total += int(single[name].sum())
     assert sum(int(m.sum()) for m in r0.values()) == total
     assert shared / total >= 0.95, f"only {shared}/{total} kept weights shared with the single-process run"
+
+
+def test_a_failing_rank_stops_every_rank_without_waiting_for_the_timeout(spawned):
+    """The healthy rank raises at once, naming the failed rank, instead of blocking in the next
+    collective until the 60 s process-group timeout; the failed rank raises its own error."""
+    r0, r1 = spawned[0]["errors"], spawned[1]["errors"]
+    kind, message, seconds = r1["scorer"]
+    assert (kind, message) == ("ValueError", "scorer broke on rank 1")
+    kind, message, seconds0 = r0["scorer"]
+    assert kind == "RuntimeError" and "scoring round 2" in message and "rank(s) 1" in message, message
+    assert seconds0 < 30
+    kind, message, _ = r1["data"]
+    assert kind == "ValueError" and "data is empty" in message
+    kind, message, seconds0 = r0["data"]
+    assert kind == "RuntimeError" and "reading the pruning data failed on rank(s) 1" in message, message
+    assert seconds0 < 30

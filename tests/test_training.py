@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from widetopo.training import MaskEnforcer, apply_masks, evaluate, fit, make_scheduler, remove_masks, train_epoch
+from widetopo.training import MaskEnforcer, apply_masks, evaluate, fit, make_scheduler, remove_masks
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 

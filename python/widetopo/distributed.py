@@ -5,10 +5,14 @@ score sums are added with all_reduce, so every rank thresholds identical scores 
 identical masks. The engine also broadcasts rank 0's parameters and buffers into its private
 copies, so all ranks start from the same theta even if their models were initialised
 differently. Without an initialised process group everything is a no-op (rank 0 of 1).
+
+A rank that fails (bad data, a scorer error) must not leave the others waiting in the next
+collective until the process-group timeout: `fail_together` blocks agree on success first.
 """
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple, TypeVar
+import contextlib
+from typing import Iterator, List, Sequence, Tuple, TypeVar
 
 import torch
 
@@ -49,3 +53,33 @@ def broadcast_(tensors: List[torch.Tensor], src: int = 0) -> None:
     handles = [torch.distributed.broadcast(t, src=src, async_op=True) for t in tensors]
     for h in handles:
         h.wait()
+
+
+@contextlib.contextmanager
+def fail_together(device: torch.device, what: str) -> Iterator[None]:
+    """Collective error check around a block that every rank runs (no collectives inside).
+
+    After the block the ranks all-reduce one flag per rank; if the block raised on some rank,
+    every rank raises: that rank its own exception, the others a RuntimeError naming the failed
+    ranks. Costs one all_reduce of `world` ints. Without a process group it does nothing.
+    """
+    if not is_distributed():
+        yield
+        return
+    rank, world = rank_world()
+    error = None
+    try:
+        yield
+    except Exception as exc:  # re-raised below, once every rank knows
+        error = exc
+    flags = torch.zeros(world, dtype=torch.int32, device=device)
+    flags[rank] = int(error is not None)
+    torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.SUM)
+    if error is not None:
+        raise error
+    failed = flags.nonzero().flatten().tolist()
+    if failed:
+        raise RuntimeError(
+            f"{what} failed on rank(s) {', '.join(map(str, failed))} (see the error there); "
+            f"rank {rank} stops too"
+        )

@@ -234,21 +234,23 @@ class Pruner:
     def _run(self, data: Iterable) -> Masks:
         model, device = self.model, self.device
         rank, world = dist_utils.rank_world()
-        batches = materialize_batches(data, device)
-        if self.scorer.needs_targets and any(b.y is None for b in batches):
-            raise ValueError(f"method {self.scorer.name!r} needs targets: data must yield (input, target) batches")
+        with dist_utils.fail_together(device, "reading the pruning data"):
+            batches = materialize_batches(data, device)
+            if self.scorer.needs_targets and any(b.y is None for b in batches):
+                raise ValueError(f"method {self.scorer.name!r} needs targets: data must yield (input, target) batches")
 
         # Private working state: parameter copies (theta * m lives here), buffers, theta_init.
         params = OrderedDict((n, p.detach().to(device, copy=True)) for n, p in model.named_parameters())
         buffers = OrderedDict((n, b.detach().to(device, copy=True)) for n, b in model.named_buffers())
         dist_utils.broadcast_(list(params.values()) + list(buffers.values()))
-        with torch.no_grad():
-            probe = functional_call(model.eval(), (params, buffers), (batches[0].x[:2],))
-        if not isinstance(probe, torch.Tensor):
-            raise TypeError(
-                f"model must return a logits tensor, got {type(probe).__name__}; wrap the model so "
-                "that forward(x) returns a tensor"
-            )
+        with dist_utils.fail_together(device, "the model's forward on the pruning data"):
+            with torch.no_grad():
+                probe = functional_call(model.eval(), (params, buffers), (batches[0].x[:2],))
+            if not isinstance(probe, torch.Tensor):
+                raise TypeError(
+                    f"model must return a logits tensor, got {type(probe).__name__}; wrap the model so "
+                    "that forward(x) returns a tensor"
+                )
         working = [params[n] for n in self.names]
         theta_init = [p.clone() for p in working]
         masks = [torch.ones(p.shape, dtype=torch.bool, device=device) for p in working]
@@ -389,10 +391,11 @@ class Pruner:
             seed=self.seed,
             density=density_now,
         )
-        if mine:
-            scores = self._check_scores(self.scorer.score(ctx, mine), working)
-        else:  # more processes than batches: this rank contributes nothing to the sum
-            scores = [torch.zeros(p.shape, dtype=_score_dtype(p), device=p.device) for p in working]
+        with dist_utils.fail_together(self.device, f"scoring round {round_index} ({phase})"):
+            if mine:
+                scores = self._check_scores(self.scorer.score(ctx, mine), working)
+            else:  # more processes than batches: this rank contributes nothing to the sum
+                scores = [torch.zeros(p.shape, dtype=_score_dtype(p), device=p.device) for p in working]
         if self.scorer.data_dependent:
             dist_utils.all_reduce_sum_(scores)
         finite = torch.stack([torch.isfinite(s).all() for s in scores])
