@@ -286,6 +286,42 @@ def test_data_forms():
     assert seen[3] == [(0, 4, False), (1, 2, False)]
 
 
+def test_max_samples_reads_only_that_many_samples():
+    xs = [torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    ys = [torch.full((3,), i) for i in range(4)]
+    pulled = []
+
+    def stream():  # fails the test if the engine reads past the samples it needs
+        for i, (x, y) in enumerate(zip(xs, ys)):
+            if i == 2:
+                raise AssertionError("batch 2 read although 5 samples were complete after batch 1")
+            pulled.append(i)
+            yield x, y
+
+    seen = []
+
+    class Seen(RandScorer):
+        data_dependent = True
+
+        def score(self, ctx, bs):
+            seen.append([(b.index, b.x.clone(), b.y.clone()) for b in bs])
+            return super().score(ctx, bs)
+
+    masks = widetopo.prune(tiny_cnn(), stream(), 0.5, method=Seen(), max_samples=5, verbose=False)
+    assert pulled == [0, 1]
+    (b0, b1), = seen
+    assert b0[0] == 0 and torch.equal(b0[1], xs[0]) and torch.equal(b0[2], ys[0])
+    assert b1[0] == 1 and torch.equal(b1[1], xs[1][:2]) and torch.equal(b1[2], ys[1][:2])  # cut to 5
+    assert masks.meta["max_samples"] == 5
+    # a whole number of batches: no cut, and nothing read after the batch that completes it
+    seen.clear()
+    widetopo.prune(tiny_cnn(), list(zip(xs, ys)), 0.5, method=Seen(), max_samples=6, verbose=False)
+    assert [(b[0], b[1].shape[0]) for b in seen[0]] == [(0, 3), (1, 3)]
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="max_samples must be an integer >= 1"):
+            widetopo.prune(tiny_cnn(), xs, 0.5, method=RandScorer(), max_samples=bad, verbose=False)
+
+
 def test_preset_and_options_reach_the_engine(monkeypatch):
     got = {}
     real = Pruner.__init__

@@ -31,6 +31,7 @@ ENGINE_DEFAULTS = {
     "seed": 0,
     "noise_scale": 1e-5,
     "verbose": True,
+    "max_samples": None,
     "checkpoint": None,
     "device": None,
 }
@@ -69,7 +70,8 @@ def prune(model: nn.Module, data: Iterable, density: float, method: Union[str, S
     method:  one of METHODS, or a Scorer instance (one round, no restoration unless overridden).
     options: rounds, restorations, restore_steps, restore_rounds, schedule ("poly" | "linear" |
              "cosine"), compression_factor (5.0), count ("exact" | "official"), seed (0),
-             noise_scale (1e-5), verbose (True), checkpoint (path or None), device; for WideTopo
+             noise_scale (1e-5), verbose (True), max_samples (read only this many samples of
+             `data`; None = all), checkpoint (path or None), device; for WideTopo
              mu1 (0.01), mu2 (1.0), eps (5e-4), probes (1); prunable selection: include, names,
              pattern, include_bias, include_norm (see widetopo.params.select_prunable).
     Returns Masks (name -> bool tensor) with .meta describing the run.

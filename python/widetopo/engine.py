@@ -80,16 +80,20 @@ def _check_int(name: str, value, minimum: int) -> int:
     return value
 
 
-def materialize_batches(data: Iterable, device: torch.device) -> List[Batch]:
+def materialize_batches(data: Iterable, device: torch.device, max_samples: Optional[int] = None) -> List[Batch]:
     """Turn any iterable of tensors or (input, target[, ...]) batches into Batch objects on
-    `device`, indexed 0, 1, ... in iteration order (the index seeds the batch's randomness)."""
+    `device`, indexed 0, 1, ... in iteration order (the index seeds the batch's randomness).
+
+    max_samples: read batches only until this many samples are collected (the last batch is
+    cut to fit, and the iterator is not advanced further), so a full training DataLoader can
+    be passed; None reads everything."""
     if isinstance(data, torch.Tensor):
         raise TypeError("data must be an iterable of batches (e.g. a DataLoader or a list of tensors), not one tensor")
     try:
         iterator = iter(data)
     except TypeError:
         raise TypeError(f"data must be an iterable of batches, got {type(data).__name__}") from None
-    batches = []
+    batches, taken = [], 0
     for index, item in enumerate(iterator):
         if isinstance(item, torch.Tensor):
             x, y = item, None
@@ -105,7 +109,14 @@ def materialize_batches(data: Iterable, device: torch.device) -> List[Batch]:
             )
         if x.dim() == 0 or x.shape[0] == 0:
             raise ValueError(f"data: batch {index} has no samples (input shape {tuple(x.shape)})")
+        if max_samples is not None and taken + x.shape[0] > max_samples:
+            cut = max_samples - taken
+            x = x[:cut]
+            y = y[:cut] if y is not None and y.dim() > 0 else y
         batches.append(Batch(index, x.to(device), None if y is None else y.to(device)))
+        taken += x.shape[0]
+        if max_samples is not None and taken >= max_samples:
+            break
     if not batches:
         raise ValueError("data is empty: the pruning set must contain at least one batch")
     return batches
@@ -136,6 +147,7 @@ class Pruner:
         seed: int = 0,
         noise_scale: float = 1e-5,
         verbose: bool = True,
+        max_samples: Optional[int] = None,
         checkpoint=None,
         device=None,
         meta: Optional[dict] = None,
@@ -167,6 +179,7 @@ class Pruner:
         if not isinstance(verbose, bool):
             raise TypeError(f"verbose must be True or False, got {verbose!r}")
         self.verbose = verbose
+        self.max_samples = None if max_samples is None else _check_int("max_samples", max_samples, 1)
         self.checkpoint_path = checkpoint
         if device is None:
             first = next(iter(model.parameters()), None)
@@ -235,7 +248,7 @@ class Pruner:
         model, device = self.model, self.device
         rank, world = dist_utils.rank_world()
         with dist_utils.fail_together(device, "reading the pruning data"):
-            batches = materialize_batches(data, device)
+            batches = materialize_batches(data, device, self.max_samples)
             if self.scorer.needs_targets and any(b.y is None for b in batches):
                 raise ValueError(f"method {self.scorer.name!r} needs targets: data must yield (input, target) batches")
 
@@ -370,6 +383,7 @@ class Pruner:
             "schedule": self.schedule,
             "compression_factor": self.compression_factor,
             "noise_scale": self.noise_scale,
+            "max_samples": self.max_samples,
             "world_size": world,
             "version": __version__,
         }
