@@ -34,6 +34,13 @@ def make_data(n):
     return [torch.randn(3, 2, 4, 4, generator=g) for _ in range(n)]
 
 
+def make_labelled(n):
+    """float64 (input, target) batches: SNIP's signed sums then agree across splits to ~1e-16."""
+    g = torch.Generator().manual_seed(2)
+    return [(torch.randn(3, 2, 4, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (3,), generator=g))
+            for _ in range(n)]
+
+
 def make_scorer(log=None):
     from widetopo.scores.base import Scorer
 
@@ -101,6 +108,7 @@ def _worker(rank, world, port, outdir):
         masks = widetopo.prune(make_model(), make_data(5), 0.1, method=make_scorer(log), **OPTS)
         one = widetopo.prune(make_model(), make_data(1), 0.1, method=make_scorer(), **OPTS)
         wt = widetopo.prune(make_model(), make_data(4), 0.1, method="widetopo-s", **WT_OPTS)
+        snip = widetopo.prune(make_model().double(), make_labelled(4), 0.1, method="snip", verbose=False)
         errors = {
             # rank 1's scorer raises in round 2; rank 1 gets no data at all
             "scorer": _failure(lambda: widetopo.prune(make_model(), make_data(4), 0.1,
@@ -109,7 +117,7 @@ def _worker(rank, world, port, outdir):
                                                     method=make_scorer(), **OPTS)),
         }
         torch.save({"masks": dict(masks), "one": dict(one), "wt": dict(wt), "log": log, "meta": masks.meta,
-                    "errors": errors}, os.path.join(outdir, f"rank{rank}.pt"))
+                    "snip": dict(snip), "errors": errors}, os.path.join(outdir, f"rank{rank}.pt"))
     finally:
         torch.distributed.destroy_process_group()
 
@@ -200,3 +208,14 @@ def test_a_failing_rank_stops_every_rank_without_waiting_for_the_timeout(spawned
     kind, message, seconds0 = r0["data"]
     assert kind == "RuntimeError" and "reading the pruning data failed on rank(s) 1" in message, message
     assert seconds0 < 30
+
+
+def test_snip_sums_signed_sensitivities_across_ranks(spawned, one_thread):
+    """SNIP's |sum_b g_b * theta| is formed after the all_reduce: two ranks give the masks of one
+    process over all four batches."""
+    import widetopo
+
+    single = widetopo.prune(make_model().double(), make_labelled(4), 0.1, method="snip", verbose=False)
+    for name in single:
+        assert torch.equal(spawned[0]["snip"][name], spawned[1]["snip"][name]), name
+        assert torch.equal(spawned[0]["snip"][name], single[name]), name

@@ -322,6 +322,37 @@ def test_max_samples_reads_only_that_many_samples():
             widetopo.prune(tiny_cnn(), xs, 0.5, method=RandScorer(), max_samples=bad, verbose=False)
 
 
+def test_finalize_sees_the_summed_scores_and_decides_the_masks():
+    """Scorer.finalize gets the sum over all batches (signed here) and its output is what the
+    threshold ranks: the kept half are the entries with the largest |sum|."""
+    log = {}
+
+    class Signed(Scorer):
+        name = "signed"
+        data_dependent = True
+
+        def score(self, ctx, bs):
+            out = []
+            for p in ctx.prunable:
+                per_batch = [torch.randn(p.shape, generator=ctx.generator(b.index)) for b in bs]
+                log.setdefault("per_batch", []).append(per_batch)
+                out.append(sum(per_batch))
+            return out
+
+        def finalize(self, ctx, scores):
+            log["summed"] = [s.clone() for s in scores]
+            return [s.abs() for s in scores]
+
+    masks = widetopo.prune(tiny_cnn(), batches(3), 0.5, method=Signed(), verbose=False)
+    sums = [sum(per_batch) for per_batch in log["per_batch"]]
+    for got, ref in zip(log["summed"], sums):
+        torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    flat = torch.cat([s.abs().flatten() for s in sums])
+    keep = torch.zeros_like(flat, dtype=torch.bool)
+    keep[flat.argsort(descending=True, stable=True)[:132]] = True  # 264 prunable weights, half kept
+    assert torch.equal(torch.cat([m.flatten() for m in masks.values()]), keep)
+
+
 def test_preset_and_options_reach_the_engine(monkeypatch):
     got = {}
     real = Pruner.__init__

@@ -73,16 +73,19 @@ def test_random_rejects_unknown_distribution():
 
 
 # -------------------------------------------------------------------------------------- SNIP
-def reference_snip(model, ctx, batches, buffers_per_batch=None):
+def reference_snip(model, ctx, batches, buffers_per_batch=None, per_batch_abs=False):
+    """|sum_b grad L_b * theta| with the gradient accumulated over the batches (per_batch_abs:
+    sum_b |grad L_b * theta| instead, only to show that the two differ on the test data)."""
     total = None
     for k, b in enumerate(batches):
         net = masked_copy(model, ctx, buffers_per_batch[k] if buffers_per_batch else None).eval()
         loss = F.cross_entropy(net(b.x), b.y)
         loss.backward()
         named = dict(net.named_parameters())
-        s = [(named[n].grad * named[n]).abs().detach() for n in ctx.names]
+        s = [(named[n].grad * named[n]).detach() for n in ctx.names]
+        s = [t.abs() for t in s] if per_batch_abs else s
         total = s if total is None else [a + c for a, c in zip(total, s)]
-    return total
+    return [t.abs() for t in total]
 
 
 @needs_acc
@@ -94,11 +97,16 @@ def test_snip_matches_hand_autograd():
     scorer = SNIPScorer()
     assert scorer.needs_targets and scorer.data_dependent and not scorer.decay
     rng = torch.random.get_rng_state()
-    got = scorer.score(ctx, bs)
+    signed = scorer.score(ctx, bs)
+    assert any(bool((s < 0).any()) for s in signed)  # the sum is signed until finalize
+    got = scorer.finalize(ctx, signed)
     assert torch.equal(rng, torch.random.get_rng_state())
     ref = reference_snip(model, ctx, bs)
     for n, a, r in zip(ctx.names, got, ref):
         torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-12, msg=n)
+    # the test data tells the two conventions apart: per-batch absolute values would not match
+    other = reference_snip(model, ctx, bs, per_batch_abs=True)
+    assert not all(torch.allclose(a, r) for a, r in zip(got, other))
     assert all(m.training for m in model.modules())
 
 
@@ -109,7 +117,8 @@ def test_snip_with_batchnorm_calibration():
     model = make_model(TinyCNN)
     ctx = make_ctx(model)
     bs = labelled_batches()
-    got = SNIPScorer(calibrate_bn=True).score(ctx, bs)
+    scorer = SNIPScorer(calibrate_bn=True)
+    got = scorer.finalize(ctx, scorer.score(ctx, bs))
     ref = reference_snip(model, ctx, bs, [calibrated_buffers(model, ctx, b.x) for b in bs])
     for a, r in zip(got, ref):
         torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-12)

@@ -412,6 +412,7 @@ class Pruner:
                 scores = [torch.zeros(p.shape, dtype=_score_dtype(p), device=p.device) for p in working]
         if self.scorer.data_dependent:
             dist_utils.all_reduce_sum_(scores)
+        scores = self._check_scores(self.scorer.finalize(ctx, scores), working)
         finite = torch.stack([torch.isfinite(s).all() for s in scores])
         if not bool(finite.all()):
             bad = int((~finite).nonzero()[0])

@@ -90,3 +90,11 @@ class Scorer(abc.ABC):
     @abc.abstractmethod
     def score(self, ctx: ScoreContext, batches: Sequence[Batch]) -> List[torch.Tensor]:
         """One score tensor per name in ctx.names (same shape, floating), summed over `batches`."""
+
+    def finalize(self, ctx: ScoreContext, scores: List[torch.Tensor]) -> List[torch.Tensor]:
+        """Map the scores summed over every batch (and, with torch.distributed, every process)
+        to the final saliencies; the engine calls it after the all_reduce, before decay and the
+        threshold. Default: unchanged. A score that is a function of a sum over the whole
+        pruning set (SNIP's |sum_b g_b * theta|) returns the signed sum from score() and
+        applies the function here, so the result does not depend on how batches are split."""
+        return scores

@@ -74,12 +74,14 @@ class MagnitudeScorer(Scorer):
 
 
 class SNIPScorer(Scorer):
-    """SNIP connection sensitivity: S += |dL/dtheta * theta * m| per batch, L = mean cross
-    entropy of the logits against the batch targets, forward in eval mode.
+    """SNIP connection sensitivity |g * theta * m| with g = sum_b dL_b/dtheta, L_b = mean cross
+    entropy of batch b's logits against its targets, forward in eval mode (the gradient is
+    accumulated over the pruning set, as in the original method and the official code).
 
-    The absolute value is taken per batch (like WideTopo's terms), so the sum over batches does
-    not depend on how batches are split across processes. calibrate_bn=True calibrates the
-    BatchNorm statistics on each batch first (default False: the context's buffers as given).
+    score() returns the signed sum_b g_b * theta * m of its batches; finalize() takes the
+    absolute value after the engine has summed the batches of every process. calibrate_bn=True
+    calibrates the BatchNorm statistics on each batch first (default False: the context's
+    buffers as given).
     """
 
     name = "snip"
@@ -116,9 +118,14 @@ class SNIPScorer(Scorer):
                     loss = F.cross_entropy(logits, y)
                     grads = torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)
                 widetopo_ext.accumulate_score_(out, as_dtypes(grads, out), as_dtypes(prunable, out), ctx.masks,
-                                               absolute=True)
+                                               absolute=False)
         check_finite(out, ctx, self.name)
         return out
+
+    def finalize(self, ctx: ScoreContext, scores: List[torch.Tensor]) -> List[torch.Tensor]:
+        """|sum over all batches of g_b * theta * m|."""
+        torch._foreach_abs_(scores)
+        return scores
 
 
 # ---------------------------------------------------------------------------------------------
