@@ -211,6 +211,21 @@ class Pruner:
         phases = self._phases()
         return sum(self._phase_length(p) for p in phases[:phase_idx] if p[0] == "prune")
 
+    def _settings(self) -> dict:
+        """The run options that shape the result (in mask metadata and the checkpoint fingerprint)."""
+        return {
+            "seed": self.seed,
+            "count": self.count,
+            "rounds": self.rounds,
+            "restorations": self.restorations,
+            "restore_steps": self.restore_steps,
+            "restore_rounds": self.restore_rounds,
+            "schedule": self.schedule,
+            "compression_factor": self.compression_factor,
+            "noise_scale": self.noise_scale,
+            "max_samples": self.max_samples,
+        }
+
     def _fingerprint(self, params: dict, batches: List[Batch], world: int) -> dict:
         scorer_state = {
             k: v for k, v in sorted(vars(self.scorer).items()) if isinstance(v, (int, float, str, bool, type(None)))
@@ -221,15 +236,7 @@ class Pruner:
             "scorer_state": repr(scorer_state),
             "meta": repr(sorted((k, repr(v)) for k, v in self.meta.items())),
             "density": self.density,
-            "rounds": self.rounds,
-            "restorations": self.restorations,
-            "restore_steps": self.restore_steps,
-            "restore_rounds": self.restore_rounds,
-            "schedule": self.schedule,
-            "compression_factor": self.compression_factor,
-            "count": self.count,
-            "seed": self.seed,
-            "noise_scale": self.noise_scale,
+            **self._settings(),
             "names": list(self.names),
             "shapes": [list(params[n].shape) for n in self.names],
             "theta_checksum": repr(checksum),
@@ -374,16 +381,7 @@ class Pruner:
             "preset": None,
             "target_density": self.density,
             "density": achieved,
-            "seed": self.seed,
-            "count": self.count,
-            "rounds": self.rounds,
-            "restorations": self.restorations,
-            "restore_steps": self.restore_steps,
-            "restore_rounds": self.restore_rounds,
-            "schedule": self.schedule,
-            "compression_factor": self.compression_factor,
-            "noise_scale": self.noise_scale,
-            "max_samples": self.max_samples,
+            **self._settings(),
             "world_size": world,
             "version": __version__,
         }
