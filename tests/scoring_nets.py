@@ -75,6 +75,18 @@ def make_ctx(model, keep=0.7, seed=3, round_index=2, mask_seed=99):
                         round=round_index, seed=seed)
 
 
+def masked_copy(model, ctx, buffers=None):
+    """A deep copy of model holding ctx's parameters (theta * m for the prunable ones) and
+    ctx's buffers (or `buffers`)."""
+    net = copy.deepcopy(model)
+    with torch.no_grad():
+        for n, p in net.named_parameters():
+            p.copy_(ctx.params[n])
+        for n, b in net.named_buffers():
+            b.copy_((buffers or ctx.buffers)[n])
+    return net
+
+
 def calibrated_copy(model, ctx, x):
     """BN statistics of batch x by hand: a deep copy with ctx's parameters, its BatchNorm layers
     reset and run in train mode with momentum 1 on x; returned in eval mode."""

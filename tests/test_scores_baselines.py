@@ -1,27 +1,16 @@
 """Random, Magnitude, SNIP and SynFlow scorers against straightforward implementations."""
-import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scoring_nets import MLP, TinyCNN, make_ctx, make_model
+from scoring_nets import MLP, TinyCNN, make_ctx, make_model, masked_copy
 from widetopo.rng import make_generator
 from widetopo.scores import Batch, MagnitudeScorer, RandomScorer, SNIPScorer, SynFlowScorer
 from widetopo.scores.baselines import synflow_scores
 
 needs_acc = pytest.mark.needs_kernel("accumulate_score_")
-
-
-def masked_copy(model, ctx, buffers=None):
-    net = copy.deepcopy(model)
-    with torch.no_grad():
-        for n, p in net.named_parameters():
-            p.copy_(ctx.params[n])
-        for n, b in net.named_buffers():
-            b.copy_((buffers or ctx.buffers)[n])
-    return net
 
 
 def labelled_batches(n=2, shape=(4, 1, 8, 8), classes=5):

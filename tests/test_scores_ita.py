@@ -6,7 +6,7 @@ import torch
 
 from widetopo.rng import make_generator
 from scoring_nets import MLP1 as MLP
-from scoring_nets import TinyCNN, make_ctx, make_model
+from scoring_nets import TinyCNN, make_ctx, make_model, masked_copy
 from widetopo.scores import Batch, ita_score
 from widetopo.scores.ita import ITA_STREAM, no_tf32
 
@@ -34,12 +34,7 @@ def reference_ita(model, ctx, batch, eps_x=5e-4, eps_theta=5e-4, draw_dtype=None
     masks = [m.to(x.dtype).requires_grad_(True) for m in ctx.masks]
     nets = []
     for perturbed in (False, True):
-        net = copy.deepcopy(model).eval()
-        with torch.no_grad():
-            for n, p in net.named_parameters():
-                p.copy_(ctx.params[n])
-            for n, b in net.named_buffers():
-                b.copy_(ctx.buffers[n])
+        net = masked_copy(model, ctx).eval()
         for n, m, mb, d in zip(ctx.names, masks, ctx.masks, dtheta):
             theta_m = ctx.params[n] * mb.to(x.dtype)  # theta * m, a constant
             c = theta_m + eps_theta * d if perturbed else theta_m

@@ -1,11 +1,10 @@
 """NTK-trace (Hutchinson) saliency against a double backward written out by hand."""
-import copy
 
 import pytest
 import torch
 
 from widetopo.rng import make_generator
-from scoring_nets import MLP, TinyCNN, make_ctx, make_model
+from scoring_nets import MLP, TinyCNN, make_ctx, make_model, masked_copy
 from widetopo.scores import Batch, ntk_score
 from widetopo.scores.ntk import NTK_STREAM
 
@@ -14,12 +13,7 @@ needs_ops = pytest.mark.needs_kernel("accumulate_score_", "masked_sq_norm")
 
 def reference_ntk(model, ctx, batch, probes=1):
     """|sum_probes h * theta * m| with h = grad ||m * grad <v, f>||^2, plain autograd."""
-    net = copy.deepcopy(model).eval()
-    with torch.no_grad():
-        for n, p in net.named_parameters():
-            p.copy_(ctx.params[n])
-        for n, b in net.named_buffers():
-            b.copy_(ctx.buffers[n])
+    net = masked_copy(model, ctx).eval()
     named = dict(net.named_parameters())
     all_params = list(named.values())
     pr = [named[n] for n in ctx.names]
@@ -80,12 +74,7 @@ def test_ntk_pruned_entries_zero_and_nonprunable_gradients_counted():
     for s, m in zip(got, ctx.masks):
         assert torch.all(s[~m] == 0)
     # a reference that drops the non-prunable gradients from t gives a different score
-    net = copy.deepcopy(model).eval()
-    with torch.no_grad():
-        for n, p in net.named_parameters():
-            p.copy_(ctx.params[n])
-        for n, b in net.named_buffers():
-            b.copy_(ctx.buffers[n])
+    net = masked_copy(model, ctx).eval()
     pr = [dict(net.named_parameters())[n] for n in ctx.names]
     gen = make_generator(ctx.seed, ctx.round, batch.index, "cpu", NTK_STREAM)
     out = net(batch.x)
