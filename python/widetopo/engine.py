@@ -162,6 +162,7 @@ class Pruner:
         state = PruneState(self.model, self.names, self.device)
         with dist_utils.fail_together(self.device, "the model's forward on the pruning data"):
             self._probe(state, batches[0])
+            self._probe_calibration(state, batches)
         mine = dist_utils.shard(batches, rank, world) if self.scorer.data_dependent else batches
         return state, batches, mine
 
@@ -183,6 +184,15 @@ class Pruner:
                 f"model must return a logits tensor, got {type(out).__name__}; wrap the model so "
                 "that forward(x) returns a tensor"
             )
+
+    def _probe_calibration(self, state, batches: List[Batch]) -> None:
+        """A batch of one sample cannot calibrate BatchNorm1d-like layers: fail now, not in
+        round 1 (one no-grad train-mode forward of that batch, on scratch buffers)."""
+        from widetopo.scores.bn import batchnorm_modules, calibrate_batchnorm
+
+        smallest = min(batches, key=lambda b: b.x.shape[0])
+        if smallest.x.shape[0] == 1 and batchnorm_modules(self.model):
+            calibrate_batchnorm(state.context(0, self.options.seed), smallest.x.to(self.device))
 
     # ------------------------------------------------------------------ checkpoint
     def _fingerprint(self, state, batches: List[Batch], world: int) -> dict:
