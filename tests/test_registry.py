@@ -49,7 +49,7 @@ def test_method_options_are_validated_with_the_option_name():
     assert wt.make_scorer(eps=1e-3).options.eps == 1e-3
     with pytest.raises(ValueError, match="eps must be a finite number > 0"):
         wt.make_scorer(eps=-1.0)
-    with pytest.raises(ValueError, match="unknown option.*'mu3'.*its options are: mu1, mu2, eps, probes"):
+    with pytest.raises(ValueError, match="unknown option.*'mu3'.*its options are: mu1, mu2, eps, probes, ita_batched"):
         wt.make_scorer(mu3=1.0)
 
 
@@ -62,7 +62,7 @@ def test_parse_assignment_types_the_value_from_the_dataclass():
     assert parse_assignment([get_method("synflow").options], "input_shape=none") == ("input_shape", None)
     with pytest.raises(ValueError, match="probes: cannot read 'x'"):
         parse_assignment([opts], "probes=x")
-    with pytest.raises(ValueError, match="unknown option 'nope'; allowed: eps, mu1, mu2, probes"):
+    with pytest.raises(ValueError, match="unknown option 'nope'; allowed: eps, ita_batched, mu1, mu2, probes"):
         parse_assignment([opts], "nope=1")
     with pytest.raises(ValueError, match="expected key=value"):
         parse_assignment([opts], "eps")
