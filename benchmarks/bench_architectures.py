@@ -47,10 +47,14 @@ from widetopo.params import select_prunable  # noqa: E402
 
 from arch_models import ARCHITECTURES, tiny_case  # noqa: E402
 
-try:
-    from widetopo.methods import METHODS as _REGISTRY
+try:  # the method registry (widetopo.methods); the presets of widetopo.api before it
+    from widetopo.methods import method_names
+
+    METHODS = method_names()
 except ImportError:
-    from widetopo.api import METHODS as _REGISTRY
+    from widetopo.api import METHODS as _PRESETS
+
+    METHODS = sorted(_PRESETS)
 
 
 def _env(name, default, cast=int):
@@ -93,7 +97,7 @@ def run_cell(arch: str, method: str, density: float = 0.2) -> str:
 
 
 def method_table() -> dict:
-    methods = sorted(_REGISTRY)
+    methods = list(METHODS)
     return {arch: {m: run_cell(arch, m) for m in methods} for arch in ARCHITECTURES}
 
 

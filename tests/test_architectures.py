@@ -20,12 +20,14 @@ from arch_models import ARCHITECTURES, mobilenet_v3_small, resnet18, tiny_case
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-try:  # the method registry (widetopo.methods) once it lands; the presets of widetopo.api until then
-    from widetopo.methods import METHODS as _REGISTRY
-except ImportError:
-    from widetopo.api import METHODS as _REGISTRY
+try:  # the method registry (widetopo.methods); the presets of widetopo.api before it
+    from widetopo.methods import method_names
 
-METHODS = sorted(_REGISTRY)
+    METHODS = method_names()
+except ImportError:
+    from widetopo.api import METHODS as _PRESETS
+
+    METHODS = sorted(_PRESETS)
 DENSITY = 0.2
 
 #: Short schedules: one or two scoring rounds, and for WideTopo one restoration of 2 steps.
@@ -96,6 +98,45 @@ def test_segmentation_batches_carry_ignored_pixels():
     _, batches = tiny_case("unet")
     y = torch.cat([b[1] for b in batches])
     assert y.dim() == 3 and (y == -100).any() and (y >= 0).any()
+
+
+def _snip_reference(model, batches, ignore_index):
+    """SNIP by hand in float64: |sum_b dL_b/dtheta * theta| over the default prunable weights,
+    L_b = per-pixel cross entropy of the eval-mode logits, averaged over the pixels whose target
+    is not ignore_index (written out: -log softmax at the target, masked mean)."""
+    net = copy.deepcopy(model).double().eval()
+    names = select_prunable(net)
+    params = dict(net.named_parameters())
+    total = {n: torch.zeros_like(params[n]) for n in names}
+    for x, y in batches:
+        logp = torch.log_softmax(net(x.double()), dim=1)
+        keep = y != ignore_index
+        picked = logp.gather(1, torch.where(keep, y, 0)[:, None])[:, 0]
+        loss = -(picked * keep).sum() / keep.sum()
+        grads = torch.autograd.grad(loss, [params[n] for n in names])
+        for n, g in zip(names, grads):
+            total[n] += g
+    return {n: (total[n] * params[n]).abs().detach() for n in names}
+
+
+def test_snip_on_segmentation_ignores_border_pixels():
+    """The U-Net x SNIP cell keeps the top-K of per-pixel cross-entropy saliencies that leave out
+    the ignore_index pixels; counting those pixels as background picks a different mask."""
+    model, batches = tiny_case("unet")
+    masks = widetopo.prune(model, batches, DENSITY, method="snip", verbose=False)
+    for ignore, should_match in ((-100, True), (None, False)):
+        data = batches if ignore is not None else [(x, torch.where(y == -100, 0, y)) for x, y in batches]
+        ref = _snip_reference(model, data, -100)
+        flat = torch.cat([ref[n].flatten() for n in masks])
+        k = sum(int(m.sum()) for m in masks.values())
+        threshold = flat.topk(k).values[-1]
+        got = torch.cat([masks[n].flatten() for n in masks])
+        differ = got != (flat >= threshold)
+        near = (flat - threshold).abs() <= 1e-4 * threshold  # float32 vs float64 at the cut
+        if should_match:
+            assert not (differ & ~near).any()
+        else:
+            assert (differ & ~near).sum() > 10
 
 
 # --------------------------------------------------------------------------- the reference models
