@@ -14,7 +14,7 @@ plain differentiable torch ops and the same forward values (up to float rounding
 
     sdpa(q, k, v) = softmax(q k^T * scale + mask) v      (explicit math, masks and GQA honoured)
     F.multi_head_attention_forward: its own explicit path (need_weights=True; weights dropped)
-    hardsigmoid(x) = clamp(x + 3, 0, 6) / 6
+    hardsigmoid(x) = clamp(x + 3, 0, 6) / 6             (in place when asked)
     lstm / gru / rnn_tanh / rnn_relu on CUDA: cuDNN disabled (the native ATen composite)
 
 ScoreContext.forward runs every scoring forward inside it. `check_double_backward(ctx, x)` is a
@@ -92,8 +92,11 @@ def sdpa_math(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
 
 
 def hardsigmoid_math(input, inplace=False):
-    """clamp(x + 3, 0, 6) / 6 (= relu6(x + 3) / 6); `inplace` is ignored (the result is returned)."""
-    return torch.clamp(input + 3.0, 0.0, 6.0) / 6.0
+    """clamp(x + 3, 0, 6) / 6 (= relu6(x + 3) / 6); inplace=True writes it into `input` (with
+    copy_, which autograd records), as torch's in-place kernel would: code like
+    `x * F.hardsigmoid(x, inplace=True)` keeps its meaning."""
+    out = torch.clamp(input + 3.0, 0.0, 6.0) / 6.0
+    return input.copy_(out) if inplace else out
 
 
 def _rnn_without_cudnn(func, args, kwargs):
@@ -110,6 +113,8 @@ def _sdpa(func, args, kwargs):
 
 
 def _hardsigmoid(func, args, kwargs):
+    if func is torch._C._nn.hardsigmoid_:
+        return hardsigmoid_math(*args, inplace=True)
     return hardsigmoid_math(*args, **kwargs)
 
 
@@ -198,7 +203,7 @@ def needs_double_backward(scorer) -> bool:
     return isinstance(scorer, WideTopoScorer) and getattr(scorer, "mu1", 0.0) != 0
 
 
-_NOT_IMPLEMENTED = re.compile(r"(derivative for (\S+) is not implemented|double backward|not implemented for double)",
+_NOT_IMPLEMENTED = re.compile(r"(derivative for \S+ is not implemented|double backward|once_differentiable)",
                               re.IGNORECASE)
 
 
@@ -302,9 +307,9 @@ def check_double_backward(ctx, x: torch.Tensor, method: str = "this method", sam
                 raise
             error = exc
         name, module = _locate(model, lambda: ctx.forward(params, x))
-    detail = str(error).splitlines()[0]
+    detail = str(error).splitlines()[0].rstrip(".")
     if name is None:
-        where = "an op called directly in a forward() of the model"
+        where = f"an op called directly in the forward() of the model ({type(model).__name__})"
     else:
         where = f"module {name!r} ({type(module).__name__})"
     raise DoubleBackwardError(
