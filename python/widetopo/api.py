@@ -55,7 +55,7 @@ METHODS = {
     "synflow": {"engine": {"rounds": 100, "restorations": 0}, "scorer": {}},
 }
 
-SELECTION_OPTIONS = ("include", "names", "pattern", "include_bias", "include_norm")
+SELECTION_OPTIONS = ("include", "names", "pattern", "include_bias", "include_norm", "include_tokens")
 
 
 def _allowed_options(scorer_options) -> list:
@@ -73,7 +73,7 @@ def prune(model: nn.Module, data: Iterable, density: float, method: Union[str, S
              noise_scale (1e-5), verbose (True), max_samples (read only this many samples of
              `data`; None = all), checkpoint (path or None), device; for WideTopo
              mu1 (0.01), mu2 (1.0), eps (5e-4), probes (1); prunable selection: include, names,
-             pattern, include_bias, include_norm (see widetopo.params.select_prunable).
+             pattern, include_bias, include_norm, include_tokens (see widetopo.params.select_prunable).
     Returns Masks (name -> bool tensor) with .meta describing the run.
     """
     if not isinstance(model, nn.Module):
