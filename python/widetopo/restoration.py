@@ -7,6 +7,9 @@ Restoration r (r = 0..R-1) raises the density from d* to d_r = d*^((2^(r+1)-1)/2
   pruned entries, rank 1         1.0,
 with n ~ N(0, 1) per (output, input) unit pair, and thresholds globally at d_j. The engine then
 resets theta <- theta_init * m and runs T' scoring rounds back down to d*.
+With `layouts` (widetopo.topology) the unit densities are those of each tensor's true unit
+graph: per group for grouped/depthwise convs (normalised by the group's I/g resp. O/g), and
+elementwise tensors (tokens) score like rank-1 ones.
 """
 from __future__ import annotations
 
