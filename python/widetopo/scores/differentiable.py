@@ -33,6 +33,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 from torch.overrides import TorchFunctionMode
 
 logger = logging.getLogger(__name__)
@@ -240,21 +241,32 @@ def _hvp(outputs: List[torch.Tensor], leaves: List[torch.Tensor]) -> None:
         torch.autograd.grad(sum(terms), leaves, allow_unused=True)
 
 
-def _module_fails(module: nn.Module, args, kwargs) -> Optional[BaseException]:
-    """Run one module alone on copies of its recorded inputs; the missing-derivative error or None."""
+def _sub(tensors: Dict[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]:
+    """The entries of a model-level name -> tensor dict that belong to submodule `prefix`."""
+    if not prefix:
+        return dict(tensors)
+    head = prefix + "."
+    return {k[len(head):]: v for k, v in tensors.items() if k.startswith(head)}
+
+
+def _module_fails(module: nn.Module, prefix: str, params, buffers, args, kwargs) -> bool:
+    """Replay one module alone (the context's tensors, on copies of its recorded inputs): does
+    its own double backward hit a missing derivative?"""
     inputs = [a.detach().requires_grad_(True) if _floating(a) else a for a in args]
     kw = {k: (v.detach().requires_grad_(True) if _floating(v) else v) for k, v in kwargs.items()}
+    own = {k: (v.detach().requires_grad_(True) if _floating(v) else v) for k, v in _sub(params, prefix).items()}
     leaves = [a for a in inputs if _floating(a)] + [v for v in kw.values() if _floating(v)]
-    leaves += [p for p in module.parameters() if p.requires_grad and p.is_floating_point()]
+    leaves += [v for v in own.values() if _floating(v)]
     try:
         with twice_differentiable(), torch.enable_grad():
-            _hvp(_flatten(module(*inputs, **kw)), leaves)
+            out = functional_call(module, (own, _sub(buffers, prefix)), tuple(inputs), kw)
+            _hvp(_flatten(out), leaves)
     except Exception as exc:  # noqa: BLE001 - only missing derivatives count
-        return exc if _is_missing_derivative(exc) else None
-    return None
+        return _is_missing_derivative(exc)
+    return False
 
 
-def _locate(model: nn.Module, run) -> Tuple[Optional[str], Optional[nn.Module]]:
+def _locate(model: nn.Module, run, params, buffers) -> Tuple[Optional[str], Optional[nn.Module]]:
     """The innermost module whose own double backward fails (recorded inputs replayed)."""
     calls: List[Tuple[str, nn.Module, tuple, dict]] = []
     names = {id(m): n for n, m in model.named_modules()}
@@ -264,20 +276,20 @@ def _locate(model: nn.Module, run) -> Tuple[Optional[str], Optional[nn.Module]]:
 
     handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in model.modules()]
     try:
-        with torch.no_grad():
+        with torch.enable_grad():  # the same code paths as the failing forward (fast paths off)
             run()
     except Exception:  # noqa: BLE001 - the forward itself worked before; best effort only
         pass
     finally:
         for h in handles:
             h.remove()
-    failing = [(n, m) for n, m, a, k in calls if m is not model and _module_fails(m, a, k) is not None]
+    failing = [(n, m) for n, m, a, k in calls if m is not model and _module_fails(m, n, params, buffers, a, k)]
     if not failing:
         return None, None
     # innermost: a failing module none of whose failing descendants is listed
     for name, module in failing:
         if not any(other is not module and other_name.startswith(name + ".") for other_name, other in failing):
-            return name or "<model>", module
+            return name, module
     return failing[0]
 
 
@@ -306,7 +318,7 @@ def check_double_backward(ctx, x: torch.Tensor, method: str = "this method", sam
             if not _is_missing_derivative(exc):
                 raise
             error = exc
-        name, module = _locate(model, lambda: ctx.forward(params, x))
+        name, module = _locate(model, lambda: ctx.forward(params, x), params, ctx.buffers)
     detail = str(error).splitlines()[0].rstrip(".")
     if name is None:
         where = f"an op called directly in the forward() of the model ({type(model).__name__})"
