@@ -34,13 +34,7 @@ DENSITY = 0.2
 SHORT = {"rounds": 2, "restorations": 0}
 SHORT_WIDETOPO = {"rounds": 2, "restorations": 1, "restore_steps": 2, "restore_rounds": 1}
 
-_NO_DOUBLE_BACKWARD = "the NTK-trace term needs a double backward torch does not implement for "
-KNOWN_FAILURES = {
-    ("vit", "widetopo"): _NO_DOUBLE_BACKWARD + "the fused CPU attention kernel (issue 9, helper arch)",
-    ("vit", "widetopo-s"): _NO_DOUBLE_BACKWARD + "the fused CPU attention kernel (issue 9, helper arch)",
-    ("mobilenet_v3_small", "widetopo"): _NO_DOUBLE_BACKWARD + "hardsigmoid_backward (issue 9, helper arch)",
-    ("mobilenet_v3_small", "widetopo-s"): _NO_DOUBLE_BACKWARD + "hardsigmoid_backward (issue 9, helper arch)",
-}
+KNOWN_FAILURES = {}  # (architecture, method) -> reason; empty since attention and Hardsigmoid score twice-differentiably
 
 
 def _options(method):

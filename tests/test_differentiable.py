@@ -333,7 +333,7 @@ def test_needs_double_backward():
     assert not needs_double_backward(make_scorer("snip"))
 
     class Custom:
-        double_backward = True
+        needs_double_backward = True
 
     assert needs_double_backward(Custom())
 

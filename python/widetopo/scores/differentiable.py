@@ -194,14 +194,8 @@ class DoubleBackwardError(RuntimeError):
 
 
 def needs_double_backward(scorer) -> bool:
-    """True for scorers whose scores differentiate a gradient: an explicit
-    `scorer.double_backward` attribute wins; otherwise WideTopo with mu1 != 0 (the NTK term)."""
-    flag = getattr(scorer, "double_backward", None)
-    if flag is not None:
-        return bool(flag)
-    from widetopo.scores.widetopo import WideTopoScorer
-
-    return isinstance(scorer, WideTopoScorer) and getattr(scorer, "mu1", 0.0) != 0
+    """The scorer's own declaration (Scorer.needs_double_backward; WideTopo: mu1 != 0)."""
+    return bool(getattr(scorer, "needs_double_backward", False))
 
 
 _NOT_IMPLEMENTED = re.compile(r"(derivative for \S+ is not implemented|double backward|once_differentiable)",
