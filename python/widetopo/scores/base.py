@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import ClassVar, Dict, List, Optional, Sequence, Type
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
+from widetopo.options import Options, as_dict
 from widetopo.rng import make_generator
 
 
@@ -46,6 +47,7 @@ class ScoreContext:
     round: int = 0
     seed: int = 0
     density: float = 1.0
+    prepass: Optional[List[torch.Tensor]] = None
     extra: dict = field(default_factory=dict)
 
     @property
@@ -72,20 +74,68 @@ class ScoreContext:
         return out
 
 
+@dataclass(frozen=True)
+class NoOptions(Options):
+    """A method without options."""
+
+
 class Scorer(abc.ABC):
     """Saliency of every prunable weight; larger = more important.
 
     Attributes the engine reads:
-      name           - method name
-      data_dependent - scores are sums over batches (summed across processes with all_reduce)
-      decay          - the engine applies density-aware decay after summing
-      needs_targets  - the data must carry targets
+      name                  - method name (the registry sets the registered name)
+      data_dependent        - scores are sums over batches (summed across processes with all_reduce)
+      decay                 - the engine applies density-aware decay after summing
+      needs_targets         - the data must carry targets
+      needs_double_backward - the scores differentiate a gradient (checked before round 1)
+      selection             - "global": keep the K highest scores over all tensors;
+                              "layerwise": keep layer_quotas(ctx, K)[l] highest in each tensor l
+      Options               - the options dataclass (widetopo.options.Options); an instance is
+                              built from the constructor's keywords and kept as `self.options`
+
+    Hooks, in the order the engine calls them in a round: prepass (optional, summed over every
+    batch and process), score (summed the same way), finalize, then selection.
     """
 
     name: str = "scorer"
     data_dependent: bool = True
     decay: bool = False
     needs_targets: bool = False
+    needs_double_backward: bool = False
+    selection: str = "global"
+    Options: ClassVar[Type[Options]] = NoOptions
+    #: replaced in __init__; this default serves subclasses that do not call Scorer.__init__
+    options: Options = NoOptions()
+
+    def __init__(self, *args, **kwargs):
+        """Scorer(options) with an Options instance, or Scorer(**options) / positional values
+        in field order, validated by the Options dataclass."""
+        if len(args) == 1 and not kwargs and isinstance(args[0], Options):
+            options = args[0]
+            if not isinstance(options, self.Options):
+                raise TypeError(f"{type(self).__name__} takes {self.Options.__name__}, got {type(options).__name__}")
+        else:
+            options = self.Options(*args, **kwargs)
+        self.options = options
+
+    def __getattr__(self, key):
+        # options read as attributes (scorer.eps); only reached when normal lookup fails
+        options = self.__dict__.get("options")
+        if options is not None and key in as_dict(options):
+            return getattr(options, key)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {key!r}")
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in as_dict(self.options).items())
+        return f"{type(self).__name__}({opts})"
+
+    def prepass(self, ctx: ScoreContext, batches: Sequence[Batch]) -> Optional[List[torch.Tensor]]:
+        """Tensors summed over this process's batches that the score needs summed over the whole
+        pruning set first (GraSP's gradient g). The engine sums them over every process and
+        hands the totals to score() as ctx.prepass; over no batch (a process without batches)
+        it must return zeros of the same shapes. A scorer without a prepass does not override
+        this method."""
+        return None
 
     @abc.abstractmethod
     def score(self, ctx: ScoreContext, batches: Sequence[Batch]) -> List[torch.Tensor]:
@@ -98,3 +148,8 @@ class Scorer(abc.ABC):
         pruning set (SNIP's |sum_b g_b * theta|) returns the signed sum from score() and
         applies the function here, so the result does not depend on how batches are split."""
         return scores
+
+    def layer_quotas(self, ctx: ScoreContext, keep: int) -> List[int]:
+        """For selection = "layerwise": how many weights each prunable tensor keeps (aligned
+        with ctx.names, summing to `keep`)."""
+        raise NotImplementedError(f"{type(self).__name__} has selection {self.selection!r}, not 'layerwise'")

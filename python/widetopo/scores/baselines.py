@@ -7,21 +7,30 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Dict, List, Optional, Sequence
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import widetopo_ext
+from widetopo.options import Options, any_integer, boolean, one_of, option, optional, shape
 from widetopo.scores.base import Batch, ScoreContext, Scorer
+from widetopo.scores.losses import IGNORE_INDEX, task_loss
 from widetopo.scores._util import as_dtypes, score_zeros
 from widetopo.scores.bn import calibrate_batchnorm, eval_mode
 from widetopo.scores.widetopo import check_finite
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RandomScorer", "MagnitudeScorer", "SNIPScorer", "SynFlowScorer", "synflow_scores"]
+__all__ = ["RandomScorer", "MagnitudeScorer", "SNIPScorer", "SynFlowScorer", "synflow_scores",
+           "RandomOptions", "SNIPOptions", "SynFlowOptions"]
+
+
+@dataclass(frozen=True)
+class RandomOptions(Options):
+    distribution: str = option("uniform", "draw per weight: 'uniform' (1 - U[0,1)) or 'normal' (|z|)",
+                               one_of("uniform", "normal"))
 
 
 class RandomScorer(Scorer):
@@ -35,20 +44,13 @@ class RandomScorer(Scorer):
     data_dependent = False
     decay = False
     needs_targets = False
-
-    def __init__(self, distribution: str = "uniform"):
-        if distribution not in ("uniform", "normal"):
-            raise ValueError(f"distribution must be 'uniform' or 'normal', got {distribution!r}")
-        self.distribution = distribution
-
-    def __repr__(self) -> str:
-        return f"RandomScorer(distribution={self.distribution!r})"
+    Options = RandomOptions
 
     def score(self, ctx: ScoreContext, batches: Sequence[Batch] = ()) -> List[torch.Tensor]:
         prunable = ctx.prunable
         gen = ctx.generator(0)
         out = score_zeros(prunable)
-        if self.distribution == "uniform":
+        if self.options.distribution == "uniform":
             draws = [torch.rand(s.shape, generator=gen, dtype=s.dtype, device=s.device) for s in out]
             torch._foreach_neg_(draws)
             torch._foreach_add_(draws, 1.0)
@@ -73,6 +75,13 @@ class MagnitudeScorer(Scorer):
         return out
 
 
+@dataclass(frozen=True)
+class SNIPOptions(Options):
+    calibrate_bn: bool = option(False, "calibrate BatchNorm statistics on each batch first", boolean)
+    ignore_index: int = option(IGNORE_INDEX, "target value excluded from the loss (segmentation)",
+                               any_integer)
+
+
 class SNIPScorer(Scorer):
     """SNIP connection sensitivity |g * theta * m| with g = sum_b dL_b/dtheta, L_b = mean cross
     entropy of batch b's logits against its targets, forward in eval mode (the gradient is
@@ -88,12 +97,7 @@ class SNIPScorer(Scorer):
     data_dependent = True
     decay = False
     needs_targets = True
-
-    def __init__(self, calibrate_bn: bool = False):
-        self.calibrate_bn = bool(calibrate_bn)
-
-    def __repr__(self) -> str:
-        return f"SNIPScorer(calibrate_bn={self.calibrate_bn})"
+    Options = SNIPOptions
 
     def score(self, ctx: ScoreContext, batches: Sequence[Batch]) -> List[torch.Tensor]:
         for batch in batches:
@@ -108,14 +112,14 @@ class SNIPScorer(Scorer):
             for batch in batches:
                 x = batch.x.to(ctx.device)
                 y = batch.y.to(ctx.device)
-                if self.calibrate_bn:
+                if self.options.calibrate_bn:
                     calibrate_batchnorm(ctx, x)
                 params = dict(ctx.params)
                 leaves = [p.detach().requires_grad_(True) for p in prunable]
                 params.update(zip(ctx.names, leaves))
                 with torch.enable_grad():
                     logits = ctx.forward(params, x)
-                    loss = F.cross_entropy(logits, y)
+                    loss = task_loss(logits, y, self.options.ignore_index)
                     grads = torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)
                 widetopo_ext.accumulate_score_(out, as_dtypes(grads, out), as_dtypes(prunable, out), ctx.masks,
                                                absolute=False)
@@ -189,6 +193,12 @@ def synflow_scores(ctx: ScoreContext, sample_shape: Sequence[int], rescale: bool
     return out, r.detach()
 
 
+@dataclass(frozen=True)
+class SynFlowOptions(Options):
+    input_shape: Optional[Tuple[int, ...]] = option(
+        None, "shape of one input sample (default: from the first batch)", optional(shape))
+
+
 class SynFlowScorer(Scorer):
     """SynFlow: S = |theta * dR/dtheta|, R = sum of f(1; |theta|) on an all-ones input shaped
     like one sample, every parameter linearised by abs, BatchNorm in eval mode.
@@ -205,22 +215,15 @@ class SynFlowScorer(Scorer):
     data_dependent = False
     decay = False
     needs_targets = False
+    Options = SynFlowOptions
 
-    def __init__(self, input_shape: Optional[Sequence[int]] = None):
-        if input_shape is not None:
-            input_shape = tuple(int(s) for s in input_shape)
-            if not input_shape or min(input_shape) < 1:
-                raise ValueError(f"input_shape must be a non-empty sequence of positive sizes, got {input_shape!r}")
-        self.input_shape = input_shape
-        # run diagnostics, kept out of the scalar attributes (the engine fingerprints those)
-        self.diagnostics = {"rescaled": False}
-
-    def __repr__(self) -> str:
-        return f"SynFlowScorer(input_shape={self.input_shape!r})"
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.diagnostics = {"rescaled": False}  # run diagnostics (not an option)
 
     def _sample_shape(self, batches: Sequence[Batch]):
-        if self.input_shape is not None:
-            return self.input_shape
+        if self.options.input_shape is not None:
+            return self.options.input_shape
         for batch in batches:
             return tuple(batch.x.shape[1:])
         raise ValueError(

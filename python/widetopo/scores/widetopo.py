@@ -8,19 +8,21 @@ the sum over batches stays split-invariant.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import List, Sequence
 
 import torch
 
+from widetopo.options import Options, boolean, integer, nonnegative, option, positive
 from widetopo.scores.base import Batch, ScoreContext, Scorer
 from widetopo.scores._util import score_zeros
 from widetopo.scores.bn import calibrate_batchnorm, eval_mode
-from widetopo.scores.ita import _check_eps, ita_score
-from widetopo.scores.ntk import _check_probes, ntk_score
+from widetopo.scores.ita import ita_score
+from widetopo.scores.ntk import ntk_score
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["WideTopoScorer", "check_finite"]
+__all__ = ["WideTopoScorer", "WideTopoOptions", "check_finite"]
 
 
 def check_finite(scores: Sequence[torch.Tensor], ctx: ScoreContext, method: str) -> None:
@@ -37,47 +39,42 @@ def check_finite(scores: Sequence[torch.Tensor], ctx: ScoreContext, method: str)
             )
 
 
-def _check_weight(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or value == float("inf"):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
+@dataclass(frozen=True)
+class WideTopoOptions(Options):
+    mu1: float = option(0.01, "weight of the NTK-trace term S_ntk", nonnegative)
+    mu2: float = option(1.0, "weight of the ITA term S_ita", nonnegative)
+    eps: float = option(5e-4, "finite-difference step of ITA (eps_x = eps_theta)", positive)
+    probes: int = option(1, "Hutchinson probes per batch", integer(1))
+    ita_batched: bool = option(True, "evaluate x and x + eps*dx as one batch (False: separately, for models "
+                                     "whose samples interact in eval mode)", boolean)
 
 
 class WideTopoScorer(Scorer):
-    """WideTopo (and WideTopo-S: same scorer, shorter schedule) saliency.
-
-    Options: mu1 (NTK weight, 0.01), mu2 (ITA weight, 1.0), eps (eps_x = eps_theta, 5e-4),
-    probes (Hutchinson probes per batch, 1).
-    """
+    """WideTopo (and WideTopo-S: same scorer, shorter schedule) saliency:
+    S = mu1 * S_ntk + mu2 * S_ita, with density-aware decay applied by the engine."""
 
     name = "widetopo"
     data_dependent = True
     decay = True
     needs_targets = False
-
-    def __init__(self, mu1: float = 0.01, mu2: float = 1.0, eps: float = 5e-4, probes: int = 1):
-        self.mu1 = _check_weight("mu1", mu1)
-        self.mu2 = _check_weight("mu2", mu2)
-        self.eps = _check_eps("eps", eps)
-        self.probes = _check_probes(probes)
-
-    def __repr__(self) -> str:
-        return f"WideTopoScorer(mu1={self.mu1}, mu2={self.mu2}, eps={self.eps}, probes={self.probes})"
+    needs_double_backward = True
+    Options = WideTopoOptions
 
     def score(self, ctx: ScoreContext, batches: Sequence[Batch]) -> List[torch.Tensor]:
         """mu1 * sum_b |sum_probes h_b * theta * m| + mu2 * sum_b |dA_b/dm| * [m != 0]."""
+        opts = self.options
         prunable = ctx.prunable
         s_ntk = score_zeros(prunable)
         s_ita = score_zeros(prunable)
         with eval_mode(ctx.model):
             for batch in batches:
                 calibrate_batchnorm(ctx, batch.x.to(ctx.device))
-                if self.mu1 != 0:
-                    ntk_score(ctx, batch, probes=self.probes, out=s_ntk)
-                if self.mu2 != 0:
-                    ita_score(ctx, batch, eps=self.eps, out=s_ita)
-        torch._foreach_mul_(s_ntk, self.mu1)
-        torch._foreach_mul_(s_ita, self.mu2)
+                if opts.mu1 != 0:
+                    ntk_score(ctx, batch, probes=opts.probes, out=s_ntk)
+                if opts.mu2 != 0:
+                    ita_score(ctx, batch, eps=opts.eps, out=s_ita, batched=opts.ita_batched)
+        torch._foreach_mul_(s_ntk, opts.mu1)
+        torch._foreach_mul_(s_ita, opts.mu2)
         torch._foreach_add_(s_ntk, s_ita)
         check_finite(s_ntk, ctx, self.name)
         return s_ntk

@@ -1,0 +1,77 @@
+"""The engine's run options, declared once (widetopo.options): the API, the CLI, the mask
+metadata and the checkpoint fingerprint read this dataclass. A method's Schedule
+(widetopo.methods) supplies the defaults of rounds/restorations/restore_steps/restore_rounds.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, Optional
+
+from widetopo.options import Options, any_integer, as_dict, boolean, finite, integer, one_of, option, optional, positive
+from widetopo.schedule import COUNTS
+
+__all__ = ["EngineOptions", "SELECTION_OPTIONS", "RESULT_NEUTRAL"]
+
+_SCHEDULES = one_of("poly", "linear", "cosine", aliases={"geometric": "poly", "exponential": "poly"})
+
+
+def _path(name: str, value):
+    import os
+
+    if value is None:
+        return None
+    try:
+        return os.fspath(value)
+    except TypeError:
+        raise TypeError(f"{name} must be a path or None, got {value!r}") from None
+
+
+def _device(name: str, value):
+    if value is None:
+        return None
+    import torch
+
+    try:
+        device = torch.device(value)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{name} must be a torch device or its name, got {value!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{name} is {value!r}, but this torch has no usable CUDA device; use 'cpu'")
+    return device
+
+
+@dataclass(frozen=True)
+class EngineOptions(Options):
+    rounds: int = option(1, "T: scoring rounds from density 1 to the target", integer(1))
+    restorations: int = option(0, "R: mask restorations after the first T rounds", integer(0))
+    restore_steps: int = option(50, "J: steps of one restoration", integer(1))
+    restore_rounds: Optional[int] = option(None, "T': rounds after each restoration (None: T)", optional(integer(1)))
+    schedule: str = option("poly", "density schedule: 'poly' (geometric), 'linear' or 'cosine'", _SCHEDULES)
+    compression_factor: float = option(5.0, "gamma of the density-aware decay", positive)
+    count: str = option("exact", "'exact' keeps round(d*N_P); 'official' the published code's counting",
+                        one_of(*COUNTS))
+    seed: int = option(0, "seed of every random draw (with round and batch index)", any_integer)
+    noise_scale: float = option(1e-5, "scale of the restoration noise", finite)
+    verbose: bool = option(True, "progress bar on a terminal", boolean)
+    max_samples: Optional[int] = option(None, "read only the first N samples of the data", optional(integer(1)))
+    checkpoint: Optional[str] = option(None, "checkpoint file: resume a killed run", _path)
+    device: Any = option(None, "pruning device (default: the model's)", _device)
+    data_device: Any = option(None, "where the pruning set is kept (default: the pruning device; "
+                                    "'cpu' moves one batch at a time)", _device)
+
+    @property
+    def post_rounds(self) -> int:
+        return self.rounds if self.restore_rounds is None else self.restore_rounds
+
+    def result_settings(self) -> Dict[str, Any]:
+        """The options that shape the result (mask metadata, checkpoint fingerprint)."""
+        out = {k: v for k, v in as_dict(self).items() if k not in RESULT_NEUTRAL}
+        out["restore_rounds"] = self.post_rounds
+        return out
+
+
+#: options that do not change the masks
+RESULT_NEUTRAL = ("verbose", "checkpoint", "device", "data_device")
+
+#: options of widetopo.params.select_prunable accepted by prune() and saliency()
+SELECTION_OPTIONS = ("include", "names", "pattern", "include_bias", "include_norm")
