@@ -211,9 +211,15 @@ def plot_report(report: dict, out_dir, prefix: str = "mask") -> List[str]:
     colors = ["tab:red" if r["collapsed"] else "tab:blue" for r in layers]
     has_eff = "effective_density" in report["total"]
     ax.bar(x, [max(d, 1e-6) for d in dens], color=colors, label="kept" if has_eff else None)
+    shown = [max(d, 1e-6) for d in dens]
     if has_eff:
-        ax.bar(x, [max(r["effective_density"], 1e-6) for r in layers], width=0.4, color="tab:orange", label="effective")
+        shown += [max(r["effective_density"], 1e-6) for r in layers]
+        ax.bar(x, shown[len(dens):], width=0.4, color="tab:orange", label="effective")
+        ax.axhline(report["total"]["effective_density"], color="tab:orange", ls=":", lw=1.2,
+                   label=f"overall effective {report['total']['effective_density']:.4f}")
     ax.set_yscale("log")
+    if shown:
+        ax.set_ylim(bottom=min(shown) / 3, top=min(1.5, max(shown) * 2))  # bars start well below the lowest one
     ax.axhline(report["total"]["density"], color="k", ls="--", lw=1, label=f"overall {report['total']['density']:.4f}")
     ax.set_ylabel("density (kept / total), log scale")
     ax.set_title("per-layer density" + (" (red: collapsed)" if report["collapsed"] else ""))
