@@ -175,3 +175,27 @@ def test_every_registered_method_is_accepted():
     aliased = [m for m in all_methods() if m.aliases]
     for m in aliased:  # an alias names its method
         assert build_parser().parse_args(["compare", "--methods", m.aliases[0]]).methods == [m.name]
+
+
+def test_compare_with_init_file_records_its_checksum(tmp_path, capsys):
+    import hashlib
+
+    from widetopo.models import build_model
+
+    torch.manual_seed(42)
+    init = tmp_path / "init.pt"
+    torch.save({"state_dict": build_model("cnn", 1, 10, 8).state_dict()}, init)
+    out = tmp_path / "cmp"
+    argv = ["-q", "compare", "-o", str(out), "--init", str(init), "--no-plots", "--methods", "magnitude",
+            "--densities", "0.1", "--seeds", "0,1", "--epochs", "0"] + TINY[TINY.index("--samples"):]
+    assert main(argv) == 0
+    journal = json.loads((out / "results.json").read_text())
+    assert journal["options"]["init_sha256"] == hashlib.sha256(init.read_bytes()).hexdigest()
+    # the same initial weights for both seeds: magnitude masks are identical
+    m0, m1 = (load_masks(out / "masks" / f"magnitude-d0.1-s{s}.wtm") for s in (0, 1))
+    assert all(torch.equal(m0[k], m1[k]) for k in m0)
+    assert read_header(out / "masks" / "magnitude-d0.1-s0.wtm")["meta"]["init_file"] == str(init.resolve())
+    capsys.readouterr()
+    torch.save({"state_dict": build_model("cnn", 1, 10, 8).state_dict()}, init)  # another file, same name
+    assert main(argv) == 1
+    assert "init_sha256" in capsys.readouterr().err
