@@ -354,14 +354,14 @@ def _figure(rows: List[dict], key: str, ylabel: str, title: str, dense_line: boo
         sd = [a[key + "_std"] for a in pts]
         (line,) = ax.plot(xs, ys, marker="o", lw=1.8, label=method)
         if any(s > 0 for s in sd):
-            ax.fill_between(xs, [y - s for y, s in zip(ys, sd)], [y + s for y, s in zip(ys, sd)],
+            ax.fill_between(xs, [max(y - s, 0.0) for y, s in zip(ys, sd)], [min(y + s, 1.0) for y, s in zip(ys, sd)],
                             color=line.get_color(), alpha=0.18, lw=0)
     dense = [a for a in agg if a["method"] == "dense"]
     if dense_line and dense and dense[0][key] is not None:
         d = dense[0]
         ax.axhline(d[key], color="black", ls="--", lw=1.2, label=f"dense ({d[key]:.3f})")
         if d[key + "_std"]:
-            ax.axhspan(d[key] - d[key + "_std"], d[key] + d[key + "_std"], color="gray", alpha=0.15, lw=0)
+            ax.axhspan(max(d[key] - d[key + "_std"], 0.0), min(d[key] + d[key + "_std"], 1.0), color="gray", alpha=0.15, lw=0)
     ax.set_xscale("log")
     if densities:
         ax.xaxis.set_major_locator(FixedLocator(densities))
@@ -370,7 +370,7 @@ def _figure(rows: List[dict], key: str, ylabel: str, title: str, dense_line: boo
         ax.set_xlim(min(densities) / 1.25, max(densities) * 1.25)
     ax.invert_xaxis()  # sparser to the right, as in the papers
     ax.set_xlabel("density: fraction of prunable weights kept (log scale; sparser to the right)", fontsize=11)
-    ax.set_ylabel(ylabel, fontsize=11)
+    ax.set_ylabel(ylabel, fontsize=11)  # both metrics are fractions: bands are clipped to [0, 1]
     ax.set_title(title, fontsize=12)
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(loc="best", fontsize=9, framealpha=0.9)
