@@ -225,3 +225,22 @@ def test_input_shape_from_meta():
     assert input_shape_from_meta({"in_channels": 3, "image_size": 32}) == (3, 32, 32)
     assert input_shape_from_meta({"in_channels": 1, "image_size": [8, 6]}) == (1, 8, 6)
     assert input_shape_from_meta({}) is None
+
+
+def test_deep_chain_neither_overflows_nor_loses_a_weak_path():
+    # 120 layers 64 -> 64: unit 0 of every layer reads only unit 0 of the layer below, the others
+    # read everything. Unscaled ones would reach 64^120 ~ 1e216 (and more with wider layers);
+    # after the per-tensor rescale unit 0's path is 64x weaker than its neighbours per layer
+    # (~1e-217 at the top) and must still count as reached.
+    depth, width = 120, 64
+    net = nn.Sequential(*[nn.Linear(width, width, bias=False) for _ in range(depth)])
+    masks = {}
+    for k in range(depth):
+        m = torch.ones(width, width, dtype=torch.bool)
+        m[0] = False
+        m[0, 0] = True
+        masks[f"{k}.weight"] = m
+    res = effective_sparsity(net, masks, (width,))
+    t = res["total"]
+    assert t["effective"] == t["kept"] == depth * (width * (width - 1) + 1)
+    assert t["node_ratio"] == 1.0

@@ -24,13 +24,18 @@ forward and a backward pass:
   summed output with respect to it are both non-zero;
 * the node ratio = effective nodes of the pruned net / units of the dense net.
 
-Magnitudes. Products of weights over depth overflow or underflow (|θ| ~ 0.05 over 50 layers
-underflows to 0 in float64 and would make a reached unit look unreached; ones with fan-in 4608
-over 20 layers overflow). Only *which* values are zero matters, and multiplying a tensor by a
-positive constant never changes that, so every tensor is divided by its largest kept fan-in
-(count of kept entries per output unit; or the largest per-unit sum of |θ|⊙m). Then no
-activation exceeds the largest input (no overflow) and each layer shrinks a value by at most
-that fan-in. A result with a non-finite value is an error, never a silent answer.
+Magnitudes. Unscaled, values are products of weights over depth and can leave float64's range:
+with ones, a layer of fan-in 4608 (VGG's 3x3x512) multiplies a value by up to 4608, so about 84
+such layers overflow; with |θ| (Kaiming, ~0.02 at that fan-in) sparse layers shrink values by
+orders of magnitude each, toward underflow, and an underflowed 0 would make a reached unit look
+unreached. That is why the default uses m, not |θ|⊙m, and why every tensor is rescaled. Only
+*which* values are zero matters, and multiplying a tensor by a positive constant never changes
+that, so every tensor is divided by its largest per-output-unit sum (the largest kept fan-in
+for m). Then no activation exceeds the largest value entering the layer (no overflow) and a
+layer shrinks a value by at most that fan-in (float64 holds ~600 orders of magnitude). A
+non-finite value is reported as an error, never as a silent answer; a value near the bottom of
+float64's range (a path some 130+ layers long through units far weaker than their neighbours)
+is logged as a warning, since a further shrink would have hidden it.
 
 The caller's model is never modified: the pass runs through torch.func.functional_call on a
 deep copy in eval mode.
@@ -180,6 +185,11 @@ def effective_sparsity(model: nn.Module, masks: Mapping[str, torch.Tensor], inpu
     grads = torch.autograd.grad(out.sum(), [values[n] for n in names] + [captured[n] for n in unit_names],
                                 allow_unused=True)
     w_grads, u_grads = grads[:len(names)], grads[len(names):]
+
+    tiny = [t for t in list(w_grads) + list(u_grads) + [captured[n] for n in unit_names] if t is not None]
+    if any(bool(((t != 0) & (t.abs() < 1e-280)).any()) for t in tiny):
+        logger.warning("effective_sparsity: some path values are within a few orders of magnitude of float64 "
+                       "underflow; a path even weaker would have been counted as absent")
 
     layers, total_kept, total_eff = {}, 0, 0
     for name, g in zip(names, w_grads):
