@@ -366,7 +366,7 @@ def _add_compare_parser(sub) -> None:
                     "DIR/node_ratio.png and DIR/masks/, and prints mean ± std per method and density. Without "
                     f"arguments: {', '.join(DEFAULT_METHODS)} at densities {', '.join(map(str, DEFAULT_DENSITIES))}, "
                     f"seeds {', '.join(map(str, DEFAULT_SEEDS))}, small CNN on scikit-learn digits, 10 epochs "
-                    "(about 10 minutes on 2 idle CPU cores).")
+                    "(about 5 minutes on 2 CPU cores).")
     _add_model_data(p, seed=False)
     p.add_argument("--methods", type=_method_list, default=list(DEFAULT_METHODS),
                    help=f"comma-separated methods, or all ({', '.join(_method_names())}); default: "

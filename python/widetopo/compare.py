@@ -32,8 +32,8 @@ logger = logging.getLogger(__name__)
 
 JOURNAL_VERSION = 1
 
-#: The built-in experiment of `widetopo compare` without arguments (about 10 minutes on 2 idle
-#: CPU cores; see the README for the measured time).
+#: The built-in experiment of `widetopo compare` without arguments (52 cells; 4.5 to 7 minutes on
+#: 2 shared CPU cores, measured; see the README).
 DEFAULT_METHODS = ("random", "magnitude", "snip", "synflow", "widetopo-s")
 DEFAULT_DENSITIES = (0.2, 0.1, 0.05, 0.02, 0.01)
 DEFAULT_SEEDS = (0, 1)
