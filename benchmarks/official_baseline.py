@@ -1,4 +1,4 @@
-"""A straightforward plain-PyTorch WideTopo (DESIGN 2.1-2.3), structured the way the official
+"""A straightforward plain-PyTorch WideTopo (docs/design.md §2.1-2.3), structured the way the official
 implementation is: a deep copy of the model every round, masks applied by loops over the
 parameters, a BatchNorm calibration per batch for each of the two terms, four separate forwards
 for the ITA term (o_s, p_s, o_t, p_t) on two more deep copies, and a global threshold over

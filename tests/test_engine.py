@@ -1,5 +1,5 @@
 """The pruning loop: keep counts, never reviving, decay/threshold/restoration against a
-straightforward PyTorch statement of DESIGN 2, official counting, determinism, RNG hygiene."""
+straightforward PyTorch statement of docs/design.md §2, official counting, determinism, RNG hygiene."""
 import math
 
 import pytest
@@ -55,7 +55,7 @@ class RandScorer(Scorer):
 
 
 # ---------------------------------------------------------------------------------------------
-# a straightforward reference of DESIGN 2 (full sorts, explicit formulas)
+# a straightforward reference of docs/design.md §2 (full sorts, explicit formulas)
 # ---------------------------------------------------------------------------------------------
 def _ref_threshold(scores, masks, keep):
     flat = torch.cat([torch.where(m, s.double(), -math.inf).reshape(-1) for s, m in zip(scores, masks)])

@@ -80,7 +80,7 @@ def _mlp_params(gen):
 
 
 def _hutchinson_hvp(params, masks, x, v, sq_norm):
-    """h = d/dθ ||g ⊙ m||^2 with g = d<v, f(x; θ⊙m)>/dθ  (DESIGN 2.1, one probe)."""
+    """h = d/dθ ||g ⊙ m||^2 with g = d<v, f(x; θ⊙m)>/dθ  (docs/design.md §2.1, one probe)."""
     w1, b1, w2 = params
     f = torch.tanh(x @ (w1 * masks[0]).t() + b1) @ (w2 * masks[2]).t()
     g = torch.autograd.grad((v * f).sum(), params, create_graph=True)

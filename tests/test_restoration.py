@@ -1,4 +1,4 @@
-"""Mask restoration (DESIGN 2.3): density path, hand-worked restoration steps, and a multi-step
+"""Mask restoration (docs/design.md §2.3): density path, hand-worked restoration steps, and a multi-step
 run against a straightforward PyTorch statement of the same rule."""
 import math
 
@@ -68,7 +68,7 @@ def test_kernel_dims_count_in_unit_densities():
 
 
 def _reference_restore(masks, target, r, steps, seed, scale):
-    """Straight statement of DESIGN 2.3 with a full sort (ties -> first in list/flat order)."""
+    """Straight statement of docs/design.md §2.3 with a full sort (ties -> first in list/flat order)."""
     masks = [m.clone() for m in masks]
     n = sum(m.numel() for m in masks)
     d_r = target ** ((2 ** (r + 1) - 1) / 2 ** (r + 1))

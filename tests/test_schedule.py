@@ -1,4 +1,4 @@
-"""Density schedules and keep counts against hand-computed values (DESIGN 2.1, 2.2)."""
+"""Density schedules and keep counts against hand-computed values (docs/design.md §2.1, 2.2)."""
 import math
 
 import pytest

@@ -123,7 +123,7 @@ def test_mask_stats_equal_dense_equivalent(case, gen):
 
 
 def _restoration_loops(dense_m, dense_noise, group_of_out, group_of_in, scale):
-    """Restoration scores on the dense equivalent with the DESIGN 2.3 formula, unit densities
+    """Restoration scores on the dense equivalent with the docs/design.md §2.3 formula, unit densities
     normalised by the connections a unit *has* (its group's size), float64 loops."""
     o_n, i_n = dense_m.shape[0], dense_m.shape[1]
     k = math.prod(dense_m.shape[2:])

@@ -188,7 +188,7 @@ def density_decay_(scores, masks, exponent: float) -> None:
 
 
 def restoration_scores(masks, noise, noise_scale: float = 1e-5) -> List[torch.Tensor]:
-    """float32 restoration scores, one contiguous tensor per mask (DESIGN 2.3).
+    """float32 restoration scores, one contiguous tensor per mask (docs/design.md §2.3).
 
     Kept entries 2; pruned entries of rank >= 2 masks (1 - out_density[o]) * (1 - in_density[i])
     + noise_scale * noise[j][o, i]; pruned entries of rank < 2 masks 1. noise[j] is a float32

@@ -1,7 +1,7 @@
 """Pure-PyTorch reference implementations of the widetopo ops.
 
 This module is the readable statement of what every op computes. It is written straight from
-the formulas in DESIGN.md / CONTRACTS.md, independently of the compiled kernels, and is what the
+the formulas in docs/design.md (§2, §7), independently of the compiled kernels, and is what the
 tests compare the kernels against. It is deliberately simple and not fast: it may concatenate and
 sort (the compiled ops never do).
 
@@ -120,7 +120,7 @@ def density_decay_(scores: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]
 # ---------------------------------------------------------------------------------------------
 def restoration_scores(masks: Sequence[torch.Tensor], noise: Sequence[Optional[torch.Tensor]],
                        noise_scale: float = 1e-5) -> List[torch.Tensor]:
-    """Scores for mask restoration (DESIGN 2.3), float32, one contiguous tensor per mask.
+    """Scores for mask restoration (docs/design.md §2.3), float32, one contiguous tensor per mask.
 
     kept entries: 2. Pruned entries of rank >= 2 tensors:
         (1 - out_density[o]) * (1 - in_density[i]) + noise_scale * noise[o, i],

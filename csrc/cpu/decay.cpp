@@ -1,4 +1,4 @@
-// CPU kernel of widetopo::density_decay_ (DESIGN 2.1): for every score tensor of rank >= 2,
+// CPU kernel of widetopo::density_decay_ (docs/design.md §2.1): for every score tensor of rank >= 2,
 //   S[o,i,k] *= ( m[o,i,k] / max(out_deg[o] * in_deg[i], 1) ) ^ exponent
 // with out_deg[o] = sum_{i,k} m and in_deg[i] = sum_{o,k} m. Rank < 2 tensors are untouched.
 // Degrees are counted once per tensor, then one parallel elementwise pass applies the factor.

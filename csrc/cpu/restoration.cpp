@@ -1,4 +1,4 @@
-// CPU kernel of widetopo::restoration_scores (DESIGN 2.3). Float32 output per mask:
+// CPU kernel of widetopo::restoration_scores (docs/design.md §2.3). Float32 output per mask:
 //   rank >= 2: kept -> 2; pruned -> (1 - out_density[o]) (1 - in_density[i]) + scale * noise[o, i]
 //              out_density[o] = out_deg[o] / (I K), in_density[i] = in_deg[i] / (O K)
 //   rank < 2:  kept -> 2; pruned -> 1 (noise ignored).

@@ -39,6 +39,7 @@ _EXPORTS = {
     "build_model": "widetopo.models",
     "load_dataset": "widetopo.data",
     "mask_report": "widetopo.report",
+    "effective_sparsity": "widetopo.effective",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

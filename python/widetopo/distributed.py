@@ -1,4 +1,4 @@
-"""torch.distributed helpers of the engine (DESIGN 2.4).
+"""torch.distributed helpers of the engine (docs/design.md §2.4).
 
 Each rank scores the batches whose global index i satisfies i % world == rank; the per-rank
 score sums are added with all_reduce, so every rank thresholds identical scores and derives

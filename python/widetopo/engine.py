@@ -317,7 +317,7 @@ class Pruner:
             "version": __version__,
         }
         meta.update(self.meta)
-        result = Masks(OrderedDict(zip(self.names, state.masks)), meta)
+        result = Masks(OrderedDict(zip(self.names, state.masks)), meta, self.layouts)
         collapsed = [n for n, row in zip(self.names, widetopo_ext.mask_stats(state.masks).tolist()) if row[0] == 0]
         if collapsed:
             logger.warning("no weights kept in %d prunable tensor(s): %s", len(collapsed), ", ".join(collapsed))

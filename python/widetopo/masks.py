@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -34,9 +34,11 @@ class LayerStats:
 
 class Masks(Mapping):
     """Mapping name -> bool tensor (True = kept), plus `.meta` (method, preset, target
-    density, seed, count mode, rounds, package version, ...)."""
+    density, seed, count mode, rounds, package version, ...) and `.layouts` (the unit topology
+    of each tensor, widetopo.topology.UnitLayout, when known: the engine sets it; stats(model)
+    reads it from the model)."""
 
-    def __init__(self, masks: Mapping, meta: Optional[dict] = None):
+    def __init__(self, masks: Mapping, meta: Optional[dict] = None, layouts: Optional[Sequence] = None):
         items: Dict[str, torch.Tensor] = {}
         for name, m in masks.items():
             if not isinstance(name, str):
@@ -46,6 +48,9 @@ class Masks(Mapping):
             items[name] = m
         self._masks = items
         self.meta: dict = dict(meta or {})
+        if layouts is not None and len(layouts) != len(items):
+            raise ValueError(f"layouts must have one entry per mask: {len(layouts)} vs {len(items)}")
+        self.layouts = None if layouts is None else list(layouts)
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self._masks[name]
@@ -96,15 +101,16 @@ class Masks(Mapping):
                 raise ValueError("Masks.stats(model): pass input_shape (one sample's shape, e.g. (3, 32, 32)); "
                                  "the metadata has no in_channels/image_size")
             effective = effective_sparsity(model, self._masks, tuple(shape))["layers"]
-        table = widetopo_ext.mask_stats([self._masks[n] for n in names]).tolist()
+        from widetopo import topology
+
+        layouts = topology.unit_layouts(model, names) if model is not None else self.layouts
+        layouts = layouts or [topology.DENSE] * len(names)
+        table = topology.mask_stats([self._masks[n] for n in names], layouts).tolist()
         out = []
-        for name, (kept, act_out, act_in) in zip(names, table):
+        for name, layout, (kept, act_out, act_in) in zip(names, layouts, table):
             m = self._masks[name]
             numel = m.numel()
-            if m.dim() >= 2:
-                out_units, in_units = m.shape[0], m.shape[1]
-            else:
-                out_units = in_units = numel
+            out_units, in_units = topology.unit_counts(tuple(m.shape), layout)
             out.append(
                 LayerStats(
                     name=name,
@@ -147,7 +153,7 @@ class Masks(Mapping):
         return model
 
     def to(self, device) -> "Masks":
-        return Masks({n: m.to(device) for n, m in self._masks.items()}, self.meta)
+        return Masks({n: m.to(device) for n, m in self._masks.items()}, self.meta, self.layouts)
 
     def save(self, path) -> None:
         """Write a mask file (format: widetopo.maskfile)."""

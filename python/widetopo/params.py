@@ -1,4 +1,4 @@
-"""Which parameters are prunable (the set P of DESIGN 2).
+"""Which parameters are prunable (the set P of docs/design.md §2).
 
 Default set: the matrix weights of
   Conv1d/2d/3d, ConvTranspose1d/2d/3d, Linear   `weight`

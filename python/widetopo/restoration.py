@@ -1,4 +1,4 @@
-"""Repeated mask restoration (DESIGN 2.3): regrow connections between the sparsest units.
+"""Repeated mask restoration (docs/design.md §2.3): regrow connections between the sparsest units.
 
 Restoration r (r = 0..R-1) raises the density from d* to d_r = d*^((2^(r+1)-1)/2^(r+1))
 (d*^1/2, then d*^3/4) in J steps d_j = d* + (d_r - d*) j/J. Each step scores

@@ -1,4 +1,4 @@
-"""Density schedules (DESIGN 2.2) and the keep counts of one threshold step (DESIGN 2.1).
+"""Density schedules (docs/design.md §2.2) and the keep counts of one threshold step (docs/design.md §2.1).
 
 poly (geometric):  d_t = start * (target / start)^(t/T)   -> d*^(t/T) from start = 1
 linear:            d_t = start + (target - start) * t/T

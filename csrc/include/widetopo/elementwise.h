@@ -25,7 +25,7 @@ WIDETOPO_HD UnitIndex unit_index(int64_t flat, int64_t in_units, int64_t kernel)
   return u;
 }
 
-// Density-aware decay factor (DESIGN 2.1):  ( m / max(out_deg * in_deg, 1) ) ^ exponent,
+// Density-aware decay factor (docs/design.md §2.1):  ( m / max(out_deg * in_deg, 1) ) ^ exponent,
 // exponent = c / gamma with c = -log10(density). Pruned entries get 0.
 WIDETOPO_HD double decay_factor(bool kept, int64_t out_deg, int64_t in_deg, double exponent) {
   if (!kept) {
@@ -41,7 +41,7 @@ WIDETOPO_HD double decay_factor(bool kept, int64_t out_deg, int64_t in_deg, doub
   return pow(denom, -exponent);
 }
 
-// Restoration score of one entry (DESIGN 2.3). Kept entries score 2 (always stay);
+// Restoration score of one entry (docs/design.md §2.3). Kept entries score 2 (always stay);
 // pruned entries of rank >= 2 tensors score (1 - out_density)(1 - in_density) + scale * noise,
 // so connections between the sparsest units regrow first.
 WIDETOPO_HD float restoration_score(bool kept, float out_density, float in_density, float noise,

@@ -1,4 +1,4 @@
-"""ITA ("implicit target alignment", NAD in the official code) saliency, DESIGN section 2.1.
+"""ITA ("implicit target alignment", NAD in the official code) saliency, docs/design.md §2.1.
 
 With dx ~ N(0, I) like x, dtheta_p ~ N(0, I) like every prunable theta_p, eps_x = eps_theta:
     o_s = f(x; theta*m),            p_s = f(x + eps_x dx; theta*m)

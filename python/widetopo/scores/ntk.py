@@ -1,4 +1,4 @@
-"""NTK-trace saliency of WideTopo (Hutchinson estimate), DESIGN section 2.1.
+"""NTK-trace saliency of WideTopo (Hutchinson estimate), docs/design.md §2.1.
 
 For a scoring batch x and a probe v ~ N(0, I) shaped like the logits:
     g = grad_theta <v, f(x; theta*m)>,  g_p <- g_p * m_p for prunable p (others keep g),
