@@ -277,3 +277,20 @@ def test_report_shows_effective_sparsity(mask_file, capsys):
     out = capsys.readouterr().out
     assert "effective" in out.splitlines()[1] and "eff. nodes" in out
     assert "node ratio" in out
+
+
+def test_segmentation_run_end_to_end_and_task_mismatch(tmp_path, capsys):
+    """unet on the synthesised shapes set: SNIP with the per-pixel loss, pixel accuracy; a
+    classifier on a segmentation set is refused before any work."""
+    from widetopo import cli
+
+    out = tmp_path / "seg.wtm"
+    rc = cli.main(["-q", "run", "--model", "unet", "--dataset", "shapes", "--method", "snip", "--density", "0.2",
+                   "--samples", "16", "--epochs", "1", "--max-train-samples", "32", "--max-test-samples", "16",
+                   "--no-dense", "-o", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    import widetopo
+
+    assert widetopo.load_masks(out).meta["ignore_index"] == -100
+    assert cli.main(["-q", "prune", "--model", "cnn", "--dataset", "shapes", "-o", str(tmp_path / "x.wtm")]) == 1
+    assert "is a classification network, but dataset 'shapes' is a segmentation dataset" in capsys.readouterr().err

@@ -314,3 +314,25 @@ def test_fit_in_prune_mode_keeps_the_tie():
     fit(model, loader, epochs=1, lr=0.1, masks={"emb.weight": mask}, mask_mode="prune")
     assert model.head.weight is model.emb.weight
     assert (model.emb.weight[~mask] == 0).all()
+
+
+def test_segmentation_accuracy_counts_labelled_pixels_only():
+    """Per-pixel accuracy over the pixels whose target is not ignore_index, by hand."""
+    from widetopo.training import evaluate
+
+    class Fixed(nn.Module):
+        def __init__(self, logits):
+            super().__init__()
+            self.logits = logits
+            self.dummy = nn.Parameter(torch.zeros(()))
+
+        def forward(self, x):
+            return self.logits + 0 * self.dummy
+
+    # 1 image, 2 classes, 2x2 pixels: predictions [[0, 1], [1, 1]]
+    logits = torch.tensor([[[[2.0, 0.0], [0.0, 0.0]], [[0.0, 2.0], [2.0, 2.0]]]])
+    target = torch.tensor([[[0, 0], [-100, 1]]])  # pixel (1, 0) unlabelled
+    res = evaluate(Fixed(logits), [(torch.zeros(1, 1, 2, 2), target)])
+    assert res["accuracy"] == pytest.approx(2 / 3)  # correct: (0,0) and (1,1); wrong: (0,1)
+    ce = nn.functional.cross_entropy(logits, target, reduction="sum") / 3
+    assert res["loss"] == pytest.approx(float(ce))

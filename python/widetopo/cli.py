@@ -414,8 +414,12 @@ def _load_data(args, split: str, max_samples=None, augment=False, info_only=Fals
 
 def _build(args, train_ds):
     import torch
-    from widetopo.models import build_model
+    from widetopo.models import MODEL_TASKS, build_model
 
+    task = getattr(train_ds, "task", "classification")
+    if MODEL_TASKS.get(args.model, task) != task:
+        raise CLIError(f"model {args.model!r} is a {MODEL_TASKS[args.model]} network, but dataset "
+                       f"{args.dataset!r} is a {task} dataset; choose a matching pair (e.g. unet with shapes)")
     torch.manual_seed(int(args.seed))
     model = build_model(args.model, in_channels=train_ds.in_channels, num_classes=train_ds.num_classes,
                         image_size=train_ds.image_size)
@@ -433,6 +437,9 @@ def _prune(args, model, train_ds, quiet: bool):
     options = {"seed": int(args.seed), "verbose": not quiet, "device": args.device}
     options.update(PRESETS[args.preset])
     options.update(args.method_options)
+    ignore = getattr(train_ds, "ignore_index", None)
+    if ignore is not None and "ignore_index" in _method_option_names(args.method):
+        options.setdefault("ignore_index", ignore)
     for key in ("rounds", "restorations", "restore_rounds", "restore_steps", "count"):
         value = getattr(args, key, None)
         if value is not None:
@@ -470,7 +477,8 @@ def _train(args, model, masks, train_ds, test_ds, quiet: bool, label: str) -> di
     start = time.perf_counter()
     out = fit(model, train_loader, test_loader, epochs=args.epochs, lr=args.lr, momentum=args.momentum,
               weight_decay=args.weight_decay, schedule=args.schedule, masks=masks, mask_mode=args.mask_mode,
-              device=args.device, progress=not quiet, desc=label)
+              device=args.device, progress=not quiet, desc=label,
+              **({} if getattr(train_ds, "ignore_index", None) is None else {"ignore_index": train_ds.ignore_index}))
     out["seconds"] = time.perf_counter() - start
     return out
 
@@ -831,6 +839,14 @@ def cmd_methods(args, quiet: bool) -> int:
         for name, tname, default, help_text in describe(m.options):
             _out(f"    --option {name}={default!r:<10} {tname:<14} {help_text}")
     return 0
+
+
+def _method_option_names(method: str):
+    import dataclasses
+
+    from widetopo.methods import get_method
+
+    return {f.name for f in dataclasses.fields(get_method(method).options)}
 
 
 def _parse_method_options(args) -> None:

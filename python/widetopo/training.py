@@ -25,6 +25,7 @@ from torch.nn.utils import prune
 
 import widetopo_ext
 from widetopo.params import parameter_owners
+from widetopo.scores.losses import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 
@@ -228,9 +229,17 @@ def _split_batch(batch, device):
     return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
 
+def _hits(logits: torch.Tensor, y: torch.Tensor, ignore_index: int) -> Tuple[int, int]:
+    """(correct, counted) predictions over the targets that are not ignore_index: per sample for
+    (N, C) logits, per pixel for segmentation logits (N, C, H, W)."""
+    valid = y != ignore_index
+    return int(((logits.argmax(1) == y) & valid).sum()), int(valid.sum())
+
+
 def train_epoch(model: nn.Module, loader, optimizer, device="cpu", scheduler=None, enforcer: Optional[MaskEnforcer] = None,
-                progress: bool = False, desc: str = "train") -> Dict[str, float]:
-    """One pass over `loader` with cross-entropy; returns {"loss", "accuracy", "seconds"}.
+                progress: bool = False, desc: str = "train", ignore_index: int = IGNORE_INDEX) -> Dict[str, float]:
+    """One pass over `loader` with cross-entropy (per pixel for segmentation logits, targets equal
+    to ignore_index left out); returns {"loss", "accuracy", "seconds"}, both per counted target.
     `scheduler` (if given) is stepped once per batch. The enforcer works through its hooks."""
     model.train()
     total_loss, correct, seen, start = 0.0, 0, 0, time.perf_counter()
@@ -238,22 +247,27 @@ def train_epoch(model: nn.Module, loader, optimizer, device="cpu", scheduler=Non
         x, y = _split_batch(batch, device)
         optimizer.zero_grad(set_to_none=True)
         logits = model(x)
-        loss = nn.functional.cross_entropy(logits, y)
+        hits, counted = _hits(logits.detach(), y, ignore_index)
+        if counted == 0:
+            continue
+        loss = nn.functional.cross_entropy(logits, y, ignore_index=ignore_index)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"training loss became {loss.item()} (learning rate too high?)")
         loss.backward()
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
-        total_loss += loss.item() * y.shape[0]
-        correct += int((logits.argmax(1) == y).sum())
-        seen += y.shape[0]
+        total_loss += loss.item() * counted
+        correct += hits
+        seen += counted
     return {"loss": total_loss / max(seen, 1), "accuracy": correct / max(seen, 1), "seconds": time.perf_counter() - start}
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, device="cpu", progress: bool = False) -> Dict[str, float]:
-    """Eval-mode loss and top-1 accuracy over `loader`; the model's train/eval mode is restored."""
+def evaluate(model: nn.Module, loader, device="cpu", progress: bool = False,
+             ignore_index: int = IGNORE_INDEX) -> Dict[str, float]:
+    """Eval-mode loss and top-1 accuracy over `loader` (per pixel for segmentation, targets equal
+    to ignore_index left out); the model's train/eval mode is restored."""
     was_training = model.training
     model.eval()
     total_loss, correct, seen = 0.0, 0, 0
@@ -261,9 +275,10 @@ def evaluate(model: nn.Module, loader, device="cpu", progress: bool = False) -> 
         for batch in _progress(loader, progress, desc="eval"):
             x, y = _split_batch(batch, device)
             logits = model(x)
-            total_loss += nn.functional.cross_entropy(logits, y, reduction="sum").item()
-            correct += int((logits.argmax(1) == y).sum())
-            seen += y.shape[0]
+            total_loss += nn.functional.cross_entropy(logits, y, reduction="sum", ignore_index=ignore_index).item()
+            hits, counted = _hits(logits, y, ignore_index)
+            correct += hits
+            seen += counted
     finally:
         model.train(was_training)
     return {"loss": total_loss / max(seen, 1), "accuracy": correct / max(seen, 1)}
@@ -288,10 +303,11 @@ def make_scheduler(optimizer, schedule: str, total_steps: int, milestones=(0.5, 
 
 def fit(model: nn.Module, train_loader, test_loader=None, *, epochs: int = 10, lr: float = 0.1, momentum: float = 0.9,
         weight_decay: float = 5e-4, schedule: str = "cosine", masks=None, mask_mode: str = "enforcer", device="cpu",
-        progress: bool = False, desc: str = "") -> dict:
+        progress: bool = False, desc: str = "", ignore_index: int = IGNORE_INDEX) -> dict:
     """Train with SGD (+momentum, weight decay) and a per-batch LR schedule, optionally under
     `masks` (mask_mode "enforcer": plain parameters + MaskEnforcer; "prune": apply_masks, baked
-    in with remove_masks at the end). Returns {"history": [...per epoch...], "final": {...}}."""
+    in with remove_masks at the end). Segmentation targets: per-pixel loss and accuracy, pixels
+    equal to ignore_index left out. Returns {"history": [...per epoch...], "final": {...}}."""
     if int(epochs) < 0:
         raise ValueError(f"epochs must be >= 0, got {epochs}")
     if mask_mode not in ("enforcer", "prune"):
@@ -314,9 +330,10 @@ def fit(model: nn.Module, train_loader, test_loader=None, *, epochs: int = 10, l
         epoch_iter = _progress(range(int(epochs)), progress, desc=desc or "epochs")
         for epoch in epoch_iter:
             row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
-            row.update({f"train_{k}": v for k, v in train_epoch(model, train_loader, optimizer, device, scheduler, enforcer).items()})
+            row.update({f"train_{k}": v for k, v in train_epoch(model, train_loader, optimizer, device, scheduler, enforcer,
+                                                                            ignore_index=ignore_index).items()})
             if test_loader is not None:
-                row.update({f"test_{k}": v for k, v in evaluate(model, test_loader, device).items()})
+                row.update({f"test_{k}": v for k, v in evaluate(model, test_loader, device, ignore_index=ignore_index).items()})
             history.append(row)
             logger.log(logging.DEBUG if progress else logging.INFO, "%sepoch %d/%d: train loss %.4f acc %.4f%s", f"{desc}: " if desc else "", epoch + 1, epochs,
                         row["train_loss"], row["train_accuracy"],
