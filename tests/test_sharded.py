@@ -417,3 +417,21 @@ def test_stats_ring_formula():
     st = ShardStats(world=4, collectives=[("all_gather", 8, 8), ("all_reduce_sum", 2048, 4)])
     assert st.payload_bytes == 64 + 8192
     assert st.ring_bytes_sent == 3 * 64 + 2 * 3 / 4 * 8192
+
+
+def test_chunked_histograms(monkeypatch):
+    """Large tensors are histogrammed in chunks; a chunk of 7 elements gives the same result."""
+    import widetopo.sharded as sharded
+
+    monkeypatch.setattr(sharded, "_CHUNK", 7)
+    for kind in KINDS:
+        full = full_scores(kind, torch.float64, 3)
+        pieces = [p for rank in pieces_of("slices", full, 2, 3) for p in rank]
+        scores = local_tensors(full, pieces)
+        index = [(t, off, full[t].numel()) for t, off, _, _ in pieces]
+        for keep in keeps_for(sum(t.numel() for t in full)):
+            want = [torch.zeros(t.shape, dtype=torch.bool) for t in full]
+            cut = reference.global_threshold(full, want, keep, "exact")
+            masks = [torch.zeros(s.shape, dtype=torch.bool) for s in scores]
+            assert float(sharded_global_threshold(scores, masks, keep, index=index)) == float(cut)
+            assert all(torch.equal(m, w) for m, w in zip(masks, local_tensors(want, pieces)))

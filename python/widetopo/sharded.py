@@ -39,8 +39,10 @@ float64: 11 x 5, 9; 16-bit: 11, 5):
 `return_stats=True` also returns a ShardStats with every collective issued, that payload and the
 bytes each rank sends for ring algorithms (all_reduce 2 (w-1)/w x n, all_gather (w-1) x n).
 
-Local work is vectorised torch (a loop over the local tensors only); extra memory is a few
-temporaries of the size of the largest local tensor plus one histogram per piece. Every check -
+Local work is vectorised torch (a loop over the local tensors and over 4 M-element chunks of
+them); extra memory is a few chunk-sized temporaries, one histogram per piece, and in the final
+mask pass one comparison of the size of the largest local tensor (plus, for the one piece where
+the ties are split, the flat positions of its ties). Every check -
 local arguments, agreement between ranks on dtype / keep / mode, keep in [0, N], the layout, NaN or
 inf anywhere - is decided together after the header all_gather, so all ranks raise (no rank is
 left waiting in a collective) and no mask is written by a failed call.
@@ -71,6 +73,7 @@ _DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bflo
 _DTYPE_OF_CODE = {v: k for k, v in _DTYPE_CODES.items()}
 _MODE_CODES = {"exact": 0, "official": 1}
 _NO_BAD = 2 ** 62          # "no non-finite tensor" in the header (the MIN over ranks is taken)
+_CHUNK = 1 << 22           # elements per step of the histogram passes (temporaries ~ 16 MB)
 _HEADER = 8                # status, dtype, keep, mode, pieces, local N, first bad tensor, has index
 
 
@@ -162,8 +165,9 @@ class _Keys:
         return torch.where(i < 0, i ^ self.low, i)
 
     def digits(self, x: torch.Tensor, shift: int, width: int) -> torch.Tensor:
-        """The unsigned key's digit [shift, shift + width) of every element, as int64."""
-        return (((self.signed(x) ^ self.sign) >> shift) & ((1 << width) - 1)).to(torch.int64)
+        """The unsigned key's digit [shift, shift + width) of every element (in the key's int
+        dtype, which torch.bincount takes as it is)."""
+        return ((self.signed(x) ^ self.sign) >> shift) & ((1 << width) - 1)
 
     def value(self, key: int, device) -> torch.Tensor:
         """0-d tensor of the dtype holding the float whose signed key is `key`."""
@@ -280,10 +284,12 @@ def _histograms(scores, keys: _Keys, live, bounds, shift, width) -> List[Optiona
         if not alive:
             out.append(None)
             continue
-        x = s.reshape(-1)
-        if bounds is not None:
-            x = x[(x >= bounds[0]) & (x <= bounds[1])]
-        out.append(torch.bincount(keys.digits(x, shift, width), minlength=bins))
+        hist = torch.zeros(bins, dtype=torch.int64, device=s.device)
+        for x in s.reshape(-1).split(_CHUNK):  # bounds the temporaries of a large tensor
+            if bounds is not None:
+                x = x[(x >= bounds[0]) & (x <= bounds[1])]
+            hist += torch.bincount(keys.digits(x, shift, width), minlength=bins)
+        out.append(hist)
     return out
 
 
