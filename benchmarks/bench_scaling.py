@@ -18,7 +18,10 @@ Slopes: the least-squares slope of log(time) over the sweep, and the slope of ev
 Against the width, a convolution's work grows as w**2, so the slope is also given against the
 multiply-accumulates of one forward pass (counted from the layer shapes, no timing), which is
 the work measure the prune time should follow linearly; a step whose slope against that work
-(or against the number of images) exceeds 1.15 is flagged SUPERLINEAR.
+(or against the number of images) exceeds 1.15 is flagged SUPERLINEAR, and the flag says whether
+the plain forward + backward stepped alike (the ratio prune / fwd+bwd flat: the step is the
+network's or the machine's, not the pruning engine's) or the ratio itself grew by more than
+0.15 in slope.
 
     python benchmarks/bench_scaling.py --plot scaling.png                 # small default sweep
     python benchmarks/bench_scaling.py --full --plot scaling.png          # w 8..64, 64..1024 images
@@ -148,6 +151,9 @@ def sweep_summary(name: str, rows: List[Dict], work_key: str) -> Dict:
     for what in ("prune_cpu", "plain_cpu", "prune_s", "plain_s"):
         fit, steps = slopes(work, [r[what] for r in rows])
         out[what] = {"fit": fit, "steps": steps, "superlinear": [i for i, s in enumerate(steps) if s > SUPERLINEAR]}
+    ratio_fit, ratio_steps = slopes(work, [r["ratio_cpu"] for r in rows])
+    out["ratio"] = {"fit": ratio_fit, "steps": ratio_steps,
+                    "grows": [i for i, s in enumerate(ratio_steps) if s > SUPERLINEAR - 1]}
     if name == "width":
         out["prune_vs_width"] = slopes([r["width"] for r in rows], [r["prune_cpu"] for r in rows])[0]
     return out
@@ -163,19 +169,26 @@ def format_table(rows: List[Dict], summaries: List[Dict], header: str) -> str:
                      f"{r['prune_cpu']:.3f} s | {r['plain_cpu']:.3f} s | {r['ratio_cpu']:.2f}x | "
                      f"{r['prune_s']:.3f} s | {r['plain_s']:.3f} s | {r['ratio']:.2f}x |")
     lines += ["", "Slopes of log(time) (CPU time of the process; wall in brackets):", "",
-              "| sweep | against | prune slope (fit) | prune slope per doubling | fwd+bwd slope (fit) | flags |",
-              "|---|---|---|---|---|---|"]
+              "| sweep | against | prune slope (fit) | prune slope per doubling | fwd+bwd slope (fit) "
+              "| fwd+bwd slope per doubling | flags |",
+              "|---|---|---|---|---|---|---|"]
     for s in summaries:
         steps = ", ".join(f"{x:.2f}" for x in s["prune_cpu"]["steps"])
         flag = ("SUPERLINEAR step(s) " + ", ".join(str(i + 1) for i in s["prune_cpu"]["superlinear"])
                 if s["prune_cpu"]["superlinear"] else "none")
         if s["prune_s"]["superlinear"]:
             flag += " (wall: step(s) " + ", ".join(str(i + 1) for i in s["prune_s"]["superlinear"]) + ")"
+        if s["ratio"]["grows"]:
+            flag += "; prune / fwd+bwd grows faster than the work at step(s) " + ", ".join(
+                str(i + 1) for i in s["ratio"]["grows"])
+        elif s["prune_cpu"]["superlinear"]:
+            flag += "; fwd+bwd steps alike (ratio flat)"
+        base_steps = ", ".join(f"{x:.2f}" for x in s["plain_cpu"]["steps"])
         against = "forward MACs" if s["work"] == "macs" else "images"
         lines.append(f"| {s['sweep']} | {against} | {s['prune_cpu']['fit']:.2f} ({s['prune_s']['fit']:.2f}) | "
-                     f"{steps} | {s['plain_cpu']['fit']:.2f} ({s['plain_s']['fit']:.2f}) | {flag} |")
+                     f"{steps} | {s['plain_cpu']['fit']:.2f} ({s['plain_s']['fit']:.2f}) | {base_steps} | {flag} |")
         if "prune_vs_width" in s:
-            lines.append(f"| {s['sweep']} | width | {s['prune_vs_width']:.2f} | (work grows as width^2) | | |")
+            lines.append(f"| {s['sweep']} | width | {s['prune_vs_width']:.2f} | (work grows as width^2) | | | |")
     return "\n".join(lines)
 
 
@@ -184,6 +197,7 @@ def plot(rows: List[Dict], path: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, name, key, label in ((axes[0], "width", "width", "base width w (ResNet-20: w, 2w, 4w)"),
@@ -201,12 +215,13 @@ def plot(rows: List[Dict], path: str) -> None:
         slope = 2 if name == "width" else 1
         ax.loglog(x, [ref * (v / x[0]) ** slope for v in x], ":", color="grey",
                   label=f"slope {slope} from the first point")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xticks(x)
         ax.set_xticklabels([str(v) for v in x])
         ax.set_xlabel(label)
         ax.set_ylabel("seconds (median of the pairs)")
         ax.set_title(f"{name} sweep")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left")
         ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -1,8 +1,9 @@
 """sharded_global_threshold: 2 and 3 gloo processes over loopback, scores split across ranks as
 whole tensors and as uneven flat slices (FSDP), must give the masks and the cut of one process
 running widetopo_ext.global_threshold over the full list - also with heavy ties at the cut, for
-both modes, float32 and float64 (and the 16-bit dtypes). One spawn per world size runs every case;
-the reference is computed here, in the test process, from the same deterministic tensors."""
+both modes, float32 and float64 (and the 16-bit dtypes). Every case runs in the spawned workers;
+the reference is computed here, in the test process, from the same deterministic tensors. One
+spawn of three processes serves both world sizes (world 2 runs in a two-rank subgroup)."""
 import datetime
 import math
 import os
@@ -123,14 +124,14 @@ def all_cases():
     return cases
 
 
-def run_case(case, world, rank, scale=1):
+def run_case(case, world, rank, scale=1, group=None):
     layout, kind, dtype, mode, keep, seed = case
     full = full_scores(kind, dtype, seed, scale)
     pieces = pieces_of(layout, full, world, seed)[rank]
     scores = local_tensors(full, pieces)
     masks = [torch.ones(s.shape, dtype=torch.bool) for s in scores]
     index = None if layout == "whole" else [(t, off, full[t].numel()) for t, off, _, _ in pieces]
-    cut, stats = sharded_global_threshold(scores, masks, keep, mode, index=index, return_stats=True)
+    cut, stats = sharded_global_threshold(scores, masks, keep, mode, index=index, group=group, return_stats=True)
     return {"masks": masks, "cut": cut, "payload": stats.payload_bytes, "passes": stats.passes,
             "collectives": stats.collectives, "ring": stats.ring_bytes_sent}
 
@@ -144,7 +145,7 @@ def _failure(call):
     return None
 
 
-def error_cases(rank, world):
+def error_cases(rank, world, group=None):
     f32 = [torch.arange(6, dtype=torch.float32).reshape(2, 3) + rank]
     masks = lambda s: [torch.zeros(t.shape, dtype=torch.bool) for t in s]  # noqa: E731
     whole = [(rank, 0, 6)]
@@ -154,7 +155,7 @@ def error_cases(rank, world):
         ms = masks(scores)
         before = [m.clone() for m in ms]
         try:
-            return sharded_global_threshold(scores, ms, keep, mode, index=index)
+            return sharded_global_threshold(scores, ms, keep, mode, index=index, group=group)
         except Exception:
             assert all(torch.equal(a, b) for a, b in zip(ms, before)), "a failed call wrote a mask"
             raise
@@ -183,14 +184,21 @@ def error_cases(rank, world):
 
 # --------------------------------------------------------------------------- workers
 def _worker(rank, world, port, outdir):
+    """Three processes: first ranks 0 and 1 run the world-2 cases in a subgroup (the `group=`
+    argument; rank 2 waits), then all three the world-3 cases in the default group."""
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                          world_size=world, timeout=datetime.timedelta(seconds=60))
     try:
-        results = {case: run_case(case, world, rank) for case in cases_for(world)}
-        big = {case: run_case(case, world, rank, scale=50) for case in BIG_CASES}
-        torch.save({"results": results, "big": big, "errors": error_cases(rank, world)},
-                   os.path.join(outdir, f"rank{rank}.pt"))
+        pair = torch.distributed.new_group([0, 1])
+        for w, group in ((2, pair), (3, None)):
+            if rank >= w:
+                continue
+            out = {"results": {case: run_case(case, w, rank, group=group) for case in cases_for(w)},
+                   "big": {case: run_case(case, w, rank, scale=50, group=group) for case in BIG_CASES},
+                   "errors": error_cases(rank, w, group=group)}
+            torch.save(out, os.path.join(outdir, f"world{w}_rank{rank}.pt"))
+        torch.distributed.barrier()
     finally:
         torch.distributed.destroy_process_group()
 
@@ -218,12 +226,18 @@ def run_spawned(world, outdir, timeout=180):
                 p.join(5)
 
 
-@pytest.fixture(scope="module", params=[2, 3], ids=["world2", "world3"])
-def spawned(request, tmp_path_factory):
+@pytest.fixture(scope="module")
+def spawned_dir(tmp_path_factory):
+    """One spawn of three gloo processes for the whole module."""
+    outdir = tmp_path_factory.mktemp("sharded")
+    run_spawned(3, str(outdir))
+    return outdir
+
+
+@pytest.fixture(params=[2, 3], ids=["world2", "world3"])
+def spawned(request, spawned_dir):
     world = request.param
-    outdir = tmp_path_factory.mktemp(f"sharded{world}")
-    run_spawned(world, str(outdir))
-    return world, [torch.load(outdir / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    return world, [torch.load(spawned_dir / f"world{world}_rank{r}.pt", weights_only=False) for r in range(world)]
 
 
 # --------------------------------------------------------------------------- the reference
