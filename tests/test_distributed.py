@@ -109,6 +109,10 @@ def _worker(rank, world, port, outdir):
         one = widetopo.prune(make_model(), make_data(1), 0.1, method=make_scorer(), **OPTS)
         wt = widetopo.prune(make_model(), make_data(4), 0.1, method="widetopo-s", **WT_OPTS)
         snip = widetopo.prune(make_model().double(), make_labelled(4), 0.1, method="snip", verbose=False)
+        # sharded scores: each rank sums and selects only the tensors it owns (same masks)
+        sharded = widetopo.prune(make_model(), make_data(5), 0.1, method=make_scorer(), shard_scores=True, **OPTS)
+        wt_sharded = widetopo.prune(make_model(), make_data(4), 0.1, method="widetopo-s", shard_scores=True,
+                                    **WT_OPTS)
         errors = {
             # rank 1's scorer raises in round 2; rank 1 gets no data at all
             "scorer": _failure(lambda: widetopo.prune(make_model(), make_data(4), 0.1,
@@ -117,7 +121,8 @@ def _worker(rank, world, port, outdir):
                                                     method=make_scorer(), **OPTS)),
         }
         torch.save({"masks": dict(masks), "one": dict(one), "wt": dict(wt), "log": log, "meta": masks.meta,
-                    "snip": dict(snip), "errors": errors}, os.path.join(outdir, f"rank{rank}.pt"))
+                    "snip": dict(snip), "errors": errors, "sharded": dict(sharded), "wt_sharded": dict(wt_sharded)},
+                   os.path.join(outdir, f"rank{rank}.pt"))
     finally:
         torch.distributed.destroy_process_group()
 
@@ -219,3 +224,21 @@ def test_snip_sums_signed_sensitivities_across_ranks(spawned, one_thread):
     for name in single:
         assert torch.equal(spawned[0]["snip"][name], spawned[1]["snip"][name]), name
         assert torch.equal(spawned[0]["snip"][name], single[name]), name
+
+
+def test_sharded_scores_give_the_masks_of_the_unsharded_run(spawned):
+    """shard_scores=True (scores reduced to their owner, sharded top-k, masks broadcast): the
+    same masks as the all-reduce run, on both ranks."""
+    for rank_result in spawned:
+        for plain, sharded in (("masks", "sharded"), ("wt", "wt_sharded")):
+            a, b = rank_result[plain], rank_result[sharded]
+            assert list(a) == list(b)
+            assert all(torch.equal(a[n], b[n]) for n in a), (plain, sharded)
+
+
+def test_shard_owners_balance_the_scores():
+    from widetopo.shard_plan import owners
+
+    assert owners([10, 1, 1, 8], 2) == [0, 1, 1, 1]
+    assert owners([5, 5, 5], 3) == [0, 1, 2]
+    assert owners([3], 2) == [0]

@@ -294,13 +294,22 @@ class Pruner:
         Returns the new kept count."""
         kept = state.kept
         ctx = state.context(round_index, self.options.seed)
-        scores = compute_scores(self.scorer, ctx, mine, self.device, phase)
+        owner = self._owners(state)
+        scores = compute_scores(self.scorer, ctx, mine, self.device, phase, owner)
         keep, mode = keep_count(d_t, state.n_prunable, state.n_all, self.options.count)
         if mode == "exact":
             keep = min(keep, kept)
         select_masks(self.scorer, ctx, scores, keep, mode, self.options.compression_factor, kept, state.n_prunable,
-                     self.layouts)
+                     self.layouts, owner)
         return state.kept
+
+    def _owners(self, state) -> Optional[List[int]]:
+        """Owner rank of each prunable tensor with shard_scores under torch.distributed, else None."""
+        if not (self.options.shard_scores and dist_utils.is_distributed()):
+            return None
+        from widetopo.shard_plan import owners
+
+        return owners([p.numel() for p in state.working], dist_utils.rank_world()[1])
 
     # ------------------------------------------------------------------ result
     def _result(self, state, world: int) -> Masks:

@@ -5,13 +5,13 @@ then select: density-aware decay (if the method uses it), protect pruned entries
 from __future__ import annotations
 
 import math
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 
 import widetopo_ext
 from widetopo import distributed as dist_utils
-from widetopo import topology
+from widetopo import shard_plan, topology
 from widetopo.scores.base import Batch, ScoreContext, Scorer
 
 __all__ = ["NonFiniteScoresError", "ZeroScoresError", "compute_scores", "select_masks", "score_dtype"]
@@ -74,10 +74,16 @@ def _check_finite(scorer: Scorer, ctx: ScoreContext, scores: List[torch.Tensor],
         )
 
 
+def _owned(items: Sequence, owner: Optional[Sequence[int]], rank: int) -> list:
+    return list(items) if owner is None else [x for x, o in zip(items, owner) if o == rank]
+
+
 def compute_scores(scorer: Scorer, ctx: ScoreContext, mine: Sequence[Batch], device: torch.device,
-                   phase: str) -> List[torch.Tensor]:
+                   phase: str, owner: Optional[Sequence[int]] = None) -> List[torch.Tensor]:
     """The finalized scores of one round, identical on every process: prepass (summed over
-    processes) -> score (summed over processes when data-dependent) -> finalize."""
+    processes) -> score (summed over processes when data-dependent) -> finalize.
+    owner (sharded scores, widetopo.shard_plan): score j is summed into rank owner[j] only; the
+    other ranks' copies of it are partial sums that select_masks ignores."""
     working = ctx.prunable
     what = f"scoring round {ctx.round} ({phase})"
     if has_prepass(scorer):
@@ -96,9 +102,17 @@ def compute_scores(scorer: Scorer, ctx: ScoreContext, mine: Sequence[Batch], dev
         else:  # more processes than batches: this rank contributes nothing to the sum
             scores = _zeros_like_scores(working)
     if scorer.data_dependent:
-        dist_utils.all_reduce_sum_(scores)
+        if owner is None:
+            dist_utils.all_reduce_sum_(scores)
+        else:
+            shard_plan.reduce_to_owners_(scores, owner)
     scores = _check_list(scorer, "finalize()", scorer.finalize(ctx, scores), ctx.names, working)
-    _check_finite(scorer, ctx, scores, phase)
+    if owner is None:
+        _check_finite(scorer, ctx, scores, phase)
+    else:
+        rank = dist_utils.rank_world()[0]
+        with dist_utils.fail_together(device, what):
+            _check_finite(scorer, ctx, [s if o == rank else torch.zeros(()) for s, o in zip(scores, owner)], phase)
     return scores
 
 
@@ -120,12 +134,19 @@ def protect_pruned(scores: List[torch.Tensor], masks: List[torch.Tensor]) -> Non
         s.masked_fill_(m.logical_not(), torch.finfo(s.dtype).min)
 
 
-def _check_not_all_zero(scorer: Scorer, ctx: ScoreContext, scores: List[torch.Tensor], keep: int, kept: int) -> None:
+def _check_not_all_zero(scorer: Scorer, ctx: ScoreContext, scores: List[torch.Tensor], keep: int, kept: int,
+                        owner: Optional[Sequence[int]] = None) -> None:
     """All-zero scores over the kept weights leave the choice of `keep` among them arbitrary."""
     if keep >= kept or not scores:
         return
-    peak = max(float(n) for n in torch._foreach_norm([s.masked_fill(m.logical_not(), 0) for s, m in
-                                                       zip(scores, ctx.masks)], float("inf")))
+    rank = dist_utils.rank_world()[0]
+    mine = [s.masked_fill(m.logical_not(), 0) for s, m, o in zip(scores, ctx.masks, owner or [rank] * len(scores))
+            if o == rank]
+    peak = max([float(n) for n in torch._foreach_norm(mine, float("inf"))] if mine else [0.0])
+    if owner is not None:
+        flag = torch.tensor([peak], dtype=torch.float64, device=scores[0].device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        peak = float(flag)
     if peak == 0.0:
         raise ZeroScoresError(
             f"every kept weight scored 0 with {scorer.name!r} in round {ctx.round}: the ranking is "
@@ -135,24 +156,30 @@ def _check_not_all_zero(scorer: Scorer, ctx: ScoreContext, scores: List[torch.Te
 
 
 def select_masks(scorer: Scorer, ctx: ScoreContext, scores: List[torch.Tensor], keep: int, mode: str,
-                 compression_factor: float, kept: int, n_prunable: int, layouts=None) -> None:
+                 compression_factor: float, kept: int, n_prunable: int, layouts=None,
+                 owner: Optional[Sequence[int]] = None) -> None:
     """Write the round's masks into ctx.masks (in place) and apply them to ctx.prunable.
-    layouts: the unit topology of each tensor (widetopo.topology) for the density decay."""
-    masks = ctx.masks
-    _check_not_all_zero(scorer, ctx, scores, keep, kept)
+    layouts: the unit topology of each tensor (widetopo.topology) for the density decay.
+    owner: sharded scores (widetopo.shard_plan): each rank selects its own tensors, the
+    threshold is the sharded global top-k, and owners broadcast the masks."""
+    all_masks = ctx.masks
+    _check_not_all_zero(scorer, ctx, scores, keep, kept, owner)
+    rank = dist_utils.rank_world()[0]
+    full_layouts = layouts if layouts is not None else [topology.DENSE] * len(all_masks)
+    masks, own_layouts = _owned(all_masks, owner, rank), _owned(full_layouts, owner, rank)
+    own_scores = _owned(scores, owner, rank)
     if scorer.decay and kept > 0:  # (kept == 0: everything is pruned already)
-        topology.density_decay_(scores, masks, layouts, -math.log10(kept / n_prunable) / compression_factor)
+        topology.density_decay_(own_scores, masks, own_layouts, -math.log10(kept / n_prunable) / compression_factor)
     if kept < n_prunable:
-        protect_pruned(scores, masks)
+        protect_pruned(own_scores, masks)
+    if owner is not None:
+        _select_sharded(scorer, ctx, scores, keep, mode, owner, rank)
+        shard_plan.broadcast_masks_(all_masks, owner)
+        widetopo_ext.apply_masks_(ctx.prunable, all_masks)
+        return
+    masks = all_masks
     if scorer.selection == "layerwise":
-        quotas = [int(q) for q in scorer.layer_quotas(ctx, keep)]
-        if len(quotas) != len(masks) or sum(quotas) != keep or any(
-            q < 0 or q > m.numel() for q, m in zip(quotas, masks)
-        ):
-            raise RuntimeError(
-                f"scorer {scorer.name!r}: layer_quotas must give one count per prunable tensor, each in "
-                f"[0, numel], summing to {keep}; got {quotas}"
-            )
+        quotas = _checked_quotas(scorer, ctx, keep)
         for s, m, q in zip(scores, masks, quotas):
             widetopo_ext.global_threshold([s], [m], q, "exact")
     elif scorer.selection == "global":
@@ -160,3 +187,30 @@ def select_masks(scorer: Scorer, ctx: ScoreContext, scores: List[torch.Tensor], 
     else:
         raise ValueError(f"scorer {scorer.name!r}: selection must be 'global' or 'layerwise', got {scorer.selection!r}")
     widetopo_ext.apply_masks_(ctx.prunable, masks)
+
+
+def _checked_quotas(scorer: Scorer, ctx: ScoreContext, keep: int) -> List[int]:
+    masks = ctx.masks
+    quotas = [int(q) for q in scorer.layer_quotas(ctx, keep)]
+    if len(quotas) != len(masks) or sum(quotas) != keep or any(q < 0 or q > m.numel() for q, m in zip(quotas, masks)):
+        raise RuntimeError(
+            f"scorer {scorer.name!r}: layer_quotas must give one count per prunable tensor, each in "
+            f"[0, numel], summing to {keep}; got {quotas}"
+        )
+    return quotas
+
+
+def _select_sharded(scorer: Scorer, ctx: ScoreContext, scores, keep: int, mode: str, owner, rank: int) -> None:
+    """Selection on this rank's own tensors; masks of the other tensors are left to their owners."""
+    from widetopo.sharded import sharded_global_threshold
+
+    own = [j for j, o in enumerate(owner) if o == rank]
+    if scorer.selection == "layerwise":
+        quotas = _checked_quotas(scorer, ctx, keep)
+        for j in own:
+            widetopo_ext.global_threshold([scores[j]], [ctx.masks[j]], quotas[j], "exact")
+    elif scorer.selection == "global":
+        index = [(j, 0, scores[j].numel()) for j in own]
+        sharded_global_threshold([scores[j] for j in own], [ctx.masks[j] for j in own], keep, mode, index=index)
+    else:
+        raise ValueError(f"scorer {scorer.name!r}: selection must be 'global' or 'layerwise', got {scorer.selection!r}")

@@ -58,6 +58,8 @@ class EngineOptions(Options):
     device: Any = option(None, "pruning device (default: the model's)", _device)
     data_device: Any = option(None, "where the pruning set is kept (default: the pruning device; "
                                     "'cpu' moves one batch at a time)", _device)
+    shard_scores: bool = option(False, "under torch.distributed: each process sums and selects only its share "
+                                       "of the prunable tensors (sharded top-k); same masks", boolean)
 
     @property
     def post_rounds(self) -> int:
@@ -71,7 +73,7 @@ class EngineOptions(Options):
 
 
 #: options that do not change the masks
-RESULT_NEUTRAL = ("verbose", "checkpoint", "device", "data_device")
+RESULT_NEUTRAL = ("verbose", "checkpoint", "device", "data_device", "shard_scores")
 
 #: options of widetopo.params.select_prunable accepted by prune() and saliency()
 SELECTION_OPTIONS = ("include", "names", "pattern", "include_bias", "include_norm")
