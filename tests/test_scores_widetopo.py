@@ -110,7 +110,7 @@ def test_factory_methods_options_and_errors():
     assert type(make_scorer("snip")) is SNIPScorer
     assert type(make_scorer("synflow")) is SynFlowScorer
     assert make_scorer("random", distribution="normal").distribution == "normal"
-    assert set(scorer_options("widetopo")) == {"mu1", "mu2", "eps", "probes"}
+    assert set(scorer_options("widetopo")) == {"mu1", "mu2", "eps", "probes", "ita_batched"}
     with pytest.raises(ValueError, match="unknown method 'no-such-method'"):
         make_scorer("no-such-method")
     with pytest.raises(ValueError, match="mu3"):

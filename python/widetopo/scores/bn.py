@@ -147,7 +147,17 @@ def calibrate_batchnorm(ctx, x: torch.Tensor) -> int:
                 # local statistics: a SyncBatchNorm would all-reduce them across processes, which
                 # hangs when ranks score different numbers of batches and mixes their data
                 module.forward = types.MethodType(_BatchNorm.forward, module)
-            ctx.forward(ctx.params, x, buffers)
+            try:
+                ctx.forward(ctx.params, x, buffers)
+            except ValueError as exc:
+                if "Expected more than 1 value per channel" not in str(exc):
+                    raise
+                raise ValueError(
+                    f"BatchNorm calibration needs more than one value per channel, but a pruning batch has "
+                    f"{x.shape[0]} sample(s) of shape {tuple(x.shape[1:])}: drop the incomplete last batch "
+                    "(DataLoader(..., drop_last=True)) or choose max_samples so that every batch has at "
+                    "least 2 samples"
+                ) from None
         finally:
             for module, momentum in saved:
                 module.momentum = momentum

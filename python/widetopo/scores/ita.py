@@ -72,6 +72,7 @@ def ita_score(
     out: Optional[List[torch.Tensor]] = None,
     eps_x: Optional[float] = None,
     eps_theta: Optional[float] = None,
+    batched: bool = True,
 ) -> List[torch.Tensor]:
     """Add |dA/dm| * [m != 0] of one batch to `out` (zeros if None: float64 for float64
     parameters, else float32) and return it, one tensor per name in ctx.names.
@@ -81,6 +82,9 @@ def ita_score(
     dtype=x.dtype), then dtheta_p = randn(theta_p.shape, dtype=theta_p.dtype) for p in
     ctx.names order. Runs in eval mode with the context's current buffers (calibration is the
     caller's job). 16-bit models are evaluated in float32 (draws then made in float32 too).
+    batched=True evaluates x and x + eps_x*dx as one batch per parameter set, which is exact
+    only when samples do not interact in eval mode; batched=False runs four separate forwards
+    (for models that mix samples, e.g. attention or normalisation across the batch).
     """
     eps_x = _check_eps("eps_x", eps if eps_x is None else eps_x)
     eps_theta = _check_eps("eps_theta", eps if eps_theta is None else eps_theta)
@@ -114,7 +118,7 @@ def ita_score(
     xp = x + eps_x * dx
     n = x.shape[0]
     with eval_mode(ctx.model), affine_batchnorm(ctx.model), no_tf32(x.device), torch.enable_grad():
-        if uses_batch_statistics(ctx.model):
+        if not batched or uses_batch_statistics(ctx.model):
             # BatchNorm without running statistics couples the samples: no concatenation
             o_s, p_s = ctx.forward(params_s, x, buffers), ctx.forward(params_s, xp, buffers)
             o_t, p_t = ctx.forward(params_t, x, buffers), ctx.forward(params_t, xp, buffers)

@@ -3,6 +3,8 @@
 Classification logits (N, C) against class indices (N,), or dense-prediction logits
 (N, C, d1, ...) against per-position indices (N, d1, ...): mean cross entropy over every
 sample / position whose target is not `ignore_index` (torch.nn.functional.cross_entropy).
+A batch whose every target is ignored contributes 0 (not NaN); if that is true of the whole
+pruning set, the engine refuses the all-zero scores (widetopo.rounds.ZeroScoresError).
 """
 from __future__ import annotations
 
@@ -25,4 +27,8 @@ def task_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = IG
             f"targets of shape {tuple(target.shape)} do not fit logits of shape {tuple(logits.shape)}: "
             "expected (N,) for (N, C) logits, or (N, d1, ...) for (N, C, d1, ...) logits"
         )
-    return F.cross_entropy(logits, target.long(), ignore_index=ignore_index, reduction=reduction)
+    target = target.long()
+    if reduction == "mean" and not bool((target != ignore_index).any()):
+        # every target ignored: no signal (0 with zero gradient) rather than torch's NaN
+        return (logits * 0).sum()
+    return F.cross_entropy(logits, target, ignore_index=ignore_index, reduction=reduction)

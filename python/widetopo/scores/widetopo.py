@@ -13,7 +13,7 @@ from typing import List, Sequence
 
 import torch
 
-from widetopo.options import Options, integer, nonnegative, option, positive
+from widetopo.options import Options, boolean, integer, nonnegative, option, positive
 from widetopo.scores.base import Batch, ScoreContext, Scorer
 from widetopo.scores._util import score_zeros
 from widetopo.scores.bn import calibrate_batchnorm, eval_mode
@@ -45,6 +45,8 @@ class WideTopoOptions(Options):
     mu2: float = option(1.0, "weight of the ITA term S_ita", nonnegative)
     eps: float = option(5e-4, "finite-difference step of ITA (eps_x = eps_theta)", positive)
     probes: int = option(1, "Hutchinson probes per batch", integer(1))
+    ita_batched: bool = option(True, "evaluate x and x + eps*dx as one batch (False: separately, for models "
+                                     "whose samples interact in eval mode)", boolean)
 
 
 class WideTopoScorer(Scorer):
@@ -70,7 +72,7 @@ class WideTopoScorer(Scorer):
                 if opts.mu1 != 0:
                     ntk_score(ctx, batch, probes=opts.probes, out=s_ntk)
                 if opts.mu2 != 0:
-                    ita_score(ctx, batch, eps=opts.eps, out=s_ita)
+                    ita_score(ctx, batch, eps=opts.eps, out=s_ita, batched=opts.ita_batched)
         torch._foreach_mul_(s_ntk, opts.mu1)
         torch._foreach_mul_(s_ita, opts.mu2)
         torch._foreach_add_(s_ntk, s_ita)

@@ -1,0 +1,215 @@
+"""The method registry: one declaration per method feeds prune(), saliency(), the CLI, the mask
+metadata and the docs; engine hooks prepass (whole-set sums) and per-layer quotas."""
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import widetopo
+from widetopo import cli
+from widetopo.methods import Method, Schedule, all_methods, get_method, method_names, methods_markdown
+from widetopo.options import Options, option, parse_assignment, positive
+from widetopo.scores.base import Scorer
+
+pytestmark = [pytest.mark.needs_kernel("global_threshold", "apply_masks_", "mask_stats"),
+              pytest.mark.usefixtures("one_thread")]
+
+
+def tiny_mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+
+
+def data(n=2, bs=3):
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(bs, 3, generator=g), torch.randint(0, 2, (bs,), generator=g)) for _ in range(n)]
+
+
+def test_every_method_resolves_with_its_aliases_and_defaults():
+    names = method_names()
+    assert len(names) == len(set(names))
+    for m in all_methods():
+        assert get_method(m.name) is m and get_method(m.name.upper()) is m
+        for alias in m.aliases:
+            assert get_method(alias) is m
+        assert issubclass(m.scorer, Scorer) and issubclass(m.options, Options)
+        m.options()  # the defaults validate
+        scorer = m.make_scorer()
+        assert scorer.name == m.name and isinstance(scorer.options, m.options)
+    assert get_method("widetopo_s").name == "widetopo-s"
+    with pytest.raises(ValueError, match="unknown method 'nope'"):
+        get_method("nope")
+
+
+def test_method_options_are_validated_with_the_option_name():
+    wt = get_method("widetopo")
+    assert wt.make_scorer(eps=1e-3).options.eps == 1e-3
+    with pytest.raises(ValueError, match="eps must be a finite number > 0"):
+        wt.make_scorer(eps=-1.0)
+    with pytest.raises(ValueError, match="unknown option.*'mu3'.*its options are: mu1, mu2, eps, probes, ita_batched"):
+        wt.make_scorer(mu3=1.0)
+
+
+def test_parse_assignment_types_the_value_from_the_dataclass():
+    opts = get_method("widetopo").options
+    assert parse_assignment([opts], "eps=0.01") == ("eps", 0.01)
+    assert parse_assignment([opts], "probes=3") == ("probes", 3)
+    assert parse_assignment([get_method("snip").options], "calibrate-bn=true") == ("calibrate_bn", True)
+    assert parse_assignment([get_method("synflow").options], "input_shape=3x8x8") == ("input_shape", (3, 8, 8))
+    assert parse_assignment([get_method("synflow").options], "input_shape=none") == ("input_shape", None)
+    with pytest.raises(ValueError, match="probes: cannot read 'x'"):
+        parse_assignment([opts], "probes=x")
+    with pytest.raises(ValueError, match="unknown option 'nope'; allowed: eps, ita_batched, mu1, mu2, probes"):
+        parse_assignment([opts], "nope=1")
+    with pytest.raises(ValueError, match="expected key=value"):
+        parse_assignment([opts], "eps")
+
+
+def test_methods_markdown_lists_every_method_and_option():
+    text = methods_markdown()
+    for m in all_methods():
+        assert f"| `{m.name}` |" in text
+        for f in dataclasses.fields(m.options):
+            assert f"`{f.name}`" in text
+
+
+def test_mask_metadata_records_method_and_options():
+    masks = widetopo.prune(tiny_mlp(), data(), 0.5, method="snip", calibrate_bn=True, verbose=False)
+    assert masks.meta["method"] == "snip" and masks.meta["calibrate_bn"] is True
+    assert masks.meta["ignore_index"] == -100 and masks.meta["rounds"] == 1
+
+
+# ---------------------------------------------------------------------------------- saliency
+
+def test_saliency_of_snip_equals_a_hand_computation():
+    model = tiny_mlp()
+    batches = data()
+    got = widetopo.saliency(model, batches, "snip")
+    ref = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in model.named_parameters() if n.endswith("weight")}
+    m64 = tiny_mlp().double()
+    for x, y in batches:
+        m64.zero_grad()
+        nn.functional.cross_entropy(m64(x.double()), y).backward()
+        for n, p in m64.named_parameters():
+            if n in ref:
+                ref[n] += p.grad * p.detach()
+    assert list(got) == list(ref)
+    for n in ref:
+        torch.testing.assert_close(got[n].double(), ref[n].abs(), rtol=1e-5, atol=1e-7)
+
+
+def test_saliency_respects_given_masks_and_leaves_model_alone():
+    model = tiny_mlp()
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    masks = {"0.weight": torch.rand(4, 3, generator=torch.Generator().manual_seed(3)) > 0.5,
+             "2.weight": torch.ones(2, 4, dtype=torch.bool)}
+    got = widetopo.saliency(model, data(), "magnitude", masks=masks)
+    w = model[0].weight.detach()
+    torch.testing.assert_close(got["0.weight"], (w * masks["0.weight"]).abs())
+    assert all(torch.equal(before[n], p) for n, p in model.state_dict().items())
+    with pytest.raises(ValueError, match="masks must cover exactly the prunable parameters"):
+        widetopo.saliency(model, data(), "magnitude", masks={"0.weight": masks["0.weight"]})
+
+
+# ---------------------------------------------------------------------------------- hooks
+
+class PrepassScorer(Scorer):
+    """score = (sum over the whole set of x.mean()) * |theta|: needs the total before scoring."""
+
+    name = "prepass-test"
+    data_dependent = True
+
+    def prepass(self, ctx, batches):
+        total = torch.zeros(())
+        for b in batches:
+            total += b.x.mean()
+        return [total]
+
+    def score(self, ctx, batches):
+        (total,) = ctx.prepass
+        self.seen = float(total)
+        return [p.abs() * float(total) * len(batches) for p in ctx.prunable]
+
+
+def test_prepass_total_reaches_score():
+    batches = data(3)
+    scorer = PrepassScorer()
+    widetopo.saliency(tiny_mlp(), batches, scorer)
+    assert scorer.seen == pytest.approx(sum(float(x.mean()) for x, _ in batches), rel=1e-6)
+
+
+@dataclasses.dataclass(frozen=True)
+class HalfOptions(Options):
+    scale: float = option(1.0, "a positive scale", positive)
+
+
+class HalfPerLayer(Scorer):
+    """Keeps the largest |theta| inside each layer, K split as evenly as possible."""
+
+    name = "half-per-layer"
+    data_dependent = False
+    selection = "layerwise"
+    Options = HalfOptions
+
+    def score(self, ctx, batches):
+        return [p.abs() * self.options.scale for p in ctx.prunable]
+
+    def layer_quotas(self, ctx, keep):
+        n = len(ctx.names)
+        return [keep // n + (1 if i < keep % n else 0) for i in range(n)]
+
+
+def test_layerwise_selection_keeps_the_quota_of_each_layer():
+    model = tiny_mlp()
+    masks = widetopo.prune(model, data(), 0.5, method=HalfPerLayer(), verbose=False)  # K = 10 of 20
+    assert [int(m.sum()) for m in masks.values()] == [5, 5]
+    for name, module in (("0.weight", model[0]), ("2.weight", model[2])):
+        w = module.weight.detach().abs().flatten()
+        expect = torch.zeros_like(w, dtype=torch.bool)
+        expect[w.argsort(descending=True)[:5]] = True
+        assert torch.equal(masks[name].flatten(), expect)
+
+
+def test_a_registered_method_is_one_entry(monkeypatch):
+    from widetopo import methods
+
+    extra = Method("half", HalfPerLayer, Schedule(rounds=1), "test method")
+    monkeypatch.setattr(methods, "_METHODS", {**methods._table(), "half": extra})
+    masks = widetopo.prune(tiny_mlp(), data(), 0.5, method="half", scale=2.0, verbose=False)
+    assert masks.meta["method"] == "half" and masks.meta["scale"] == 2.0
+    with pytest.raises(ValueError, match="scale must be a finite number > 0"):
+        widetopo.prune(tiny_mlp(), data(), 0.5, method="half", scale=0.0)
+
+
+# ---------------------------------------------------------------------------------- CLI
+
+def test_cli_methods_lists_schedules_and_options(capsys):
+    assert cli.main(["methods"]) == 0
+    out = capsys.readouterr().out
+    for m in all_methods():
+        assert out.count(f"\n{m.name}") + out.startswith(m.name) >= 1
+    assert "--option eps=0.0005" in out and "T = 10, R = 2 x (J = 50, T' = 10)" in out
+    assert cli.main(["methods", "--markdown"]) == 0
+    assert capsys.readouterr().out.strip() == methods_markdown()
+
+
+def test_cli_option_sets_a_method_option(tmp_path, capsys):
+    out = tmp_path / "m.wtm"
+    rc = cli.main(["-q", "prune", "--method", "snip", "--option", "calibrate_bn=true", "--samples", "64",
+                   "--density", "0.3", "-o", str(out)])
+    assert rc == 0
+    assert widetopo.load_masks(out).meta["calibrate_bn"] is True
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["prune", "--method", "snip", "--option", "eps=1"], "unknown option 'eps'; allowed: calibrate_bn, ignore_index"),
+    (["prune", "--option", "probes=0"], "probes must be an integer >= 1"),
+    (["prune", "--option", "probes"], "expected key=value"),
+    (["prune", "--method", "grasp2"], "invalid choice 'grasp2'"),
+])
+def test_cli_bad_option_is_a_usage_error(argv, message, capsys):
+    assert cli.main(argv) == 2
+    assert message in capsys.readouterr().err
