@@ -205,6 +205,6 @@ def test_resume_after_kill(tmp_path, monkeypatch, kill_after):
     check_resume(tmp_path, monkeypatch, "grasp", bn_net, labelled(2), 0.1, kill_after, rounds=3)
 
 
-def test_two_processes_equal_one(tmp_path):
+def test_two_processes_equal_one():
     """Exercises the prepass: g must be the sum over both processes' batches before Hg."""
-    check_two_processes(tmp_path, "grasp", n_batches=4, density=0.2)
+    check_two_processes("grasp")

@@ -166,5 +166,5 @@ def test_resume_after_kill(tmp_path, monkeypatch, kill_after):
     check_resume(tmp_path, monkeypatch, "iter-snip", bn_net, labelled(2), 0.1, kill_after, rounds=3)
 
 
-def test_two_processes_equal_one(tmp_path):
-    check_two_processes(tmp_path, "iter-snip", rounds=2)
+def test_two_processes_equal_one():
+    check_two_processes("iter-snip")

@@ -211,5 +211,5 @@ def test_resume_after_kill(tmp_path, monkeypatch, kill_after):
     check_resume(tmp_path, monkeypatch, "ntk-sap", bn_net, labelled(2), 0.1, kill_after, rounds=3)
 
 
-def test_two_processes_equal_one(tmp_path):
-    check_two_processes(tmp_path, "ntk-sap", rounds=2)
+def test_two_processes_equal_one():
+    check_two_processes("ntk-sap")
