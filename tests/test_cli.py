@@ -138,7 +138,8 @@ def test_runtime_errors_exit_1_with_message(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "widetopo report: error:" in err and "not a widetopo mask file" in err and "Traceback" not in err
     assert main(["report", str(tmp_path / "missing.wtm")]) == 1
-    assert "No such file" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.endswith(f"widetopo report: error: mask file {str(tmp_path / 'missing.wtm')!r} does not exist\n")
     assert main(["-q", "prune", "--dataset", "cifar10", "--data-dir", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert "cifar" in err.lower() and "Traceback" not in err
@@ -169,3 +170,110 @@ def test_python_dash_m_subprocess(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "pruned" in proc.stdout and "test acc" in proc.stdout and out_masks.exists()
     assert proc.stderr == "", "--quiet: nothing on stderr"
+
+
+# ------------------------------------------------------------------------------ issue 10: flags, outputs, --init
+
+@pytest.mark.parametrize("argv", [["-q", "report", "x.wtm"], ["report", "x.wtm", "-q"], ["report", "-q", "x.wtm"]])
+def test_global_flags_before_or_after_the_command(argv):
+    from widetopo.cli import build_parser
+
+    args = build_parser().parse_args(argv)
+    assert args.quiet is True and args.verbose is False and args.threads == "auto"
+
+
+def test_threads_after_the_command_and_conflicting_flags(capsys):
+    from widetopo.cli import build_parser
+
+    args = build_parser().parse_args(["--threads", "3", "run", "--threads", "1"])
+    assert args.threads == 1
+    assert build_parser().parse_args(["--threads", "2", "run"]).threads == 2
+    assert main(["-q", "report", "x.wtm", "-v"]) == 2
+    assert "exclude each other" in capsys.readouterr().err
+
+
+def test_outputs_checked_before_any_work(tmp_path, monkeypatch, capsys):
+    import widetopo.cli as cli
+
+    def no_work(*a, **k):
+        raise AssertionError("pruning or training started although an output cannot be written")
+
+    monkeypatch.setattr(cli, "_prune", no_work)
+    monkeypatch.setattr(cli, "_train", no_work)
+    missing = tmp_path / "nodir" / "m.wtm"
+    assert main(["-q", "prune", "-o", str(missing)] + TINY_PRUNE) == 1
+    err = capsys.readouterr().err
+    assert f"cannot write -o/--output {str(missing)!r}" in err and "does not exist" in err
+    assert main(["-q", "run", "--results", str(tmp_path)] + TINY_PRUNE) == 1
+    assert f"cannot write --results {str(tmp_path)!r}: it is a directory" in capsys.readouterr().err
+    assert main(["-q", "train", "--dense", "--save-model", str(missing)] + TINY_TRAIN) == 1
+    assert "--save-model" in capsys.readouterr().err
+    blocker = tmp_path / "plain"
+    blocker.write_text("x")
+    assert main(["report", "whatever.wtm", "--plots", str(blocker / "plots")]) == 1
+    assert "--plots" in capsys.readouterr().err
+    assert not any(p.name.startswith(".") or "tmp" in p.name for p in tmp_path.iterdir())  # no probe files left
+
+
+def _cnn(seed):
+    from widetopo.models import build_model
+
+    torch.manual_seed(seed)
+    return build_model("cnn", 1, 10, 8)
+
+
+def test_init_file_prune_train_and_changed_file(tmp_path, capsys):
+    import hashlib
+
+    init = tmp_path / "init.pt"
+    src = _cnn(123)
+    torch.save({"model_state_dict": src.state_dict(), "epoch": 0}, init)
+    masks_path = tmp_path / "m.wtm"
+    assert main(["-q", "prune", "--method", "magnitude", "--density", "0.1", "--init", str(init), "-o", str(masks_path)]
+                + TINY_PRUNE) == 0
+    meta = read_header(masks_path)["meta"]
+    assert meta["init_file"] == str(init.resolve())
+    assert meta["init_sha256"] == hashlib.sha256(init.read_bytes()).hexdigest()
+    # magnitude pruning of the file's weights (not of seed 0's): global top-k of |theta|, by hand
+    masks = load_masks(masks_path)
+    params = dict(src.named_parameters())
+    values = torch.cat([params[n].detach().abs().flatten() for n in masks])
+    k = masks.kept
+    threshold = values.sort(descending=True).values[k - 1]
+    for name, m in masks.items():
+        assert torch.equal(m, params[name].detach().abs() >= threshold), name
+
+    # train MASKFILE reloads the init file: with 0 epochs the saved weights are the file's, masked
+    saved = tmp_path / "trained.pt"
+    assert main(["-q", "train", str(masks_path), "--epochs", "0", "--save-model", str(saved)] + TINY_TRAIN[2:]) == 0
+    sd = torch.load(saved)
+    for name, value in src.state_dict().items():
+        expected = value * masks[name] if name in masks else value
+        assert torch.equal(sd[name], expected), name
+    capsys.readouterr()
+
+    # a changed init file is refused, a missing one too
+    torch.save(_cnn(7).state_dict(), init)
+    assert main(["-q", "train", str(masks_path), "--epochs", "0"] + TINY_TRAIN[2:]) == 1
+    assert "changed since the masks were computed" in capsys.readouterr().err
+    init.unlink()
+    assert main(["-q", "train", str(masks_path), "--epochs", "0"] + TINY_TRAIN[2:]) == 1
+    assert "does not exist any more" in capsys.readouterr().err
+
+
+def test_init_file_that_does_not_fit_is_a_clear_error(tmp_path, capsys):
+    from widetopo.models import build_model
+
+    bad = tmp_path / "mlp.pt"
+    torch.save(build_model("mlp", 1, 10, 8).state_dict(), bad)
+    assert main(["-q", "prune", "--init", str(bad), "-o", str(tmp_path / "x.wtm")] + TINY_PRUNE) == 1
+    err = capsys.readouterr().err
+    assert "does not fit SmallCNN" in err and "missing keys" in err and "unexpected keys" in err
+    assert not (tmp_path / "x.wtm").exists()
+
+
+def test_report_shows_effective_sparsity(mask_file, capsys):
+    assert main(["report", str(mask_file)]) == 0
+    out = capsys.readouterr().out
+    assert "effective" in out.splitlines()[1] and "eff. nodes" in out
+    assert "node ratio" in out

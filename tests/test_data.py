@@ -1,6 +1,7 @@
 """widetopo.data: every loader on real files where installed, CIFAR/folder/idx readers on files
 written here by hand, split determinism, missing-data errors."""
 import gzip
+import math
 import importlib.util
 import pickle
 import struct
@@ -335,6 +336,8 @@ def test_bad_arguments():
         load_dataset("digits", max_samples=0)
     with pytest.raises(ValueError, match="folder"):
         load_dataset("digits", image_size=16)
+    with pytest.raises(ValueError, match="shapes"):
+        load_dataset("digits", in_channels=1)
     with pytest.raises(ValueError, match="batch_size"):
         data_loader([], batch_size=0)
 
@@ -351,3 +354,113 @@ def test_image_dataset_validates_inputs():
         ImageDataset(torch.zeros(2, 1, 2, 2), torch.zeros(2, dtype=torch.int64), info)
     with pytest.raises(ValueError, match="targets"):
         ImageDataset(torch.zeros(2, 1, 2, 2, dtype=torch.uint8), torch.zeros(3, dtype=torch.int64), info)
+
+
+# --------------------------------------------------------------------------- shapes (synthesised)
+def test_shapes_interface_and_determinism():
+    train = load_dataset("shapes", "train", image_size=16)
+    test = load_dataset("shapes", "test", image_size=16)
+    assert isinstance(train, wdata.SegmentationDataset) and isinstance(train, ImageDataset)
+    assert (len(train), len(test)) == (512, 128)
+    assert (train.num_classes, train.in_channels, train.image_size) == (4, 3, 16)
+    assert train.task == "segmentation" and train.ignore_index == -100 == wdata.IGNORE_INDEX
+    assert train.classes == ("background", "rectangle", "disc", "triangle")
+    assert "synthesised" in train.info.source
+    x, y = train[7]
+    assert x.shape == (3, 16, 16) and x.dtype == torch.float32
+    assert y.shape == (16, 16) and y.dtype == torch.int64
+    assert set(train.targets.unique().tolist()) == {-100, 0, 1, 2, 3}
+    # seeded and deterministic; the first n of a set are the n of a smaller set
+    again = load_dataset("shapes", "train", image_size=16, max_samples=20)
+    assert torch.equal(again.images, train.images[:20]) and torch.equal(again.targets, train.targets[:20])
+    assert not torch.equal(test.images[:20], train.images[:20])
+    other = load_dataset("shapes", "train", image_size=16, max_samples=20, split_seed=1)
+    assert not torch.equal(other.images, again.images)
+    # subset, normalization override and loaders keep the segmentation interface
+    sub = train.subset([3, 1])
+    assert isinstance(sub, wdata.SegmentationDataset) and torch.equal(sub.targets[0], train.targets[3])
+    plain = load_dataset("shapes", "test", image_size=8, max_samples=4, mean=[0.0] * 3, std=[1.0] * 3)
+    assert isinstance(plain, wdata.SegmentationDataset)
+    torch.testing.assert_close(plain[0][0], plain.images[0].float() / 255)
+    xb, yb = next(iter(data_loader(train, batch_size=5)))
+    assert xb.shape == (5, 3, 16, 16) and yb.shape == (5, 16, 16)
+
+
+def test_shapes_default_size_is_normalized():
+    ds = load_dataset("shapes", "train")
+    assert ds.image_size == 32
+    x, _ = ds.tensors()
+    assert x.mean((0, 2, 3)).abs().max() < 0.02 and (x.std((0, 2, 3)) - 1).abs().max() < 0.02
+
+
+def test_shapes_labels_agree_with_the_pixels():
+    """Independent checks of the masks against the images: background pixels carry one colour
+    up to the noise (std 0.08), every shape class occupies pixels of another colour, ignored
+    pixels only occur where two different labels meet (shape borders), and they are rare."""
+    ds = load_dataset("shapes", "train", max_samples=40)
+    ignored = 0
+    for img, mask in zip(ds.images.double() / 255, ds.targets):
+        bg = mask == 0
+        bg_colour = img[:, bg].mean(1)
+        assert img[:, bg].std(1).max() < 0.11
+        for cls in (1, 2, 3):
+            sel = mask == cls
+            if sel.sum() >= 4:
+                # a shape is >= 0.3 away from the background in some channel (noise averages out)
+                assert (img[:, sel].mean(1) - bg_colour).abs().max() > 0.1
+        ign = mask == -100
+        ignored += int(ign.sum())
+        padded = torch.nn.functional.pad(mask[None, None].double(), (1, 1, 1, 1), mode="replicate")[0, 0]
+        for r, c in ign.nonzero().tolist():
+            window = padded[r:r + 3, c:c + 3]
+            labels = set(window[window >= 0].long().tolist())
+            assert len(labels) >= 2 or (window < 0).sum() >= 2, (r, c)
+    frac = ignored / ds.targets.numel()
+    assert 0.01 < frac < 0.15
+
+
+def test_shape_primitives_against_closed_forms():
+    # sub-pixel grid of a 20 x 20 image, 8 x 8 samples per pixel
+    s = 8
+    gy, gx = np.meshgrid((np.arange(20 * s) + 0.5) / s, (np.arange(20 * s) + 0.5) / s, indexing="ij")
+    rng = np.random.default_rng(0)
+    disc = wdata._shape_coverage(2, gx, gy, 10.0, 9.0, 5.0, rng)
+    assert abs(disc.sum() / s ** 2 - math.pi * 25) < 1.0
+    assert disc[9 * s, 10 * s] and not disc[9 * s, 16 * s]
+    # triangle (2, 2), (12, 2), (2, 12): area 50; a point inside, one past the hypotenuse
+    vx, vy = np.array([2.0, 12.0, 2.0]), np.array([2.0, 2.0, 12.0])
+    tri = wdata._in_triangle(gx, gy, vx, vy)
+    assert abs(tri.sum() / s ** 2 - 50) < 1.0
+    inside = lambda x, y: bool(wdata._in_triangle(np.array(x), np.array(y), vx, vy))  # noqa: E731
+    assert inside(3.0, 3.0) and inside(6.9, 5.0) and not inside(7.5, 7.5) and not inside(1.0, 5.0)
+    rect = wdata._shape_coverage(1, gx, gy, 10.0, 10.0, 4.0, np.random.default_rng(1))
+    rows, cols = np.nonzero(rect)
+    hx, hy = (cols.max() - cols.min() + 1) / s / 2, (rows.max() - rows.min() + 1) / s / 2
+    assert 2.4 - 0.2 <= min(hx, hy) and max(hx, hy) <= 4.0 + 0.1  # half-sides in [0.6 r, r]
+    assert rect.sum() == (cols.max() - cols.min() + 1) * (rows.max() - rows.min() + 1)  # a full box
+
+
+def test_shapes_ignore_index_is_cross_entropy_default():
+    ds = load_dataset("shapes", "test", image_size=8, max_samples=3)
+    x, y = ds.tensors()
+    logits = torch.randn(3, 4, 8, 8, dtype=torch.float64)
+    keep = y != ds.ignore_index
+    assert 0 < int(keep.sum()) < y.numel()
+    logp = torch.log_softmax(logits, 1)
+    picked = [logp[n, y[n, r, c], r, c] for n, r, c in keep.nonzero().tolist()]
+    expected = -torch.stack(picked).mean()
+    torch.testing.assert_close(torch.nn.functional.cross_entropy(logits, y), expected)
+
+
+def test_shapes_bad_arguments():
+    with pytest.raises(ValueError, match="augment"):
+        load_dataset("shapes", augment=True)
+    with pytest.raises(ValueError, match="in_channels"):
+        load_dataset("shapes", in_channels=1)
+    with pytest.raises(ValueError, match="at least 4 px"):
+        load_dataset("shapes", image_size=3)
+    with pytest.raises(ValueError, match="image_size"):
+        load_dataset("shapes", image_size=(8, 8, 8))
+    info = wdata.DatasetInfo("t", "train", 2, 1, 2, (0.0,), (1.0,), task="segmentation", ignore_index=-100)
+    with pytest.raises(ValueError, match=r"masks of shape \(2, 2, 2\)"):
+        wdata.SegmentationDataset(torch.zeros(2, 1, 2, 2, dtype=torch.uint8), torch.zeros(2, dtype=torch.int64), info)

@@ -84,3 +84,23 @@ def test_errors(kwargs, exc, match):
 def test_not_a_module():
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         select_prunable([nn.Linear(2, 2)])
+
+
+def test_default_adds_transposed_convs_and_attention_projections():
+    model = nn.Sequential(nn.ConvTranspose1d(2, 3, 2), nn.ConvTranspose3d(3, 2, 1, groups=1),
+                          nn.MultiheadAttention(4, 2))
+    assert select_prunable(model) == ["0.weight", "1.weight", "2.in_proj_weight", "2.out_proj.weight"]
+
+
+def test_tied_embedding_first_is_selected_once_through_the_linear():
+    model = Zoo()
+    model.tied = nn.Linear(5, 10, bias=False)
+    model.tied.weight = model.emb.weight  # Embedding comes first in named_parameters()
+    assert select_prunable(model) == ["c1.weight", "c2.weight", "c3.weight", "emb.weight", "head.0.weight", "head.2.weight"]
+    assert select_prunable(model, include=nn.Embedding) == ["emb.weight"]
+
+
+def test_pattern_alone_reaches_non_default_parameters():
+    assert select_prunable(Zoo(), pattern="emb|scale") == ["scale", "emb.weight"]
+    assert select_prunable(Zoo(), pattern="^c1", include_bias=True) == ["c1.weight", "c1.bias"]
+    assert select_prunable(Zoo(), pattern="^bn", include_norm=True) == ["bn.weight"]

@@ -5,9 +5,12 @@ import pytest
 import torch
 from torch import nn
 
-from widetopo.models import MODELS, build_model
+import torch.nn.functional as F
+
+from widetopo.models import MODEL_TASKS, MODELS, build_model
 
 ALL = sorted(MODELS)
+CLASSIFIERS = [n for n in ALL if MODEL_TASKS[n] == "classification"]
 
 
 def _params(model):
@@ -19,7 +22,7 @@ def _bn(c):  # weight + bias
 
 
 SMALL = ["cnn", "lenet5", "mlp", "resnet20"]
-CASES = [(n, 3, 32, 10) for n in SMALL] + [(n, 1, 8, 7) for n in ALL] + [(n, 2, 12, 100) for n in ALL]
+CASES = [(n, 3, 32, 10) for n in SMALL] + [(n, 1, 8, 7) for n in CLASSIFIERS] + [(n, 2, 12, 100) for n in CLASSIFIERS]
 
 
 @pytest.mark.parametrize("name,in_channels,image_size,num_classes", CASES)
@@ -33,7 +36,7 @@ def test_output_shape(name, in_channels, image_size, num_classes):
     assert torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize("name", ["cnn", "lenet5", "mlp", "resnet20"])
+@pytest.mark.parametrize("name", ["cnn", "lenet5", "mlp", "resnet20", "vit", "lstm"])
 def test_non_square_images(name):
     model = build_model(name, in_channels=2, num_classes=5, image_size=(12, 20)).eval()
     with torch.no_grad():
@@ -155,3 +158,189 @@ def test_bad_arguments_name_the_argument(kwargs, arg):
 def test_cnn_is_small():
     # The CLI's default run prunes and trains this net in seconds: it must stay tiny.
     assert _params(build_model("cnn", 1, 10, 8)) < 30_000
+
+
+def test_model_tasks():
+    assert set(MODEL_TASKS) == set(MODELS)
+    assert MODEL_TASKS["unet"] == "segmentation"
+    assert all(MODEL_TASKS[n] == "classification" for n in ALL if n != "unet")
+
+
+def test_options_are_checked_per_model():
+    with pytest.raises(ValueError, match=r"unknown option.*'depth'.*'cnn'"):
+        build_model("cnn", depth=3)
+    with pytest.raises(ValueError, match="allowed: .*patch_size"):
+        build_model("vit", patches=3)
+    with pytest.raises(ValueError, match="divisible by heads"):
+        build_model("vit", dim=30, heads=4)
+    with pytest.raises(ValueError, match="patch_size"):
+        build_model("vit", image_size=8, patch_size=9)
+    with pytest.raises(ValueError, match="depth"):
+        build_model("vit", depth=0)
+    with pytest.raises(ValueError, match="mlp_ratio"):
+        build_model("vit", mlp_ratio=0)
+    with pytest.raises(ValueError, match="levels=3 needs images of at least 8 px"):
+        build_model("unet", image_size=6, levels=3)
+    with pytest.raises(ValueError, match="upsample"):
+        build_model("unet", upsample="nearest")
+    with pytest.raises(ValueError, match="hidden"):
+        build_model("lstm", hidden=0)
+
+
+# --------------------------------------------------------------------------- vit
+def _vit_count(c, k, tokens, p, dim, depth, hidden):
+    """ViT parameters by hand: patch conv, class token, position embedding, blocks (two
+    LayerNorms, qkv, proj, fc1, fc2, all with biases), final LayerNorm, head."""
+    block = 2 * (2 * dim) + (dim * 3 * dim + 3 * dim) + (dim * dim + dim) + (dim * hidden + hidden) + (hidden * dim + dim)
+    return c * p * p * dim + dim + dim + (tokens + 1) * dim + depth * block + 2 * dim + dim * k + k
+
+
+@pytest.mark.parametrize("size,patch", [(32, 4), (16, 4), (12, 2), (8, 2), (4, 2), (3, 1)])
+def test_vit_default_patch_and_parameter_count(size, patch):
+    model = build_model("vit", 3, 10, size)
+    assert model.patch_embed.kernel_size == (patch, patch) and model.patch_embed.stride == (patch, patch)
+    tokens = (size // patch) ** 2
+    assert model.pos_embed.shape == (1, tokens + 1, 64) and model.cls_token.shape == (1, 1, 64)
+    assert _params(model) == _vit_count(3, 10, tokens, patch, 64, 4, 128)
+
+
+def test_vit_options():
+    model = build_model("vit", 1, 5, (12, 20), dim=24, depth=2, heads=3, patch_size=4, mlp_ratio=1.5, qkv_bias=False)
+    assert len(model.blocks) == 2 and model.blocks[0].attn.heads == 3
+    assert model.blocks[0].attn.qkv.bias is None and model.blocks[0].fc1.out_features == 36
+    assert model.pos_embed.shape == (1, 3 * 5 + 1, 24)
+    assert model(torch.randn(2, 1, 12, 20)).shape == (2, 5)
+
+
+def _vit_reference(model, x):
+    """The ViT forward written out in float64 with an explicit softmax, head by head."""
+    m = model
+    d = m.cls_token.shape[-1]
+    p = m.patch_size
+    n, c, h, w = x.shape
+    x = x.double()
+    # patches as flattened (c, p, p) vectors in row-major patch order, times the conv weight
+    rows = []
+    for i in range(h // p):
+        for j in range(w // p):
+            rows.append(x[:, :, i * p:(i + 1) * p, j * p:(j + 1) * p].reshape(n, -1))
+    patches = torch.stack(rows, 1)
+    tokens = patches @ m.patch_embed.weight.double().reshape(d, -1).T + m.patch_embed.bias.double()
+    tokens = torch.cat([m.cls_token.double().expand(n, 1, d), tokens], 1) + m.pos_embed.double()
+
+    def ln(t, mod):
+        mu = t.mean(-1, keepdim=True)
+        var = ((t - mu) ** 2).mean(-1, keepdim=True)
+        return (t - mu) / torch.sqrt(var + mod.eps) * mod.weight.double() + mod.bias.double()
+
+    def lin(t, mod):
+        out = t @ mod.weight.double().T
+        return out + mod.bias.double() if mod.bias is not None else out
+
+    for blk in m.blocks:
+        a = ln(tokens, blk.norm1)
+        qkv = lin(a, blk.attn.qkv)
+        q, k, v = qkv[..., :d], qkv[..., d:2 * d], qkv[..., 2 * d:]
+        heads = blk.attn.heads
+        hd = d // heads
+        outs = []
+        for hh in range(heads):
+            sl = slice(hh * hd, (hh + 1) * hd)
+            att = torch.softmax(q[..., sl] @ k[..., sl].transpose(1, 2) / math.sqrt(hd), dim=-1)
+            outs.append(att @ v[..., sl])
+        tokens = tokens + lin(torch.cat(outs, -1), blk.attn.proj)
+        b = ln(tokens, blk.norm2)
+        tokens = tokens + lin(F.gelu(lin(b, blk.fc1)), blk.fc2)
+    return lin(ln(tokens, m.norm)[:, 0], m.head)
+
+
+def test_vit_forward_matches_explicit_attention_reference():
+    torch.manual_seed(0)
+    model = build_model("vit", 2, 6, (8, 12), dim=12, depth=2, heads=3, patch_size=2)
+    with torch.no_grad():  # break the symmetry of the tiny init so attention is not uniform
+        for prm in model.parameters():
+            prm.add_(0.3 * torch.randn_like(prm))
+    x = torch.randn(3, 2, 8, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).double(), _vit_reference(model, x), rtol=1e-4, atol=1e-5)
+
+
+def test_vit_init_statistics():
+    torch.manual_seed(0)
+    model = build_model("vit", 3, 10, 32, dim=96, depth=2)
+    # N(0, 0.02^2) truncated at +-2 std: std = 0.02 * sqrt(1 - 4 phi(2) / (2 Phi(2) - 1)) = 0.01759
+    phi2 = math.exp(-2) / math.sqrt(2 * math.pi)
+    cdf2 = 0.5 * (1 + math.erf(2 / math.sqrt(2)))
+    expected = 0.02 * math.sqrt(1 - 4 * phi2 / (2 * cdf2 - 1))
+    for tensor in (model.blocks[0].attn.qkv.weight, model.blocks[1].fc1.weight, model.pos_embed,
+                   model.patch_embed.weight):
+        assert tensor.abs().max() <= 0.04 + 1e-7
+        assert abs(tensor.std().item() / expected - 1) < 0.06
+    assert torch.equal(model.blocks[0].attn.qkv.bias, torch.zeros(3 * 96))
+    assert torch.equal(model.patch_embed.bias, torch.zeros(96))
+    assert torch.equal(model.blocks[0].norm1.weight, torch.ones(96)) and torch.equal(model.norm.bias, torch.zeros(96))
+    assert model.cls_token.abs().max() <= 0.04 and model.cls_token.std() > 0
+
+
+# --------------------------------------------------------------------------- lstm
+def test_lstm_reads_rows_like_an_explicit_cell_loop():
+    torch.manual_seed(0)
+    model = build_model("lstm", 2, 4, (5, 3), hidden=6)
+    assert _params(model) == 4 * 6 * (6 + 6) + 2 * 4 * 6 + 6 * 4 + 4  # W_ih, W_hh, b_ih, b_hh, head
+    x = torch.randn(3, 2, 5, 3)
+    lstm = model.lstm
+    w_ih, w_hh = lstm.weight_ih_l0.double(), lstm.weight_hh_l0.double()
+    b = (lstm.bias_ih_l0 + lstm.bias_hh_l0).double()
+    h = torch.zeros(3, 6, dtype=torch.float64)
+    c = torch.zeros_like(h)
+    for t in range(5):
+        row = torch.cat([x[:, ch, t, :] for ch in range(2)], 1).double()  # channel-major row vector
+        gates = row @ w_ih.T + h @ w_hh.T + b
+        i, f, g, o = gates.chunk(4, 1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+    expected = h @ model.head.weight.double().T + model.head.bias.double()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).double(), expected, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- unet
+def _unet_count(c, k, base, levels, transpose=True):
+    def dconv(a, b):
+        return a * b * 9 + 2 * b + b * b * 9 + 2 * b
+
+    widths = [base * 2 ** i for i in range(levels + 1)]
+    total = dconv(c, widths[0]) + sum(dconv(widths[i - 1], widths[i]) for i in range(1, levels + 1))
+    for i in range(levels):
+        up = widths[i + 1] * widths[i] * (4 if transpose else 1) + widths[i]
+        total += up + dconv(2 * widths[i], widths[i])  # skip (widths[i]) + upsampled (widths[i])
+    return total + widths[0] * k + k
+
+
+@pytest.mark.parametrize("size,upsample", [(8, "transpose"), ((12, 20), "transpose"), (7, "transpose"),
+                                           (9, "bilinear"), (16, "bilinear")])
+def test_unet_per_pixel_logits_any_size(size, upsample):
+    model = build_model("unet", 3, 5, size, base=4, levels=2, upsample=upsample).eval()
+    h, w = (size, size) if isinstance(size, int) else size
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, h, w))
+    assert out.shape == (2, 5, h, w) and torch.isfinite(out).all()
+    assert _params(model) == _unet_count(3, 5, 4, 2, transpose=upsample == "transpose")
+
+
+def test_unet_default_count_and_skips():
+    model = build_model("unet", 1, 4, 32)
+    assert _params(model) == _unet_count(1, 4, 16, 2)
+    assert sum(isinstance(m, nn.ConvTranspose2d) for m in model.modules()) == 2
+    # the decoder reads the encoder: a change of the first stage's output changes the logits
+    # through the skip even when the bottleneck path is cut (its upsampling weights zeroed)
+    model.eval()
+    with torch.no_grad():
+        for block in model.up:
+            block.up.weight.zero_()
+            block.up.bias.zero_()
+        x = torch.randn(1, 1, 32, 32)
+        a = model(x)
+        x2 = x.clone()
+        x2[..., :4, :4] += 1.0
+        assert not torch.allclose(a, model(x2))

@@ -141,3 +141,64 @@ def test_console_script_resolves(dist):
     assert done.returncode == 0, done.stderr
     assert "usage" in done.stdout.lower()
 
+
+
+# ------------------------------------------------------------------------------ running from the repository root
+# `python -m ...`, `python -c ...` and `python -m pytest` put the current directory first on
+# sys.path; from the repository root that finds the source tree's widetopo_ext/, which has no
+# compiled _C after a non-editable install. The package then hands over to the installed copy.
+# Simulated with a temp layout: src/widetopo_ext (the source files, no library) as the current
+# directory, site/widetopo_ext (a complete package with the real library) on PYTHONPATH.
+
+import shutil  # noqa: E402
+import sys  # noqa: E402
+
+SOURCE_PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "widetopo_ext")
+
+
+def _layout(tmp_path, with_site=True):
+    src = tmp_path / "src" / "widetopo_ext"
+    src.mkdir(parents=True)
+    for name in os.listdir(SOURCE_PACKAGE):
+        if name.endswith(".py"):
+            shutil.copy(os.path.join(SOURCE_PACKAGE, name), src / name)
+    site = tmp_path / "site" / "widetopo_ext"
+    if with_site:
+        installed = os.path.dirname(_real(_C.__file__))
+        shutil.copytree(installed, site, ignore=shutil.ignore_patterns("__pycache__"))
+    return src.parent, site.parent
+
+
+def _python(code, cwd, pythonpath):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = os.fspath(pythonpath)
+    env["OMP_NUM_THREADS"] = "1"
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_source_tree_without_library_hands_over_to_the_installed_copy(tmp_path):
+    src, site = _layout(tmp_path)
+    assert not any(p.name.startswith("_C") for p in (src / "widetopo_ext").iterdir())
+    code = ("import sys, widetopo_ext, widetopo_ext._C as C, torch\n"
+            "print(widetopo_ext.__file__); print(C.__file__); print(sys.modules['widetopo_ext'] is widetopo_ext)\n"
+            "m = [torch.tensor([True, False, True])]\n"
+            "print(widetopo_ext.mask_stats(m).tolist())")
+    done = _python(code, cwd=src, pythonpath=site)
+    assert done.returncode == 0, done.stderr
+    init_file, lib, same, stats = done.stdout.splitlines()
+    assert _real(init_file) == _real(site / "widetopo_ext" / "__init__.py")
+    assert _real(os.path.dirname(lib)) == _real(site / "widetopo_ext")
+    assert same == "True" and stats == "[[2, 2, 2]]"
+
+
+def test_no_library_anywhere_is_a_clear_error(tmp_path):
+    src, _ = _layout(tmp_path, with_site=False)
+    # only the source tree is importable: drop site-packages and every other finder
+    code = ("import importlib.machinery as m, sys\n"
+            "sys.path[:] = ['']\n"
+            "sys.meta_path[:] = [f for f in sys.meta_path if f in (m.BuiltinImporter, m.FrozenImporter, m.PathFinder)]\n"
+            "import widetopo_ext")
+    done = _python(code, cwd=src, pythonpath=tmp_path / "nowhere")
+    assert done.returncode != 0
+    assert "ImportError: widetopo_ext._C, the compiled op library of widetopo, was not found" in done.stderr
+    assert os.fspath(src / "widetopo_ext") in done.stderr and "pip install --no-build-isolation ." in done.stderr

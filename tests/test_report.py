@@ -85,3 +85,32 @@ def test_plots_without_matplotlib_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(ImportError, match="pip install matplotlib"):
         plot_report(mask_report(hand_masks()), tmp_path)
+
+
+def test_effective_sparsity_in_report_table_and_plots(tmp_path):
+    # 4 -> 3 -> 2 MLP: hidden unit 0 keeps no input, so the output weights reading it are kept
+    # but not effective; by hand: layer 1 keeps 3 (all effective), layer 2 keeps 4 of which the
+    # 2 reading unit 0 are dead.
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    m1 = torch.tensor([[0, 0, 0, 0], [1, 1, 0, 0], [0, 0, 0, 1]], dtype=torch.bool)
+    m2 = torch.tensor([[1, 1, 0], [1, 0, 1]], dtype=torch.bool)
+    masks = Masks({"1.weight": m1, "3.weight": m2}, {"in_channels": 4, "image_size": 1})
+    rep = mask_report(masks, model)
+    l1, l2 = rep["layers"]
+    assert (l1["effective"], l1["effective_nodes"], l1["units"]) == (3, 2, 3)
+    assert (l2["effective"], l2["effective_nodes"], l2["units"]) == (2, 2, 2)
+    assert l2["effective_density"] == pytest.approx(2 / 6)
+    t = rep["total"]
+    assert (t["kept"], t["effective"], t["nodes"], t["effective_nodes"]) == (7, 5, 5, 4)
+    assert t["effective_density"] == pytest.approx(5 / 18) and t["node_ratio"] == pytest.approx(4 / 5)
+    assert rep["input_shape"] == [4, 1, 1]
+    text = format_table(rep)
+    line = next(x for x in text.splitlines() if x.startswith("3.weight"))
+    assert line.split() == ["3.weight", "2x3", "4", "6", "0.6667", "2", "0.3333", "2/2", "3/3", "2/2"]
+    assert "node ratio 0.8000" in text
+    # without an input shape (no metadata, none given) the effective columns are left out
+    plain = mask_report(dict(masks), model)
+    assert "effective" not in plain["total"] and "effective" not in format_table(plain).splitlines()[0]
+    assert mask_report(dict(masks), model, input_shape=(4,))["total"]["effective"] == 5
+    pytest.importorskip("matplotlib")
+    assert len(plot_report(rep, tmp_path, prefix="e")) == 2

@@ -253,3 +253,64 @@ def test_fit_learns_under_masks(mode):
     params = dict(model.named_parameters())
     for n, m in masks.items():
         assert torch.all(params[n][~m] == 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# tied parameters
+
+
+class _TiedLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(7, 4)
+        self.mid = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 7, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.mid(self.emb(x))).mean(1))
+
+
+def _tied_reference(model, mask, x):
+    """The same network written out with the masked weight used at both places."""
+    w = model.emb.weight_orig.detach() * mask if hasattr(model.emb, "weight_orig") else model.emb.weight.detach() * mask
+    h = torch.tanh(torch.nn.functional.linear(w[x], model.mid.weight.detach(), model.mid.bias.detach()))
+    return h.mean(1) @ w.T
+
+
+def test_apply_masks_keeps_a_tie_and_masks_every_use():
+    torch.manual_seed(0)
+    model = _TiedLM()
+    mask = torch.rand(7, 4) > 0.5
+    x = torch.randint(0, 7, (3, 5))
+    apply_masks(model, {"emb.weight": mask})
+    assert model.emb.weight_orig is model.head.weight_orig
+    assert model.emb.weight_mask is model.head.weight_mask
+    out = model(x)
+    torch.testing.assert_close(out, _tied_reference(model, mask, x))
+    # one parameter, gradients of both uses flow into it
+    assert [n for n, _ in model.named_parameters()] == ["emb.weight_orig", "mid.weight", "mid.bias"]
+    out.sum().backward()
+    assert model.emb.weight_orig.grad is not None
+    assert (model.emb.weight_orig.grad[~mask] == 0).all()
+    # one SGD step keeps both uses identical and the pruned entries at zero in the forward
+    with torch.no_grad():
+        model.emb.weight_orig -= 0.1 * model.emb.weight_orig.grad
+    model(x)
+    assert torch.equal(model.emb.weight, model.head.weight)
+    remove_masks(model, ["emb.weight"])
+    assert model.head.weight is model.emb.weight
+    assert not torch.nn.utils.prune.is_pruned(model.emb) and not torch.nn.utils.prune.is_pruned(model.head)
+    assert (model.emb.weight[~mask] == 0).all()
+
+
+def test_fit_in_prune_mode_keeps_the_tie():
+    torch.manual_seed(0)
+    model = _TiedLM()
+    mask = torch.rand(7, 4) > 0.5
+    x = torch.randint(0, 7, (8, 5))
+    y = torch.randint(0, 7, (8,))
+    loader = [(x[:4], y[:4]), (x[4:], y[4:])]
+    fit(model, loader, epochs=1, lr=0.1, masks={"emb.weight": mask}, mask_mode="prune")
+    assert model.head.weight is model.emb.weight
+    assert (model.emb.weight[~mask] == 0).all()

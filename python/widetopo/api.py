@@ -81,7 +81,8 @@ def prune(model: nn.Module, data: Iterable, density: float, method: Union[str, S
     options: the method's options (e.g. eps=0.01 for ntk-sap), the engine's (rounds,
              restorations, restore_steps, restore_rounds, schedule, compression_factor, count,
              seed, noise_scale, verbose, max_samples, checkpoint, device, data_device) and the
-             prunable selection (include, names, pattern, include_bias, include_norm, ...).
+             prunable selection (include, names, pattern, include_bias, include_norm,
+             include_tokens; see widetopo.params.select_prunable).
     Returns Masks (name -> bool tensor) with .meta describing the run.
     """
     return _pruner(model, density, method, options).run(data)

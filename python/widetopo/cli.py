@@ -4,7 +4,11 @@
     widetopo prune --model resnet20 --dataset cifar10 --data-dir DIR --density 0.01 -o r20.wtm
     widetopo train r20.wtm --epochs 160 --data-dir DIR
     widetopo report r20.wtm --json r20.json --plots plots/
+    widetopo compare                      # accuracy vs density of several methods (built-in demo, ~10 min)
+    widetopo compare --methods snip,widetopo-s --densities 0.1,0.01 --seeds 0,1 -o results/
     widetopo bench
+
+Global flags (-q, -v, --threads) go before or after the command.
 
 Exit status: 0 success, 1 runtime error (message on stderr), 2 usage error, 130 interrupted.
 """
@@ -158,7 +162,7 @@ def _method(text: str) -> str:
         ) from None
 
 
-def _add_model_data(p, required_defaults: bool = True):
+def _add_model_data(p, required_defaults: bool = True, seed: bool = True):
     d = DEFAULTS if required_defaults else {}
     dflt = "%(default)s" if required_defaults else "from the mask file (cnn / digits with --dense)"
     p.add_argument("--model", type=_choices(_model_names()), default=d.get("model"),
@@ -166,22 +170,24 @@ def _add_model_data(p, required_defaults: bool = True):
     p.add_argument("--dataset", type=_choices(_dataset_names()), default=d.get("dataset"),
                    help=f"dataset ({', '.join(_dataset_names())}); default: {dflt}")
     p.add_argument("--data-dir", default=None, help="folder with the dataset files (cifar, fashion-mnist, folder)")
-    p.add_argument("--seed", type=int, default=None if not required_defaults else 0,
-                   help="seed of the network initialization and of the pruning randomness; default: "
-                        + ("%(default)s" if required_defaults else "from the mask file (0 with --dense)"))
+    if seed:
+        p.add_argument("--seed", type=int, default=None if not required_defaults else 0,
+                       help="seed of the network initialization and of the pruning randomness; default: "
+                            + ("%(default)s" if required_defaults else "from the mask file (0 with --dense)"))
     p.add_argument("--device", type=_device, default="cpu", help="cpu, cuda, cuda:N or auto; default: %(default)s")
     p.add_argument("--max-train-samples", type=_int_at_least(1), default=None, help="use only the first N training samples")
     p.add_argument("--max-test-samples", type=_int_at_least(1), default=None, help="use only the first N test samples")
 
 
-def _add_prune(p):
-    p.add_argument("--method", type=_method, default=DEFAULTS["method"],
-                   help=f"pruning method ({', '.join(_method_names())}); `widetopo methods` lists their "
-                        "schedules and options; default: %(default)s")
-    p.add_argument("--option", metavar="KEY=VALUE", action="append", default=[],
-                   help="set a method option (repeatable), e.g. --option eps=0.01; `widetopo methods` lists them")
-    p.add_argument("--density", type=_density, default=DEFAULTS["density"],
-                   help="fraction of prunable weights kept, in (0, 1]; default: %(default)s")
+def _add_prune(p, single: bool = True):
+    if single:  # compare takes lists instead (--methods, --densities)
+        p.add_argument("--method", type=_method, default=DEFAULTS["method"],
+                       help=f"pruning method ({', '.join(_method_names())}); `widetopo methods` lists their "
+                            "schedules and options; default: %(default)s")
+        p.add_argument("--option", metavar="KEY=VALUE", action="append", default=[],
+                       help="set a method option (repeatable), e.g. --option eps=0.01; `widetopo methods` lists them")
+        p.add_argument("--density", type=_density, default=DEFAULTS["density"],
+                       help="fraction of prunable weights kept, in (0, 1]; default: %(default)s")
     p.add_argument("--samples", type=_int_at_least(1), default=1000, help="pruning samples; default: %(default)s")
     p.add_argument("--prune-batch-size", type=_int_at_least(1), default=256, help="pruning batch size; default: %(default)s")
     p.add_argument("--preset", choices=tuple(PRESETS), default="default",
@@ -194,7 +200,7 @@ def _add_prune(p):
     p.add_argument("--count", choices=("exact", "official"), default=None, help="exact-K (default) or the official threshold counting")
 
 
-def _add_train(p, epochs_default: int):
+def _add_train(p, epochs_default: int, results: bool = True):
     p.add_argument("--epochs", type=_int_at_least(0), default=epochs_default, help="training epochs; default: %(default)s")
     p.add_argument("--batch-size", type=_int_at_least(1), default=128, help="training batch size; default: %(default)s")
     p.add_argument("--lr", type=_positive_float, default=0.1, help="SGD learning rate; default: %(default)s")
@@ -205,7 +211,8 @@ def _add_train(p, epochs_default: int):
     p.add_argument("--mask-mode", choices=("enforcer", "prune"), default="enforcer",
                    help="enforcer: plain parameters + MaskEnforcer; prune: torch.nn.utils.prune form; default: %(default)s")
     p.add_argument("--augment", action="store_true", help="random crop (+ flip for natural images) while training")
-    p.add_argument("--results", metavar="JSON", default=None, help="write the training results as JSON")
+    if results:
+        p.add_argument("--results", metavar="JSON", default=None, help="write the training results as JSON")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -230,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_data(p)
     _add_prune(p)
     p.add_argument("-o", "--output", default="masks.wtm", help="mask file to write; default: %(default)s")
+    _add_init(p)
 
     p = sub.add_parser("train", help="train a network under a mask file and report accuracy",
                        description="Rebuild the network a mask file was computed for (same model, dataset and "
@@ -239,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_data(p, required_defaults=False)
     _add_train(p, epochs_default=10)
     p.add_argument("--save-model", default=None, help="write the trained state_dict (torch.save) here")
+    _add_init(p, train=True)
 
     p = sub.add_parser("run", help="prune, then train dense and pruned; the built-in demo without arguments",
                        description="Prune at initialization, then train the pruned network and (unless --no-dense) the "
@@ -249,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(p, epochs_default=10)
     p.add_argument("--no-dense", action="store_true", help="skip the dense baseline")
     p.add_argument("-o", "--output", default=None, help="also write the mask file here")
+    _add_init(p)
 
     p = sub.add_parser("report", help="per-layer density, active units and collapsed layers of a mask file",
                        description="Per-layer table of a mask file; optional JSON and PNG plots.")
@@ -273,7 +283,105 @@ def build_parser() -> argparse.ArgumentParser:
                    help="network whose parameter shapes the op timings use; default: %(default)s")
     p.add_argument("--repeat", type=_int_at_least(1), default=5, help="timing repetitions (best is reported); default: %(default)s")
     p.add_argument("--density", type=_density, default=0.05, help="mask density for the op timings; default: %(default)s")
+
+    _add_compare_parser(sub)
+    for command_parser in sub.choices.values():
+        _add_global_flags(command_parser)
     return parser
+
+
+# ------------------------------------------------------------------------------ parser pieces (issue 10)
+
+def _add_global_flags(p) -> None:
+    """-q/-v/--threads after the command as well; SUPPRESS keeps the values given before it."""
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                       help="only results and errors; no progress bars (also accepted before the command)")
+    group.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                       help="debug messages and tracebacks on errors (also accepted before the command)")
+    p.add_argument("--threads", type=_threads, default=argparse.SUPPRESS,
+                   help="intra-op CPU threads: a number or auto (also accepted before the command)")
+
+
+def _add_init(p, train: bool = False) -> None:
+    if train:
+        help_text = ("start training from this state_dict file instead of the initialization the mask file records "
+                     "(by default an --init file recorded in the mask file is reloaded, after checking its checksum)")
+    else:
+        help_text = ("load this state_dict (torch.save of a state_dict, or of a checkpoint dict holding one under "
+                     "state_dict/model_state_dict/model) into the network before pruning; training starts from it too")
+    p.add_argument("--init", metavar="FILE", default=None, help=help_text)
+
+
+def _float_list(text: str) -> List[float]:
+    values = [_density(t.strip()) for t in text.split(",") if t.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of densities in (0, 1], got {text!r}")
+    if len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"densities repeat in {text!r}")
+    return values
+
+
+def _int_list(text: str) -> List[int]:
+    try:
+        values = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integer seeds, got {text!r}") from None
+    if not values or len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"expected distinct comma-separated integer seeds, got {text!r}")
+    return values
+
+
+def _method_list(text: str) -> List[str]:
+    """Comma-separated registered methods (names or aliases -> names), or all of them."""
+    if text.strip().lower() == "all":
+        return list(_method_names())
+    values = [t.strip() for t in text.split(",") if t.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated methods, got {text!r}")
+    if any(v.lower() == "dense" for v in values):
+        raise argparse.ArgumentTypeError("'dense' is always included; list pruning methods only")
+    names, bad = [], []
+    for v in values:
+        try:
+            names.append(_method(v))
+        except argparse.ArgumentTypeError:
+            bad.append(v)
+    if bad:
+        raise argparse.ArgumentTypeError(f"invalid method(s) {', '.join(bad)} (choose from {', '.join(_method_names())}, "
+                                         "or all; `widetopo methods` lists them)")
+    if len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"methods repeat in {text!r}")
+    return names
+
+
+def _add_compare_parser(sub) -> None:
+    from widetopo.compare import DEFAULT_DENSITIES, DEFAULT_METHODS, DEFAULT_SEEDS
+
+    p = sub.add_parser(
+        "compare", help="accuracy vs density of several methods over seeds: results table and plots",
+        description="Run every (method, density, seed) cell: prune the network initialized with the seed, train it "
+                    "with one recipe shared by all methods, evaluate; train the dense network once per seed. Writes "
+                    "DIR/results.csv and .json (one row per cell; the journal a rerun resumes from), DIR/accuracy.png, "
+                    "DIR/node_ratio.png and DIR/masks/, and prints mean ± std per method and density. Without "
+                    f"arguments: {', '.join(DEFAULT_METHODS)} at densities {', '.join(map(str, DEFAULT_DENSITIES))}, "
+                    f"seeds {', '.join(map(str, DEFAULT_SEEDS))}, small CNN on scikit-learn digits, 10 epochs "
+                    "(about 5 minutes on 2 CPU cores).")
+    _add_model_data(p, seed=False)
+    p.add_argument("--methods", type=_method_list, default=list(DEFAULT_METHODS),
+                   help=f"comma-separated methods, or all ({', '.join(_method_names())}); default: "
+                        f"{','.join(DEFAULT_METHODS)}")
+    p.add_argument("--densities", type=_float_list, default=list(DEFAULT_DENSITIES),
+                   help=f"comma-separated densities in (0, 1]; default: {','.join(map(str, DEFAULT_DENSITIES))}")
+    p.add_argument("--seeds", type=_int_list, default=list(DEFAULT_SEEDS),
+                   help=f"comma-separated seeds (initialization, pruning randomness, data order); default: "
+                        f"{','.join(map(str, DEFAULT_SEEDS))}")
+    _add_prune(p, single=False)
+    _add_train(p, epochs_default=10, results=False)
+    p.add_argument("-o", "--output", default="widetopo-compare", metavar="DIR",
+                   help="results folder (rerunning with the same DIR resumes); default: %(default)s")
+    p.add_argument("--no-plots", action="store_true", help="skip accuracy.png and node_ratio.png")
+    _add_init(p)
 
 
 # ------------------------------------------------------------------------------ logging / output
@@ -309,8 +417,10 @@ def _build(args, train_ds):
     from widetopo.models import build_model
 
     torch.manual_seed(int(args.seed))
-    return build_model(args.model, in_channels=train_ds.in_channels, num_classes=train_ds.num_classes,
-                       image_size=train_ds.image_size)
+    model = build_model(args.model, in_channels=train_ds.in_channels, num_classes=train_ds.num_classes,
+                        image_size=train_ds.image_size)
+    _load_init(args, model)
+    return model
 
 
 def _prune(args, model, train_ds, quiet: bool):
@@ -336,6 +446,8 @@ def _prune(args, model, train_ds, quiet: bool):
         "in_channels": train_ds.in_channels, "num_classes": train_ds.num_classes,
         "image_size": train_ds.image_size, "pruning_samples": n, "pruning_seconds": round(seconds, 3),
     })
+    if getattr(args, "_init_info", None):
+        masks.meta.update(args._init_info)
     masks.meta.setdefault("preset", args.method)
     if args.preset != "default":
         masks.meta["preset"] = f"{args.method}/{args.preset}"
@@ -364,6 +476,127 @@ def _train(args, model, masks, train_ds, test_ds, quiet: bool, label: str) -> di
 
 
 # ------------------------------------------------------------------------------ commands
+
+# ------------------------------------------------------------------------------ --init, output checks, compare (issue 10)
+
+def _load_init(args, model) -> None:
+    """--init FILE: load the state_dict into the freshly built model; the file and its checksum
+    go into args._init_info (and from there into the mask metadata)."""
+    path = getattr(args, "init", None)
+    if not path:
+        return
+    from widetopo.pretrained import load_init
+
+    info = load_init(model, path)
+    expected = getattr(args, "_init_expected_sha", None)
+    if expected is not None and info["init_sha256"] != expected:
+        raise CLIError(f"init file {path!r} changed since the masks were computed (checksum {info['init_sha256'][:12]}, "
+                       f"recorded {expected[:12]}); pass --init with the original file")
+    args._init_info = info
+
+
+def _init_from_meta(args, meta: dict) -> None:
+    """`train MASKFILE`: reload the --init file recorded in the mask file, refusing a changed one."""
+    recorded = meta.get("init_file")
+    if args.init is not None:
+        if recorded and meta.get("init_sha256"):
+            from widetopo.pretrained import file_sha256
+
+            if os.path.isfile(args.init) and file_sha256(args.init) != meta["init_sha256"]:
+                logger.warning("training from --init %s, but the masks were computed from %s (another checksum)",
+                               args.init, recorded)
+        return
+    if not recorded:
+        return
+    if not os.path.isfile(recorded):
+        raise CLIError(f"the masks were computed from init file {recorded!r}, which does not exist any more; "
+                       "pass --init FILE to train from another state_dict")
+    args.init = recorded
+    args._init_expected_sha = meta.get("init_sha256")
+
+
+def _check_file_writable(path, flag: str) -> None:
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise CLIError(f"cannot write {flag} {path!r}: it is a directory")
+    if os.path.exists(path):
+        if not os.access(path, os.W_OK):
+            raise CLIError(f"cannot write {flag} {path!r}: permission denied")
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise CLIError(f"cannot write {flag} {path!r}: directory {os.path.dirname(path) or parent!r} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CLIError(f"cannot write {flag} {path!r}: directory {parent!r} is not writable")
+
+
+def _check_dir_writable(path, flag: str) -> None:
+    path = os.path.abspath(os.fspath(path))
+    probe = path
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise CLIError(f"cannot write {flag} {path!r}: {probe!r} is a file, not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise CLIError(f"cannot write {flag} {path!r}: directory {probe!r} is not writable")
+
+
+#: command -> [(attribute, flag, kind)] of the outputs checked before any work starts
+OUTPUTS = {
+    "prune": [("output", "-o/--output", "file")],
+    "train": [("results", "--results", "file"), ("save_model", "--save-model", "file")],
+    "run": [("output", "-o/--output", "file"), ("results", "--results", "file")],
+    "report": [("json", "--json", "file"), ("plots", "--plots", "dir")],
+    "compare": [("output", "-o/--output", "dir")],
+}
+
+
+def _check_outputs(args) -> None:
+    """Fail before pruning or training when an output cannot be written (naming the path)."""
+    for attr, flag, kind in OUTPUTS.get(args.command, []):
+        path = getattr(args, attr, None)
+        if path:
+            (_check_file_writable if kind == "file" else _check_dir_writable)(path, flag)
+    if args.command == "compare" and args.output and os.path.exists(os.path.join(args.output, "results.json")):
+        _check_file_writable(os.path.join(args.output, "results.json"), "the journal")
+
+
+def cmd_compare(args, quiet: bool) -> int:
+    from widetopo import compare
+
+    cells = compare.plan(args.methods, args.densities, args.seeds)
+    _out(f"widetopo compare: {', '.join(args.methods)} at densities {', '.join(f'{d:g}' for d in args.densities)}, "
+         f"seeds {', '.join(map(str, args.seeds))}, on {args.model} / {args.dataset}, {args.epochs} epochs; "
+         f"{len(cells)} cells (dense once per seed) -> {args.output}")
+    if args.init:
+        _out(f"every network starts from --init {args.init}")
+    if args.init:  # checks the file and records its checksum in the journal's options before any cell runs
+        from widetopo.pretrained import file_sha256, read_state_dict
+
+        read_state_dict(args.init)
+        args._init_info = {"init_file": os.path.abspath(args.init), "init_sha256": file_sha256(args.init)}
+        args._init_expected_sha = args._init_info["init_sha256"]
+    try:
+        result = compare.run(args, cells, args.output, quiet=quiet)
+    except compare.CompareError as exc:
+        raise CLIError(str(exc)) from None
+    rows = [r for r in result["rows"] if (r["method"], float(r["density_target"]), int(r["seed"])) in {c.key for c in cells}]
+    _out(f"ran {result['ran']} cell(s) in {result['seconds']:.0f} s" + (f", {result['skipped']} already in the journal" if result["skipped"] else ""))
+    _out("")
+    _out(compare.summary_table(rows))
+    _out("")
+    out_dir = args.output
+    _out(f"wrote {os.path.join(out_dir, 'results.csv')}, {os.path.join(out_dir, 'results.json')} and "
+         f"{len([c for c in cells if c.method != 'dense'])} mask files in {os.path.join(out_dir, 'masks')}")
+    if not args.no_plots:
+        try:
+            paths = compare.save_plots(rows, out_dir)
+        except ImportError as exc:
+            logger.warning("%s", exc)
+        else:
+            _out(f"wrote {', '.join(paths)}")
+    return 0
+
 
 def cmd_prune(args, quiet: bool) -> int:
     train_ds = _load_data(args, "train", args.max_train_samples)
@@ -400,6 +633,7 @@ def cmd_train(args, quiet: bool) -> int:
         args.seed = 0 if args.seed is None else args.seed
     else:
         _fill_from_meta(args, meta)
+        _init_from_meta(args, meta)
     train_ds = _load_data(args, "train", args.max_train_samples, augment=args.augment)
     test_ds = _load_data(args, "test", args.max_test_samples)
     model = _build(args, train_ds)
@@ -465,6 +699,9 @@ def cmd_report(args, quiet: bool) -> int:
     from widetopo.maskfile import load_masks, read_header
     from widetopo.report import format_table, mask_report, plot_report, write_json
 
+    if not os.path.isfile(args.masks):
+        raise CLIError(f"mask file {args.masks!r} does not exist" if not os.path.exists(args.masks)
+                       else f"{args.masks!r} is not a file")
     meta = read_header(args.masks)["meta"]
     model = None
     name = args.model or meta.get("model")
@@ -613,7 +850,7 @@ def _parse_method_options(args) -> None:
 
 
 COMMANDS = {"prune": cmd_prune, "train": cmd_train, "run": cmd_run, "report": cmd_report, "bench": cmd_bench,
-            "methods": cmd_methods}
+            "methods": cmd_methods, "compare": cmd_compare}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -626,8 +863,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         return int(exc.code or 0) if not isinstance(exc.code, str) else 2
     if args.command is None:
         parser.print_usage(sys.stderr)
-        print("widetopo: error: a command is required (prune, train, run, report, methods, bench); "
+        print(f"widetopo: error: a command is required ({', '.join(COMMANDS)}); "
               "try `widetopo run` for the built-in demo", file=sys.stderr)
+        return 2
+    if args.quiet and args.verbose:
+        parser.print_usage(sys.stderr)
+        print("widetopo: error: -q/--quiet and -v/--verbose exclude each other", file=sys.stderr)
         return 2
     try:
         _parse_method_options(args)
@@ -637,6 +878,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     _setup_logging(args.quiet, args.verbose)
     try:
+        _check_outputs(args)
         _set_threads(args.threads)
         return COMMANDS[args.command](args, args.quiet)
     except KeyboardInterrupt:
@@ -646,7 +888,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.verbose:
             logger.exception("%s failed", args.command)
         message = str(exc).strip() or type(exc).__name__
-        print(f"widetopo {args.command}: error: {message}", file=sys.stderr)
+        sys.stderr.write(f"widetopo {args.command}: error: {message}\n")
+        sys.stderr.flush()
         return 1
 
 

@@ -1,4 +1,4 @@
-"""Offline image-classification datasets (nothing is ever downloaded).
+"""Offline image-classification and segmentation datasets (nothing is ever downloaded).
 
     ds = load_dataset("digits", split="train")      # -> ImageDataset
     ds.num_classes, ds.in_channels, ds.image_size    # 10, 1, 8   (also ds.info: DatasetInfo)
@@ -13,6 +13,12 @@ Sources:
   cifar100       the standard python pickle folder cifar-100-python under data_dir (fine labels)
   folder         a class-folder image tree data_dir/<class>/<image> (or data_dir/{train,test}/
                  <class>/<image>), read with Pillow
+  shapes         SYNTHESISED segmentation data, generated in memory (no files): rectangles,
+                 discs and triangles on a noisy background, 3 channels, 32 px by default
+                 (image_size= to change), 512 train / 128 test images; targets are (H, W)
+                 masks with 4 classes (0 background, 1 rectangle, 2 disc, 3 triangle) and
+                 IGNORE_INDEX (-100, the default ignore_index of F.cross_entropy) on pixels
+                 that a shape border crosses. A SegmentationDataset; see synthesize_shapes.
 
 digits and mnist5k have no official test set; their train/test split is stratified and fixed
 by `split_seed` (default 0), so it is the same on every machine. Images are stored as uint8
@@ -36,8 +42,8 @@ from torch.utils.data import DataLoader, Dataset
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DatasetInfo", "ImageDataset", "load_dataset", "data_loader", "read_idx", "DATASETS",
-           "DatasetNotFoundError"]
+__all__ = ["DatasetInfo", "ImageDataset", "SegmentationDataset", "load_dataset", "data_loader", "read_idx",
+           "DATASETS", "DatasetNotFoundError", "synthesize_shapes", "SHAPE_CLASSES", "IGNORE_INDEX"]
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
@@ -61,6 +67,8 @@ class DatasetInfo:
     std: Tuple[float, ...]
     classes: Tuple[str, ...] = ()
     source: str = ""
+    task: str = "classification"  # or "segmentation": targets are (H, W) masks
+    ignore_index: Optional[int] = None  # segmentation: target value of unlabelled pixels
 
 
 class ImageDataset(Dataset):
@@ -74,8 +82,7 @@ class ImageDataset(Dataset):
                  scale: float = 1.0 / 255.0, transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise ValueError(f"images must be a uint8 tensor of shape (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
-        if targets.shape != (images.shape[0],):
-            raise ValueError(f"targets must have shape ({images.shape[0]},), got {tuple(targets.shape)}")
+        self._check_targets(images, targets)
         self.images = images
         self.targets = targets.to(torch.int64)
         self.info = info
@@ -85,7 +92,16 @@ class ImageDataset(Dataset):
         self._mean = torch.tensor(info.mean, dtype=torch.float32).view(c, 1, 1)
         self._std = torch.tensor(info.std, dtype=torch.float32).view(c, 1, 1)
 
+    @staticmethod
+    def _check_targets(images: torch.Tensor, targets: torch.Tensor) -> None:
+        if targets.shape != (images.shape[0],):
+            raise ValueError(f"targets must have shape ({images.shape[0]},), got {tuple(targets.shape)}")
+
     # what models need
+    @property
+    def task(self) -> str:
+        return self.info.task
+
     @property
     def num_classes(self) -> int:
         return self.info.num_classes
@@ -132,12 +148,28 @@ class ImageDataset(Dataset):
                 idx = torch.randperm(len(self), generator=gen)[:indices]
         else:
             idx = torch.as_tensor(indices, dtype=torch.int64)
-        return ImageDataset(self.images[idx], self.targets[idx], self.info, self.scale, self.transform)
+        return type(self)(self.images[idx], self.targets[idx], self.info, self.scale, self.transform)
 
     def __repr__(self) -> str:
         i = self.info
-        return (f"ImageDataset({i.name!r}, split={i.split!r}, n={len(self)}, classes={i.num_classes}, "
+        return (f"{type(self).__name__}({i.name!r}, split={i.split!r}, n={len(self)}, classes={i.num_classes}, "
                 f"in_channels={i.in_channels}, image_size={i.image_size})")
+
+
+class SegmentationDataset(ImageDataset):
+    """uint8 images (N, C, H, W) and int64 masks (N, H, W); item i is (normalized float32 image,
+    mask). Mask values are class indices in [0, num_classes) or info.ignore_index (pixels no
+    loss should count: F.cross_entropy(logits, mask, ignore_index=ds.ignore_index))."""
+
+    @staticmethod
+    def _check_targets(images: torch.Tensor, targets: torch.Tensor) -> None:
+        n, _, h, w = images.shape
+        if targets.shape != (n, h, w):
+            raise ValueError(f"targets must be masks of shape ({n}, {h}, {w}), got {tuple(targets.shape)}")
+
+    @property
+    def ignore_index(self) -> Optional[int]:
+        return self.info.ignore_index
 
 
 def data_loader(dataset: Dataset, batch_size: int = 128, shuffle: bool = False, seed: int = 0,
@@ -215,6 +247,14 @@ def read_idx(path: Union[str, os.PathLike]) -> np.ndarray:
 
 def _square(h: int, w: int):
     return h if h == w else (h, w)
+
+
+def _check_image_size(image_size) -> None:
+    ok = (isinstance(image_size, int) and not isinstance(image_size, bool)) or (
+        isinstance(image_size, (tuple, list)) and len(image_size) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in image_size))
+    if not ok:
+        raise ValueError(f"image_size must be an int or an (height, width) pair, got {image_size!r}")
 
 
 def _check_split(split: str) -> str:
@@ -465,6 +505,91 @@ def _load_folder(split, data_dir, test_fraction, split_seed, image_size=None, in
     return ImageDataset(torch.from_numpy(np.stack(arrays)), torch.from_numpy(labels), info)
 
 
+SHAPE_CLASSES = ("background", "rectangle", "disc", "triangle")
+IGNORE_INDEX = -100  # F.cross_entropy's default ignore_index
+_SHAPES_SIZES = {"train": 512, "test": 128}
+_SHAPES_MEAN, _SHAPES_STD = (0.5031, 0.4979, 0.4997), (0.2292, 0.2331, 0.2343)  # of the 32 px train split
+
+
+def _shape_coverage(kind: int, gx: np.ndarray, gy: np.ndarray, cx: float, cy: float, r: float,
+                    rng: np.random.Generator) -> np.ndarray:
+    """Bool map of the sub-pixel centres (gx, gy) inside one shape of class `kind` centred at
+    (cx, cy) with size r: an axis-aligned rectangle with half-sides in [0.6 r, r], a disc of
+    radius r, or a triangle with vertices at distance r from the centre (random rotation)."""
+    if kind == 1:
+        hx, hy = r * rng.uniform(0.6, 1.0, size=2)
+        return (np.abs(gx - cx) <= hx) & (np.abs(gy - cy) <= hy)
+    if kind == 2:
+        return (gx - cx) ** 2 + (gy - cy) ** 2 <= r * r
+    angles = rng.uniform(0, 2 * np.pi) + np.array([0.0, 2.0, 4.0]) * np.pi / 3 + rng.uniform(-0.3, 0.3, size=3)
+    return _in_triangle(gx, gy, cx + r * np.cos(angles), cy + r * np.sin(angles))
+
+
+def _in_triangle(gx: np.ndarray, gy: np.ndarray, vx: np.ndarray, vy: np.ndarray) -> np.ndarray:
+    """Points (gx, gy) inside the triangle with counter-clockwise vertices (vx[k], vy[k]): all
+    three edge cross products (v_k+1 - v_k) x (g - v_k) are >= 0."""
+    inside = np.ones(np.shape(gx), dtype=bool)
+    for k in range(3):
+        j = (k + 1) % 3
+        inside &= (vx[j] - vx[k]) * (gy - vy[k]) - (vy[j] - vy[k]) * (gx - vx[k]) >= 0
+    return inside
+
+
+def synthesize_shapes(n: int, image_size: Union[int, Tuple[int, int]] = 32, seed: int = 0, split: str = "train",
+                      max_shapes: int = 3, supersample: int = 4, noise: float = 0.08):
+    """n SYNTHESISED segmentation samples: (uint8 images (n, 3, H, W), int64 masks (n, H, W)).
+
+    Image i is drawn from np.random.default_rng([seed, split, i]) alone (split 0 = train,
+    1 = test), so the first k images of a larger set are the k images of a smaller one. Each
+    image: a background colour c0 ~ U[0.15, 0.85]^3, then 1..max_shapes shapes painted in
+    order (later ones cover earlier ones) with a class in {1 rectangle, 2 disc, 3 triangle},
+    centre ~ U[0.15, 0.85] * size, size r ~ U[0.12, 0.3] * min(H, W), and a colour at least
+    0.3 away from c0 in some channel. Shapes are rendered on a grid of supersample^2
+    sub-pixels per pixel; a pixel's colour is the mean of its sub-pixels plus N(0, noise^2)
+    noise, and its label is the class its sub-pixels share - or IGNORE_INDEX when they
+    disagree (the pixel is crossed by a shape border)."""
+    h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    s = supersample
+    split_code = {"train": 0, "test": 1}[split]
+    gy, gx = np.meshgrid((np.arange(h * s) + 0.5) / s, (np.arange(w * s) + 0.5) / s, indexing="ij")
+    images = np.empty((n, 3, h, w), dtype=np.uint8)
+    masks = np.empty((n, h, w), dtype=np.int64)
+    for i in range(n):
+        rng = np.random.default_rng([seed, split_code, i])
+        background = rng.uniform(0.15, 0.85, size=3)
+        colour = np.broadcast_to(background[:, None, None], (3, h * s, w * s)).copy()
+        label = np.zeros((h * s, w * s), dtype=np.int64)
+        for _ in range(int(rng.integers(1, max_shapes + 1))):
+            kind = int(rng.integers(1, 4))
+            cx, cy = rng.uniform(0.15, 0.85) * w, rng.uniform(0.15, 0.85) * h
+            r = rng.uniform(0.12, 0.3) * min(h, w)
+            inside = _shape_coverage(kind, gx, gy, cx, cy, r, rng)
+            paint = rng.uniform(0.0, 1.0, size=3)
+            while np.abs(paint - background).max() < 0.3:
+                paint = rng.uniform(0.0, 1.0, size=3)
+            colour[:, inside] = paint[:, None]
+            label[inside] = kind
+        blocks = label.reshape(h, s, w, s)
+        lo, hi = blocks.min(axis=(1, 3)), blocks.max(axis=(1, 3))
+        masks[i] = np.where(lo == hi, lo, IGNORE_INDEX)
+        pixel = colour.reshape(3, h, s, w, s).mean(axis=(2, 4)) + rng.normal(0.0, noise, size=(3, h, w))
+        images[i] = np.round(np.clip(pixel, 0.0, 1.0) * 255).astype(np.uint8)
+    return images, masks
+
+
+def _load_shapes(split, split_seed, image_size=None, max_samples=None, **_):
+    size = 32 if image_size is None else image_size
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    if min(h, w) < 4:
+        raise ValueError(f"image_size must be at least 4 px for dataset 'shapes', got {image_size!r}")
+    n = _SHAPES_SIZES[split] if max_samples is None else min(max_samples, _SHAPES_SIZES[split])
+    images, masks = synthesize_shapes(n, (h, w), seed=split_seed, split=split)
+    info = DatasetInfo("shapes", split, len(SHAPE_CLASSES), 3, _square(h, w), _SHAPES_MEAN, _SHAPES_STD,
+                       SHAPE_CLASSES, f"synthesised (widetopo.data.synthesize_shapes, seed {split_seed})",
+                       task="segmentation", ignore_index=IGNORE_INDEX)
+    return SegmentationDataset(torch.from_numpy(images), torch.from_numpy(masks), info)
+
+
 DATASETS: Dict[str, Callable[..., ImageDataset]] = {
     "digits": _load_digits,
     "mnist5k": _load_mnist5k,
@@ -472,6 +597,7 @@ DATASETS: Dict[str, Callable[..., ImageDataset]] = {
     "cifar10": lambda **kw: _load_cifar("cifar10", **kw),
     "cifar100": lambda **kw: _load_cifar("cifar100", **kw),
     "folder": _load_folder,
+    "shapes": _load_shapes,
 }
 _ALIASES = {"fashionmnist": "fashion-mnist", "fashion_mnist": "fashion-mnist", "cifar-10": "cifar10",
             "cifar-100": "cifar100", "mnist-5k": "mnist5k", "mnist_5k": "mnist5k"}
@@ -489,9 +615,11 @@ def load_dataset(name: str, split: str = "train", data_dir: Optional[Union[str, 
     test_fraction, split_seed   the fixed stratified split of digits, mnist5k and split-less folders
     max_samples   keep only the first n samples (after the split; the split itself is unchanged)
     augment       random crop (zero padding = size // 8) and, for natural images, horizontal flips
-    image_size, in_channels     folder only: resize / convert the images
+    image_size, in_channels     folder: resize / convert the images; shapes: the synthesised
+                  image size (image_size only, default 32)
     mean, std     override the per-channel normalization constants
-    Missing files raise DatasetNotFoundError saying how to get them.
+    Missing files raise DatasetNotFoundError saying how to get them. Segmentation datasets
+    (shapes) return a SegmentationDataset whose targets are (H, W) masks.
     """
     if not isinstance(name, str):
         raise ValueError(f"name must be a dataset name string, one of {sorted(DATASETS)}; got {name!r}")
@@ -505,17 +633,26 @@ def load_dataset(name: str, split: str = "train", data_dir: Optional[Union[str, 
     if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, int)
                                     or max_samples < 1):
         raise ValueError(f"max_samples must be None or an int >= 1, got {max_samples!r}")
-    if key != "folder" and (image_size is not None or in_channels is not None):
-        raise ValueError(f"image_size / in_channels can only be set for dataset 'folder', not {key!r}")
+    if key == "shapes":
+        if in_channels is not None:
+            raise ValueError("in_channels cannot be set for dataset 'shapes' (always 3 channels)")
+        if image_size is not None:
+            _check_image_size(image_size)
+        if augment:
+            raise ValueError("augment=True is not supported for the segmentation dataset 'shapes' (the crop "
+                             "would have to move the masks with the images)")
+    elif key != "folder" and (image_size is not None or in_channels is not None):
+        raise ValueError(f"image_size / in_channels can only be set for datasets 'folder' and 'shapes', not {key!r}")
     ds = DATASETS[key](split=split, data_dir=data_dir, test_fraction=float(test_fraction),
-                       split_seed=int(split_seed), image_size=image_size, in_channels=in_channels)
+                       split_seed=int(split_seed), image_size=image_size, in_channels=in_channels,
+                       max_samples=max_samples)
     if mean is not None or std is not None:
         c = ds.in_channels
         new_mean = tuple(float(v) for v in (mean if mean is not None else ds.info.mean))
         new_std = tuple(float(v) for v in (std if std is not None else ds.info.std))
         if len(new_mean) != c or len(new_std) != c or min(new_std) <= 0:
             raise ValueError(f"mean and std need {c} values each (std > 0), got mean={mean!r}, std={std!r}")
-        ds = ImageDataset(ds.images, ds.targets, replace(ds.info, mean=new_mean, std=new_std), ds.scale)
+        ds = type(ds)(ds.images, ds.targets, replace(ds.info, mean=new_mean, std=new_std), ds.scale)
     if max_samples is not None and max_samples < len(ds):
         ds = ds.subset(max_samples)
     if augment:

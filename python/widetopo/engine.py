@@ -32,6 +32,7 @@ from widetopo.rounds import NonFiniteScoresError, ZeroScoresError, compute_score
 from widetopo.schedule import _check_density, density_schedule, keep_count
 from widetopo.scores.base import Batch, Scorer
 from widetopo.settings import EngineOptions
+from widetopo import topology
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +95,7 @@ class Pruner:
         self.model = model
         self.scorer = scorer
         self.names = select_prunable(model) if names is None else select_prunable(model, names=list(names))
+        self.layouts = topology.unit_layouts(model, self.names)
         self.meta = dict(meta or {})
         self.plan: List[Phase] = make_plan(options.rounds, options.restorations, options.restore_steps,
                                            options.post_rounds)
@@ -163,6 +165,10 @@ class Pruner:
         with dist_utils.fail_together(self.device, "the model's forward on the pruning data"):
             self._probe(state, batches[0])
             self._probe_calibration(state, batches)
+            if self.scorer.needs_double_backward:
+                from widetopo.scores.differentiable import check_double_backward
+
+                check_double_backward(state.context(0, self.options.seed), batches[0].x, method=self.scorer.name)
         mine = dist_utils.shard(batches, rank, world) if self.scorer.data_dependent else batches
         return state, batches, mine
 
@@ -206,6 +212,7 @@ class Pruner:
             **self.options.result_settings(),
             "names": list(self.names),
             "shapes": [list(p.shape) for p in state.working],
+            "layouts": [repr(layout) for layout in self.layouts],
             "theta_checksum": repr(checksum),
             "batches": [[b.index, list(b.x.shape)] for b in batches],
             "data_digest": data_digest(batches),
@@ -279,7 +286,7 @@ class Pruner:
         opts = self.options
         restore_masks(state.masks, self.density, phase.index, phase.length, seed=opts.seed,
                       noise_scale=opts.noise_scale, count=opts.count, n_all=state.n_all, start_step=first,
-                      on_step=on_step)
+                      on_step=on_step, layouts=self.layouts)
         logger.debug("restoration %d reached density %g", phase.index, state.kept / state.n_prunable)
 
     def _score_round(self, state, mine, round_index: int, d_t: float, phase: str) -> int:
@@ -291,7 +298,8 @@ class Pruner:
         keep, mode = keep_count(d_t, state.n_prunable, state.n_all, self.options.count)
         if mode == "exact":
             keep = min(keep, kept)
-        select_masks(self.scorer, ctx, scores, keep, mode, self.options.compression_factor, kept, state.n_prunable)
+        select_masks(self.scorer, ctx, scores, keep, mode, self.options.compression_factor, kept, state.n_prunable,
+                     self.layouts)
         return state.kept
 
     # ------------------------------------------------------------------ result

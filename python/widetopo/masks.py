@@ -14,7 +14,10 @@ import widetopo_ext
 @dataclass(frozen=True)
 class LayerStats:
     """Per-tensor statistics. Units: rank >= 2 -> output units (dim 0) and input units (dim 1);
-    rank 1 -> each entry is its own unit. active_* = units with at least one kept weight."""
+    rank 1 -> each entry is its own unit. active_* = units with at least one kept weight.
+    With a model (Masks.stats(model)): effective = kept weights on an input -> output path of
+    kept weights; effective_nodes = output units of a Conv/Linear layer on such a path
+    (widetopo.effective, docs/design.md §6); None otherwise."""
 
     name: str
     shape: Tuple[int, ...]
@@ -25,6 +28,8 @@ class LayerStats:
     in_units: int
     active_out: int
     active_in: int
+    effective: Optional[int] = None
+    effective_nodes: Optional[int] = None
 
 
 class Masks(Mapping):
@@ -70,11 +75,27 @@ class Masks(Mapping):
         n = self.numel
         return self.kept / n if n else 1.0
 
-    def stats(self) -> List[LayerStats]:
-        """Per-layer kept counts and active units (one widetopo_ext.mask_stats call)."""
+    def stats(self, model: Optional[nn.Module] = None, input_shape: Optional[Tuple[int, ...]] = None) -> List[LayerStats]:
+        """Per-layer kept counts and active units (one widetopo_ext.mask_stats call).
+
+        With `model` (the network the masks are for), also the effective weights and effective
+        nodes of every layer (widetopo.effective.effective_sparsity, one float64 forward and
+        backward pass on a copy). input_shape is one sample's shape, e.g. (3, 32, 32); by
+        default it comes from the metadata (in_channels, image_size) that `widetopo prune`
+        records. For the totals and the node ratio use effective_sparsity directly.
+        """
         names = list(self._masks)
         if not names:
             return []
+        effective = None
+        if model is not None:
+            from widetopo.effective import effective_sparsity, input_shape_from_meta
+
+            shape = input_shape if input_shape is not None else input_shape_from_meta(self.meta)
+            if shape is None:
+                raise ValueError("Masks.stats(model): pass input_shape (one sample's shape, e.g. (3, 32, 32)); "
+                                 "the metadata has no in_channels/image_size")
+            effective = effective_sparsity(model, self._masks, tuple(shape))["layers"]
         table = widetopo_ext.mask_stats([self._masks[n] for n in names]).tolist()
         out = []
         for name, (kept, act_out, act_in) in zip(names, table):
@@ -95,6 +116,8 @@ class Masks(Mapping):
                     in_units=int(in_units),
                     active_out=int(act_out),
                     active_in=int(act_in),
+                    effective=effective[name]["effective"] if effective is not None else None,
+                    effective_nodes=effective[name]["effective_nodes"] if effective is not None else None,
                 )
             )
         return out

@@ -1,24 +1,75 @@
 """Which parameters are prunable (the set P of DESIGN 2).
 
-Default: the `weight` of every Conv1d/2d/3d and Linear module. The official configurations
-also prune BatchNorm/LayerNorm weights and biases; `include_norm` / `include_bias` add them.
+Default set: the matrix weights of
+  Conv1d/2d/3d, ConvTranspose1d/2d/3d, Linear   `weight`
+  MultiheadAttention                            `in_proj_weight` (or `q_proj_weight`,
+                                                `k_proj_weight`, `v_proj_weight` when kdim/vdim
+                                                differ) and `out_proj.weight` (a Linear)
+(subclasses included, e.g. LazyLinear). Recurrent layers, embeddings, norms, biases and tokens
+are opt-in:
+  include=(types...)  the matrix parameters of those module types (replaces the default types):
+                      RNN/LSTM/GRU `weight_ih_l*`, `weight_hh_l*` (`_reverse` too) and LSTM
+                      `weight_hr_l*`; RNN/LSTM/GRU cells `weight_ih`, `weight_hh`; Embedding /
+                      EmbeddingBag / norm layers `weight`; any other type: its `weight` and every
+                      other parameter of rank >= 2 it owns directly (biases excepted).
+  include_norm        + the weights of BatchNorm/SyncBatchNorm/LayerNorm/GroupNorm/InstanceNorm
+                      (and RMSNorm) layers.
+  include_bias        + the biases of the selected modules (`bias`, `in_proj_bias`, `bias_k`,
+                      `bias_v`, `bias_ih_l*`, `bias_hh_l*`, ...).
+  include_tokens      + Embedding/EmbeddingBag weights and every parameter owned directly by a
+                      module that is not a torch.nn layer (a ViT's `cls_token`, `pos_embed`,
+                      `dist_token`, ...), biases excepted.
+  pattern             a regular expression (re.search on the full name). With `include` it
+                      filters that selection; without, it selects among *all* parameters, except
+                      biases (unless include_bias) and norm-layer parameters (unless include_norm).
+  names               an explicit list (exclusive with everything above).
+The official ViT selection (WideTopo's ImageNet configs: patch embedding, qkv and projection
+Linears, MLPs, LayerNorms, class token, position embedding) is
+`include_norm=True, include_tokens=True`.
+
+A parameter shared by several modules (tied weights) is one prunable tensor under its canonical
+name, the first in `model.named_parameters()`; it is selected when any of its owners is.
 Every parameter outside P is never pruned (its mask is implicitly all ones).
 """
 from __future__ import annotations
 
 import re
-from typing import Iterable, List, Optional, Sequence, Tuple, Type
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Type
 
 from torch import nn
 
-DEFAULT_TYPES: Tuple[Type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-NORM_TYPES: Tuple[Type[nn.Module], ...] = (
-    nn.BatchNorm1d,
-    nn.BatchNorm2d,
-    nn.BatchNorm3d,
-    nn.SyncBatchNorm,
-    nn.LayerNorm,
+DEFAULT_TYPES: Tuple[Type[nn.Module], ...] = (
+    nn.Conv1d, nn.Conv2d, nn.Conv3d,
+    nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+    nn.Linear,
+    nn.MultiheadAttention,
 )
+NORM_TYPES: Tuple[Type[nn.Module], ...] = tuple(
+    t for t in (
+        nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.LayerNorm, nn.GroupNorm,
+        nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, getattr(nn, "RMSNorm", None),
+    ) if t is not None
+)
+EMBEDDING_TYPES: Tuple[Type[nn.Module], ...] = (nn.Embedding, nn.EmbeddingBag)
+
+_RNN_WEIGHT = re.compile(r"^weight_(ih|hh|hr)_l\d+(_reverse)?$")
+_CELL_WEIGHT = re.compile(r"^weight_(ih|hh)$")
+_MHA_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+
+
+def _base(local: str) -> str:
+    """The local name without torch.nn.utils.prune's `_orig` suffix."""
+    return local[: -len("_orig")] if local.endswith("_orig") else local
+
+
+def _own(module: nn.Module) -> List[Tuple[str, nn.Parameter]]:
+    return [(k, p) for k, p in module._parameters.items() if isinstance(p, nn.Parameter)]
+
+
+def is_bias(local: str) -> bool:
+    """`bias`, `bias_ih_l0`, `in_proj_bias`, `bias_k`, ... (also in `_orig` form)."""
+    base = _base(local)
+    return base.startswith("bias") or base.endswith("_bias")
 
 
 def _weight_name(module: nn.Module) -> Optional[str]:
@@ -34,6 +85,69 @@ def _bias_name(module: nn.Module) -> Optional[str]:
         if isinstance(module._parameters.get(local), nn.Parameter):
             return local
     return None
+
+
+def is_torch_layer(module: nn.Module) -> bool:
+    """True for modules whose class is defined inside torch (nn.Linear, nn.LayerNorm, ...)."""
+    return type(module).__module__.split(".")[0] == "torch"
+
+
+def matrix_parameters(module: nn.Module) -> List[Tuple[nn.Module, str]]:
+    """(owning module, local name) of the weights `include=(type(module),)` selects."""
+    if isinstance(module, nn.MultiheadAttention):
+        out = [(module, k) for k, _ in _own(module) if _base(k) in _MHA_WEIGHTS]
+        proj = getattr(module, "out_proj", None)
+        if isinstance(proj, nn.Module) and _weight_name(proj):
+            out.append((proj, _weight_name(proj)))
+        return out
+    if isinstance(module, nn.RNNBase):
+        return [(module, k) for k, _ in _own(module) if _RNN_WEIGHT.match(_base(k))]
+    if isinstance(module, nn.RNNCellBase):
+        return [(module, k) for k, _ in _own(module) if _CELL_WEIGHT.match(_base(k))]
+    weight = _weight_name(module)
+    out = [(module, weight)] if weight else []
+    if isinstance(module, DEFAULT_TYPES + NORM_TYPES + EMBEDDING_TYPES + (nn.Bilinear,)):
+        return out
+    return out + [(module, k) for k, p in _own(module) if k != weight and p.dim() >= 2 and not is_bias(k)]
+
+
+def bias_parameters(module: nn.Module) -> List[Tuple[nn.Module, str]]:
+    """(owning module, local name) of the biases `include_bias` adds for a selected module."""
+    out = [(module, k) for k, _ in _own(module) if is_bias(k)]
+    if isinstance(module, nn.MultiheadAttention):
+        proj = getattr(module, "out_proj", None)
+        if isinstance(proj, nn.Module) and _bias_name(proj):
+            out.append((proj, _bias_name(proj)))
+    return out
+
+
+def token_parameters(module: nn.Module) -> List[Tuple[nn.Module, str]]:
+    """(owning module, local name) of what `include_tokens` adds: Embedding weights, and every
+    non-bias parameter a non-torch.nn module owns directly (cls_token, pos_embed, ...)."""
+    if isinstance(module, EMBEDDING_TYPES):
+        weight = _weight_name(module)
+        return [(module, weight)] if weight else []
+    if is_torch_layer(module):
+        return []
+    return [(module, k) for k, _ in _own(module) if not is_bias(k)]
+
+
+def canonical_names(model: nn.Module) -> Dict[int, str]:
+    """id(parameter) -> its canonical name (the first in named_parameters(); tied weights once)."""
+    return {id(p): n for n, p in model.named_parameters()}
+
+
+def parameter_owners(model: nn.Module) -> Dict[str, List[Tuple[str, nn.Module, str]]]:
+    """canonical name -> every (module name, module, local name) that holds that parameter, in
+    named_modules() order (a tied weight has several owners; the first is the canonical one)."""
+    canon = canonical_names(model)
+    owners: Dict[str, List[Tuple[str, nn.Module, str]]] = {}
+    for prefix, module in model.named_modules():
+        for local, p in _own(module):
+            name = canon.get(id(p))
+            if name is not None:
+                owners.setdefault(name, []).append((prefix, module, local))
+    return owners
 
 
 def _check_types(include) -> Tuple[Type[nn.Module], ...]:
@@ -53,6 +167,12 @@ def _check_types(include) -> Tuple[Type[nn.Module], ...]:
     return types
 
 
+def _check_flag(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
 def select_prunable(
     model: nn.Module,
     include: Optional[Iterable[Type[nn.Module]]] = None,
@@ -60,23 +180,21 @@ def select_prunable(
     pattern: Optional[str] = None,
     include_bias: bool = False,
     include_norm: bool = False,
+    include_tokens: bool = False,
 ) -> List[str]:
-    """Names of the prunable parameters, in `model.named_parameters()` order.
-
-    names:        an explicit list of parameter names (exclusive with include/pattern/flags).
-    include:      module types whose weights are prunable (default Conv1d/2d/3d and Linear).
-    include_norm: also the weights of BatchNorm/LayerNorm modules.
-    include_bias: also the biases of the selected modules.
-    pattern:      a regular expression; only names where `re.search(pattern, name)` matches stay.
-    """
+    """Names of the prunable parameters, in `model.named_parameters()` order (see the module
+    docstring for the default set and what every option adds)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    include_bias = _check_flag("include_bias", include_bias)
+    include_norm = _check_flag("include_norm", include_norm)
+    include_tokens = _check_flag("include_tokens", include_tokens)
     all_names = [n for n, _ in model.named_parameters()]
     if names is not None:
-        if include is not None or pattern is not None or include_bias or include_norm:
+        if include is not None or pattern is not None or include_bias or include_norm or include_tokens:
             raise ValueError(
                 "names is an explicit list of prunable parameters; do not combine it with "
-                "include, pattern, include_bias or include_norm"
+                "include, pattern, include_bias, include_norm or include_tokens"
             )
         if isinstance(names, str):
             names = [names]
@@ -88,33 +206,56 @@ def select_prunable(
             raise ValueError(f"names: unknown parameter name(s) {unknown}; the model has: {shown}")
         if len(set(names)) != len(names):
             raise ValueError(f"names: duplicate entries in {names}")
+        if not names:
+            raise ValueError("no prunable parameters selected: names is empty; pass names=[...] with at "
+                             "least one parameter name, or include=(module types) or pattern=...")
         wanted = set(names)
-        selected = [n for n in all_names if n in wanted]
+        return [n for n in all_names if n in wanted]
+
+    regex = None
+    if pattern is not None:
+        try:
+            regex = re.compile(pattern)
+        except (re.error, TypeError) as exc:
+            raise ValueError(f"pattern: not a valid regular expression ({exc})") from None
+    types = _check_types(include)
+    canon = canonical_names(model)
+    wanted = set()
+
+    def add(pairs):
+        for module, local in pairs:
+            p = module._parameters.get(local)
+            if isinstance(p, nn.Parameter) and id(p) in canon:
+                wanted.add(canon[id(p)])
+
+    modules = list(model.modules())
+    if regex is not None and include is None:
+        # pattern alone: every parameter is a candidate, biases and norm parameters on request
+        for module in modules:
+            norm = isinstance(module, NORM_TYPES)
+            add((module, k) for k, _ in _own(module)
+                if (include_bias or not is_bias(k)) and (include_norm or not norm))
     else:
-        types = _check_types(include)
-        if include_norm:
-            types = types + NORM_TYPES
-        wanted = set()
-        for prefix, module in model.named_modules():
-            if not isinstance(module, types):
-                continue
-            locals_ = [_weight_name(module)]
-            if include_bias:
-                locals_.append(_bias_name(module))
-            for local in locals_:
-                if local is not None:
-                    wanted.add(f"{prefix}.{local}" if prefix else local)
-        selected = [n for n in all_names if n in wanted]
-        if pattern is not None:
-            try:
-                regex = re.compile(pattern)
-            except (re.error, TypeError) as exc:
-                raise ValueError(f"pattern: not a valid regular expression ({exc})") from None
-            selected = [n for n in selected if regex.search(n)]
+        for module in modules:
+            if isinstance(module, types):
+                add(matrix_parameters(module))
+                if include_bias:
+                    add(bias_parameters(module))
+            if include_norm and isinstance(module, NORM_TYPES):
+                weight = _weight_name(module)
+                add([(module, weight)] if weight else [])
+                if include_bias:
+                    add(bias_parameters(module))
+            if include_tokens:
+                add(token_parameters(module))
+    selected = [n for n in all_names if n in wanted]
+    if regex is not None:
+        selected = [n for n in selected if regex.search(n)]
     if not selected:
         raise ValueError(
-            "no prunable parameters selected: the model has no weights of the selected module "
-            f"types ({', '.join(t.__name__ for t in _check_types(include)) if names is None else 'names'})"
+            "no prunable parameters selected: the model has no "
+            + (f"weights of the selected module types ({', '.join(t.__name__ for t in types)})"
+               if regex is None or include is not None else "parameters")
             + (f" matching pattern {pattern!r}" if pattern is not None else "")
             + "; pass include=(module types), names=[...] or pattern=..."
         )

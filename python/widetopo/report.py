@@ -3,7 +3,9 @@
 A layer has *collapsed* when it keeps no weight at all, or (rank >= 2) when no output unit or
 no input unit keeps a connection - then no signal passes through it and the pruned network
 is disconnected, the failure WideTopo's density decay and restoration are designed to avoid.
-The counts come from one widetopo_ext.mask_stats call over all masks.
+The counts come from one widetopo_ext.mask_stats call over all masks. With the model, the
+report also gives effective weights (kept and on an input -> output path of kept weights),
+effective nodes and the node ratio (widetopo.effective, docs/design.md §6).
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ def _collapse_reason(kept: int, numel: int, active_out: int, active_in: int, ran
     return None
 
 
-def mask_report(masks, model: Optional[nn.Module] = None) -> dict:
+def mask_report(masks, model: Optional[nn.Module] = None, input_shape=None) -> dict:
     """A JSON-ready summary of `masks` (name -> bool tensor, e.g. widetopo.Masks).
 
     Per layer: name, shape, numel, kept, density = kept / numel, out_units / in_units (dims 0 and
@@ -40,6 +42,9 @@ def mask_report(masks, model: Optional[nn.Module] = None) -> dict:
     collapsed (reason or None); with `model`, also the module type and whether the mask fits.
     Totals: numel, kept, density over all masks; with `model`, the model's parameter count and
     the density over all its parameters (unmasked ones counted as kept).
+    Effective sparsity, with `model` and an input shape (`input_shape`, else from the masks'
+    metadata in_channels/image_size): per layer effective, effective_density, units and
+    effective_nodes; totals effective, effective_density, nodes, effective_nodes, node_ratio.
     """
     if not hasattr(masks, "items"):
         raise TypeError(f"masks must be a mapping name -> bool tensor (e.g. widetopo.Masks), got {type(masks).__name__}")
@@ -89,6 +94,20 @@ def mask_report(masks, model: Optional[nn.Module] = None) -> dict:
         "meta": _plain(dict(getattr(masks, "meta", None) or {})),
     }
     if model is not None:
+        from widetopo.effective import effective_sparsity, input_shape_from_meta
+
+        shape = input_shape if input_shape is not None else input_shape_from_meta(getattr(masks, "meta", None) or {})
+        if shape is not None:
+            eff = effective_sparsity(model, dict(zip(names, tensors)), tuple(shape))
+            for row in layers:
+                e = eff["layers"][row["name"]]
+                row["effective"] = e["effective"]
+                row["effective_density"] = e["effective"] / row["numel"] if row["numel"] else 1.0
+                row["units"] = e["units"]
+                row["effective_nodes"] = e["effective_nodes"]
+            report["total"].update({k: eff["total"][k] for k in
+                                    ("effective", "effective_density", "nodes", "effective_nodes", "node_ratio")})
+            report["input_shape"] = list(shape)
         total_params = sum(p.numel() for p in model.parameters())
         report["total"]["model_params"] = total_params
         report["total"]["model_density"] = (total_params - numel + kept) / total_params if total_params else 1.0
@@ -110,17 +129,28 @@ def _plain(value):
 
 def format_table(report: dict) -> str:
     """The per-layer table as fixed-width text (what `widetopo report` prints)."""
-    rows = [("layer", "shape", "kept", "numel", "density", "active out", "active in", "")]
-    for r in report["layers"]:
-        rows.append((
-            r["name"], "x".join(map(str, r["shape"])), str(r["kept"]), str(r["numel"]), f"{r['density']:.4f}",
-            f"{r['active_out']}/{r['out_units']}", f"{r['active_in']}/{r['in_units']}",
-            f"COLLAPSED: {r['collapsed']}" if r["collapsed"] else "",
-        ))
     t = report["total"]
-    rows.append(("total", "", str(t["kept"]), str(t["numel"]), f"{t['density']:.4f}", "", "", ""))
+    eff = "effective" in t
+    head = ["layer", "shape", "kept", "numel", "density"] + (["effective", "eff. dens."] if eff else [])
+    head += ["active out", "active in"] + (["eff. nodes"] if eff else []) + [""]
+    rows = [tuple(head)]
+    for r in report["layers"]:
+        row = [r["name"], "x".join(map(str, r["shape"])), str(r["kept"]), str(r["numel"]), f"{r['density']:.4f}"]
+        if eff:
+            row += [str(r["effective"]), f"{r['effective_density']:.4f}"]
+        row += [f"{r['active_out']}/{r['out_units']}", f"{r['active_in']}/{r['in_units']}"]
+        if eff:
+            row.append(f"{r['effective_nodes']}/{r['units']}" if r["units"] is not None else "-")
+        row.append(f"COLLAPSED: {r['collapsed']}" if r["collapsed"] else "")
+        rows.append(tuple(row))
+    total = ["total", "", str(t["kept"]), str(t["numel"]), f"{t['density']:.4f}"]
+    if eff:
+        total += [str(t["effective"]), f"{t['effective_density']:.4f}", "", "", f"{t['effective_nodes']}/{t['nodes']}"]
+    else:
+        total += ["", ""]
+    rows.append(tuple(total + [""]))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    right = {2, 3, 4, 5, 6}
+    right = set(range(2, len(head) - 1))
     lines = []
     for k, row in enumerate(rows):
         cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))]
@@ -131,6 +161,11 @@ def format_table(report: dict) -> str:
         lines.append(f"{len(report['collapsed'])} collapsed layer(s): {', '.join(report['collapsed'])}")
     else:
         lines.append("no collapsed layers")
+    if eff:
+        ratio = t["node_ratio"]
+        lines.append(f"effective density {t['effective_density']:.4f} ({t['effective']} of {t['kept']} kept weights on an "
+                     f"input-output path); node ratio {ratio:.4f}" if ratio is not None else
+                     f"effective density {t['effective_density']:.4f}")
     return "\n".join(lines)
 
 
@@ -174,8 +209,17 @@ def plot_report(report: dict, out_dir, prefix: str = "mask") -> List[str]:
     ax = fig.add_subplot(1, 1, 1)
     dens = [r["density"] for r in layers]
     colors = ["tab:red" if r["collapsed"] else "tab:blue" for r in layers]
-    ax.bar(x, [max(d, 1e-6) for d in dens], color=colors)
+    has_eff = "effective_density" in report["total"]
+    ax.bar(x, [max(d, 1e-6) for d in dens], color=colors, label="kept" if has_eff else None)
+    shown = [max(d, 1e-6) for d in dens]
+    if has_eff:
+        shown += [max(r["effective_density"], 1e-6) for r in layers]
+        ax.bar(x, shown[len(dens):], width=0.4, color="tab:orange", label="effective")
+        ax.axhline(report["total"]["effective_density"], color="tab:orange", ls=":", lw=1.2,
+                   label=f"overall effective {report['total']['effective_density']:.4f}")
     ax.set_yscale("log")
+    if shown:
+        ax.set_ylim(bottom=min(shown) / 3, top=min(1.5, max(shown) * 2))  # bars start well below the lowest one
     ax.axhline(report["total"]["density"], color="k", ls="--", lw=1, label=f"overall {report['total']['density']:.4f}")
     ax.set_ylabel("density (kept / total), log scale")
     ax.set_title("per-layer density" + (" (red: collapsed)" if report["collapsed"] else ""))
@@ -186,6 +230,8 @@ def plot_report(report: dict, out_dir, prefix: str = "mask") -> List[str]:
     for ax, (active, total, title) in zip(axes, [("active_out", "out_units", "output units"), ("active_in", "in_units", "input units")]):
         ax.bar(x, [r[total] for r in layers], color="lightgray", label="total")
         ax.bar(x, [r[active] for r in layers], color="tab:green", label="active")
+        if active == "active_out" and "effective_nodes" in report["total"]:
+            ax.bar(x, [r["effective_nodes"] or 0 for r in layers], width=0.4, color="tab:orange", label="effective nodes")
         ax.set_title(f"active {title} per layer")
     finish(fig, axes, "units")
     logger.info("wrote plots %s", ", ".join(paths))

@@ -11,6 +11,7 @@ import torch
 
 import widetopo_ext
 from widetopo import distributed as dist_utils
+from widetopo import topology
 from widetopo.scores.base import Batch, ScoreContext, Scorer
 
 __all__ = ["NonFiniteScoresError", "ZeroScoresError", "compute_scores", "select_masks", "score_dtype"]
@@ -134,12 +135,13 @@ def _check_not_all_zero(scorer: Scorer, ctx: ScoreContext, scores: List[torch.Te
 
 
 def select_masks(scorer: Scorer, ctx: ScoreContext, scores: List[torch.Tensor], keep: int, mode: str,
-                 compression_factor: float, kept: int, n_prunable: int) -> None:
-    """Write the round's masks into ctx.masks (in place) and apply them to ctx.prunable."""
+                 compression_factor: float, kept: int, n_prunable: int, layouts=None) -> None:
+    """Write the round's masks into ctx.masks (in place) and apply them to ctx.prunable.
+    layouts: the unit topology of each tensor (widetopo.topology) for the density decay."""
     masks = ctx.masks
     _check_not_all_zero(scorer, ctx, scores, keep, kept)
     if scorer.decay and kept > 0:  # (kept == 0: everything is pruned already)
-        widetopo_ext.density_decay_(scores, masks, -math.log10(kept / n_prunable) / compression_factor)
+        topology.density_decay_(scores, masks, layouts, -math.log10(kept / n_prunable) / compression_factor)
     if kept < n_prunable:
         protect_pruned(scores, masks)
     if scorer.selection == "layerwise":

@@ -24,6 +24,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 import widetopo_ext
+from widetopo.params import parameter_owners
 
 logger = logging.getLogger(__name__)
 
@@ -82,11 +83,22 @@ def apply_masks(model: nn.Module, masks) -> nn.Module:
     For every name "a.b.weight" in `masks`: module a.b gets parameter `weight_orig` (the current
     values), buffer `weight_mask` (the mask in the parameter's dtype) and a forward pre-hook
     (torch.nn.utils.prune.CustomFromMask) that sets weight = weight_orig * weight_mask. The
-    masks are all checked before the model is touched.
+    masks are all checked before the model is touched. A tied parameter (one tensor held by
+    several modules, e.g. an embedding and an output head) is masked at every module that holds
+    it, with one shared `_orig` parameter and one shared mask buffer, so the tie survives (also
+    through remove_masks).
     """
     resolved = _resolve(model, masks)
+    owners = parameter_owners(model)
     for name, owner, attr, mask in resolved:
-        prune.custom_from_mask(owner, attr, mask.to(getattr(owner, attr).device))
+        uses = [(m, local) for _, m, local in owners.get(name, [])] or [(owner, attr)]
+        first, first_attr = uses[0]
+        prune.custom_from_mask(first, first_attr, mask.to(getattr(first, first_attr).device))
+        shared = first._buffers[first_attr + "_mask"]
+        for module, local in uses[1:]:
+            # a tied weight: the same `_orig` parameter and the same mask buffer at every use
+            prune.custom_from_mask(module, local, mask.to(shared.device))
+            module._buffers[local + "_mask"] = shared
     logger.debug("applied %d masks in torch.nn.utils.prune form", len(resolved))
     return model
 
@@ -94,7 +106,8 @@ def apply_masks(model: nn.Module, masks) -> nn.Module:
 def remove_masks(model: nn.Module, names: Optional[Iterable[str]] = None) -> nn.Module:
     """Make masked parameters permanent (torch.nn.utils.prune.remove): `weight` becomes a plain
     parameter holding weight_orig * weight_mask. `names` restricts this to some parameters
-    (default: every pruning reparametrization in the model). Returns `model`."""
+    (default: every pruning reparametrization in the model); a tied parameter is unmasked at
+    all its modules together. Returns `model`."""
     pruned = {}
     for mod_name, module in model.named_modules():
         for hook in module._forward_pre_hooks.values():
@@ -108,6 +121,10 @@ def remove_masks(model: nn.Module, names: Optional[Iterable[str]] = None) -> nn.
         unknown = [n for n in targets if n not in pruned]
         if unknown:
             raise ValueError(f"remove_masks: not masked in this model: {unknown}; masked: {sorted(pruned)}")
+        # a tied parameter is removed at every module that holds its `_orig`, keeping the tie
+        orig = {full: id(module._parameters.get(attr + "_orig")) for full, (module, attr) in pruned.items()}
+        chosen = {orig[n] for n in targets}
+        targets = [full for full in pruned if orig[full] in chosen]
     for full in targets:
         module, attr = pruned[full]
         prune.remove(module, attr)

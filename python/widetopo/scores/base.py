@@ -64,8 +64,13 @@ class ScoreContext:
         return make_generator(self.seed, self.round, batch_index, self.device, stream)
 
     def forward(self, params: Dict[str, torch.Tensor], x: torch.Tensor, buffers=None) -> torch.Tensor:
-        """f(x) with the given parameters (and the context's buffers unless given)."""
-        out = functional_call(self.model, (params, self.buffers if buffers is None else buffers), (x,))
+        """f(x) with the given parameters (and the context's buffers unless given), with the
+        ops that lack a double backward routed through twice-differentiable equivalents
+        (widetopo.scores.differentiable.twice_differentiable: same forward values)."""
+        from widetopo.scores.differentiable import twice_differentiable
+
+        with twice_differentiable():
+            out = functional_call(self.model, (params, self.buffers if buffers is None else buffers), (x,))
         if not isinstance(out, torch.Tensor):
             raise TypeError(
                 f"model must return a logits tensor, got {type(out).__name__}; wrap the model so "

@@ -57,8 +57,12 @@ class WideTopoScorer(Scorer):
     data_dependent = True
     decay = True
     needs_targets = False
-    needs_double_backward = True
     Options = WideTopoOptions
+
+    @property
+    def needs_double_backward(self) -> bool:
+        """The NTK-trace term differentiates a gradient; with mu1 = 0 only ITA remains."""
+        return self.options.mu1 != 0
 
     def score(self, ctx: ScoreContext, batches: Sequence[Batch]) -> List[torch.Tensor]:
         """mu1 * sum_b |sum_probes h_b * theta * m| + mu2 * sum_b |dA_b/dm| * [m != 0]."""

@@ -1,0 +1,410 @@
+"""`widetopo compare`: test accuracy against density, one curve per method, mean ± std over seeds.
+
+The experiment of every foresight-pruning paper in one resumable command. For every cell
+(method, density, seed) it prunes the network initialised with `seed`, keeps the mask file,
+measures effective sparsity (widetopo.effective), trains the pruned network from that same
+initialisation with one recipe shared by all methods, and evaluates it; the dense network is
+trained once per seed with the same recipe.
+
+DIR/results.json is the journal: it holds the result-affecting options and one row per
+finished cell, and is rewritten atomically (temporary file + os.replace) after every cell,
+together with DIR/results.csv. A rerun skips the finished cells, so a killed run loses at most
+the cell in flight; a rerun with other result-affecting options is refused (the rows would not
+be comparable), while other methods, densities or seeds simply add cells.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import csv
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence
+
+logger = logging.getLogger(__name__)
+
+JOURNAL_VERSION = 1
+
+#: The built-in experiment of `widetopo compare` without arguments (52 cells; 4.5 to 7 minutes on
+#: 2 shared CPU cores, measured; see the README).
+DEFAULT_METHODS = ("random", "magnitude", "snip", "synflow", "widetopo-s")
+DEFAULT_DENSITIES = (0.2, 0.1, 0.05, 0.02, 0.01)
+DEFAULT_SEEDS = (0, 1)
+
+#: Options of the CLI namespace that change results: a journal made with other values is refused.
+RESULT_OPTIONS = (
+    "model", "dataset", "data_dir", "max_train_samples", "max_test_samples",
+    "samples", "prune_batch_size", "preset", "rounds", "restorations", "restore_rounds", "restore_steps", "count",
+    "epochs", "batch_size", "lr", "momentum", "weight_decay", "schedule", "mask_mode", "augment",
+    "option", "options",  # method options (--option key=value), where the CLI has them
+)
+
+CSV_COLUMNS = (
+    "method", "density_target", "kept_fraction", "effective_density", "node_ratio", "test_accuracy",
+    "prune_seconds", "train_seconds", "seed", "kept", "effective", "numel", "effective_nodes", "nodes",
+    "collapsed_layers", "epochs", "model", "dataset", "mask_file", "widetopo_version", "torch_version",
+    "options_sha", "options",
+)
+
+
+class CompareError(Exception):
+    """A problem with the experiment's setup or its journal (reported as one line by the CLI)."""
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One unit of work: prune `method` to `density` at `seed` and train (method "dense": train only)."""
+
+    method: str
+    density: float
+    seed: int
+
+    @property
+    def key(self) -> tuple:
+        return (self.method, float(self.density), int(self.seed))
+
+    @property
+    def label(self) -> str:
+        return f"dense s{self.seed}" if self.method == "dense" else f"{self.method} d={self.density:g} s{self.seed}"
+
+    @property
+    def mask_name(self) -> str:
+        return f"{self.method}-d{self.density:g}-s{self.seed}.wtm"
+
+
+def plan(methods: Sequence[str], densities: Sequence[float], seeds: Sequence[int]) -> List[Cell]:
+    """Seed by seed (so a partial run already covers every method): dense, then method x density."""
+    cells = []
+    for seed in seeds:
+        cells.append(Cell("dense", 1.0, int(seed)))
+        for method in methods:
+            for density in densities:
+                cells.append(Cell(method, float(density), int(seed)))
+    return cells
+
+
+# ------------------------------------------------------------------------------ options / journal
+
+def _jsonable(value):
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in sorted(value.items())}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return repr(value)
+
+
+def result_options(args, init_sha256: Optional[str] = None) -> dict:
+    """The result-affecting options of a CLI namespace (the journal's fingerprint)."""
+    opts = {k: _jsonable(getattr(args, k)) for k in RESULT_OPTIONS if hasattr(args, k)}
+    opts["init_sha256"] = init_sha256
+    return opts
+
+
+def options_sha(options: dict) -> str:
+    return hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def versions() -> dict:
+    import torch
+    from widetopo import __version__
+
+    return {"widetopo_version": __version__, "torch_version": torch.__version__}
+
+
+def _differences(old: dict, new: dict) -> List[str]:
+    keys = sorted(set(old) | set(new))
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+
+
+def load_journal(out_dir, options: dict) -> List[dict]:
+    """Rows of DIR/results.json; [] when there is none. Other options are a CompareError."""
+    path = os.path.join(os.fspath(out_dir), "results.json")
+    if not os.path.exists(path):
+        return []
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise CompareError(f"{path} is not a readable results journal ({exc}); move it away to start over") from None
+    if not isinstance(data, dict) or data.get("journal") != JOURNAL_VERSION or not isinstance(data.get("rows"), list):
+        raise CompareError(f"{path} is not a widetopo compare journal (version {JOURNAL_VERSION}); move it away to start over")
+    diff = _differences(data.get("options", {}), options)
+    if diff:
+        raise CompareError(
+            f"{path} holds results made with other options ({'; '.join(diff)}); their rows would not be comparable. "
+            f"Rerun with the same options, use another -o DIR, or delete the file to start over")
+    old = data.get("versions", {})
+    now = versions()
+    if old and old != now:
+        logger.warning("the journal was started with %s, this run uses %s", old, now)
+    return data["rows"]
+
+
+def _atomic_write(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8", newline="") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_journal(out_dir, options: dict, rows: List[dict]) -> None:
+    """results.json (the journal) and results.csv, each replaced atomically."""
+    out_dir = os.fspath(out_dir)
+    data = {"journal": JOURNAL_VERSION, "options": options, "versions": versions(), "rows": rows}
+    _atomic_write(os.path.join(out_dir, "results.json"), json.dumps(data, indent=2) + "\n")
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: (json.dumps(row[k], sort_keys=True) if k == "options" else row.get(k)) for k in CSV_COLUMNS})
+    _atomic_write(os.path.join(out_dir, "results.csv"), buf.getvalue())
+
+
+# ------------------------------------------------------------------------------ one cell
+
+@contextlib.contextmanager
+def _quiet_loggers(names=("widetopo.cli", "widetopo.engine", "widetopo.training", "widetopo.pretrained",
+                          "widetopo.maskfile")):
+    """The per-cell INFO lines (pruning done, epoch k/n) would drown the progress bar."""
+    saved = {n: logging.getLogger(n).level for n in names}
+    for n in names:
+        logging.getLogger(n).setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for n, level in saved.items():
+            logging.getLogger(n).setLevel(level)
+
+
+def run_cell(args, cell: Cell, data: dict, out_dir: str, options: dict, phase: Callable[[str], None]) -> dict:
+    """Prune (unless dense), measure effective sparsity, train and evaluate one cell; the row."""
+    import torch
+    from widetopo import cli
+    from widetopo.effective import effective_sparsity
+
+    cargs = copy.copy(args)
+    cargs.method, cargs.density, cargs.seed = cell.method, cell.density, cell.seed
+    train_ds, test_ds, train_aug = data["train"], data["test"], data["train_aug"]
+    shape = (train_ds.in_channels,) + ((train_ds.image_size,) * 2 if isinstance(train_ds.image_size, int)
+                                       else tuple(train_ds.image_size))
+    model = cli._build(cargs, train_ds)
+    row = {"method": cell.method, "density_target": cell.density, "seed": cell.seed}
+    if cell.method == "dense":
+        masks, prune_seconds, mask_file = None, 0.0, None
+        from widetopo.params import select_prunable
+
+        params = dict(model.named_parameters())
+        dense = {n: torch.ones_like(params[n], dtype=torch.bool) for n in select_prunable(model)}
+        eff = effective_sparsity(model, dense, shape)["total"]
+    else:
+        phase("prune")
+        masks, prune_seconds = cli._prune(cargs, model, train_ds, quiet=True)
+        mask_file = os.path.join("masks", cell.mask_name)
+        masks.save(os.path.join(out_dir, mask_file))
+        phase("effective sparsity")
+        eff = effective_sparsity(model, masks, shape)["total"]
+    phase("train")
+    net = cli._build(cargs, train_ds)  # the same initialisation the masks were computed for
+    out = cli._train(cargs, net, masks, train_aug, test_ds, quiet=True, label=cell.label)
+    if masks is not None:
+        from widetopo.report import mask_report
+
+        collapsed = len(mask_report(masks)["collapsed"])
+    else:
+        collapsed = 0
+    row.update({
+        "kept_fraction": eff["density"], "effective_density": eff["effective_density"], "node_ratio": eff["node_ratio"],
+        "test_accuracy": out["final"]["accuracy"], "prune_seconds": round(prune_seconds, 3),
+        "train_seconds": round(out["seconds"], 3), "kept": eff["kept"], "effective": eff["effective"],
+        "numel": eff["numel"], "effective_nodes": eff["effective_nodes"], "nodes": eff["nodes"],
+        "collapsed_layers": collapsed, "epochs": args.epochs, "model": args.model, "dataset": args.dataset,
+        "mask_file": mask_file, **versions(), "options_sha": options_sha(options), "options": options,
+    })
+    return row
+
+
+# ------------------------------------------------------------------------------ the experiment
+
+def run(args, cells: List[Cell], out_dir, *, quiet: bool = False, data: Optional[dict] = None) -> dict:
+    """Run every unfinished cell, journaling after each; returns {"rows", "ran", "skipped", ...}.
+
+    `args` is the CLI namespace (model, dataset, prune and train options); `data` the loaded
+    {"train", "test", "train_aug"} datasets (loaded here when None).
+    """
+    from widetopo import cli
+
+    out_dir = os.fspath(out_dir)
+    os.makedirs(os.path.join(out_dir, "masks"), exist_ok=True)
+    init_sha = getattr(args, "_init_info", {}).get("init_sha256") if getattr(args, "_init_info", None) else None
+    options = result_options(args, init_sha)
+    rows = load_journal(out_dir, options)
+    done = {(r["method"], float(r["density_target"]), int(r["seed"])) for r in rows}
+    todo = [c for c in cells if c.key not in done]
+    skipped = len(cells) - len(todo)
+    if skipped:
+        logger.info("resuming %s: %d of %d cells already finished", out_dir, skipped, len(cells))
+    if todo and data is None:
+        train_ds = cli._load_data(args, "train", args.max_train_samples)
+        data = {"train": train_ds, "test": cli._load_data(args, "test", args.max_test_samples),
+                "train_aug": cli._load_data(args, "train", args.max_train_samples, augment=True) if args.augment else train_ds}
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(cells), initial=skipped, desc="compare", unit="cell", dynamic_ncols=True,
+               disable=quiet or not sys.stderr.isatty(), file=sys.stderr)
+    started = time.perf_counter()
+    try:
+        with _quiet_loggers():
+            for finished, cell in enumerate(todo, start=skipped + 1):
+                def phase(name, cell=cell):
+                    bar.set_postfix_str(f"{cell.label}: {name}")
+                row = run_cell(args, cell, data, out_dir, options, phase)
+                rows.append(row)
+                write_journal(out_dir, options, rows)
+                bar.update(1)
+                message = (f"{cell.label}: test accuracy {row['test_accuracy']:.4f}, effective density "
+                           f"{row['effective_density']:.4f}, node ratio {row['node_ratio']:.3f}")
+                if bar.disable:
+                    logger.info("[%d/%d] %s", finished, len(cells), message)
+                else:
+                    bar.write(message, file=sys.stderr)
+    finally:
+        bar.close()
+    if not todo:
+        write_journal(out_dir, options, rows)  # (re)writes the CSV even when nothing ran
+    return {"rows": rows, "ran": len(todo), "skipped": skipped, "seconds": time.perf_counter() - started,
+            "options": options}
+
+
+# ------------------------------------------------------------------------------ summary
+
+def _mean_std(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return mean, std
+
+
+def aggregate(rows: List[dict]) -> List[dict]:
+    """Mean and sample std over seeds per (method, density); dense first, then by method, density desc."""
+    groups: Dict[tuple, List[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], float(r["density_target"])), []).append(r)
+    out = []
+    for (method, density), rs in groups.items():
+        item = {"method": method, "density_target": density, "n": len(rs)}
+        for key in ("kept_fraction", "effective_density", "node_ratio", "test_accuracy", "prune_seconds", "train_seconds"):
+            item[key], item[key + "_std"] = _mean_std([r.get(key) for r in rs])
+        out.append(item)
+    order = {m: i for i, m in enumerate(dict.fromkeys(r["method"] for r in rows))}
+    out.sort(key=lambda a: (a["method"] != "dense", order[a["method"]], -a["density_target"]))
+    return out
+
+
+def summary_table(rows: List[dict]) -> str:
+    """Fixed-width table: mean ± std over seeds per method and density."""
+    head = ("method", "density", "seeds", "kept", "effective", "node ratio", "test accuracy", "prune s")
+    lines = [head]
+    for a in aggregate(rows):
+        acc = f"{a['test_accuracy']:.4f} ± {a['test_accuracy_std']:.4f}"
+        ratio = "-" if a["node_ratio"] is None else f"{a['node_ratio']:.3f} ± {a['node_ratio_std']:.3f}"
+        lines.append((a["method"], f"{a['density_target']:g}", str(a["n"]), f"{a['kept_fraction']:.4f}",
+                      f"{a['effective_density']:.4f}", ratio, acc, f"{a['prune_seconds']:.1f}"))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    text = []
+    for k, line in enumerate(lines):
+        cells = [c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))]
+        text.append("  ".join(cells).rstrip())
+        if k == 0:
+            text.append("  ".join("-" * w for w in widths))
+    return "\n".join(text)
+
+
+# ------------------------------------------------------------------------------ plots
+
+def _figure(rows: List[dict], key: str, ylabel: str, title: str, dense_line: bool):
+    try:
+        import matplotlib  # noqa: F401
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+    except ImportError:
+        raise ImportError("plots need matplotlib: pip install matplotlib (or install widetopo[plot])") from None
+    agg = aggregate(rows)
+    fig = Figure(figsize=(7.5, 5.0))
+    ax = fig.add_subplot(1, 1, 1)
+    densities = sorted({a["density_target"] for a in agg if a["method"] != "dense"})
+    for method in dict.fromkeys(a["method"] for a in agg if a["method"] != "dense"):
+        pts = sorted((a for a in agg if a["method"] == method and a[key] is not None), key=lambda a: a["density_target"])
+        if not pts:
+            continue
+        xs = [a["density_target"] for a in pts]
+        ys = [a[key] for a in pts]
+        sd = [a[key + "_std"] for a in pts]
+        (line,) = ax.plot(xs, ys, marker="o", lw=1.8, label=method)
+        if any(s > 0 for s in sd):
+            ax.fill_between(xs, [max(y - s, 0.0) for y, s in zip(ys, sd)], [min(y + s, 1.0) for y, s in zip(ys, sd)],
+                            color=line.get_color(), alpha=0.18, lw=0)
+    dense = [a for a in agg if a["method"] == "dense"]
+    if dense_line and dense and dense[0][key] is not None:
+        d = dense[0]
+        ax.axhline(d[key], color="black", ls="--", lw=1.2, label=f"dense ({d[key]:.3f})")
+        if d[key + "_std"]:
+            ax.axhspan(max(d[key] - d[key + "_std"], 0.0), min(d[key] + d[key + "_std"], 1.0), color="gray", alpha=0.15, lw=0)
+    ax.set_xscale("log")
+    if densities:
+        ax.xaxis.set_major_locator(FixedLocator(densities))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.set_xlim(min(densities) / 1.25, max(densities) * 1.25)
+    ax.invert_xaxis()  # sparser to the right, as in the papers
+    ax.set_xlabel("density: fraction of prunable weights kept (log scale; sparser to the right)", fontsize=11)
+    ax.set_ylabel(ylabel, fontsize=11)  # both metrics are fractions: bands are clipped to [0, 1]
+    ax.set_title(title, fontsize=12)
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(loc="best", fontsize=9, framealpha=0.9)
+    fig.tight_layout()
+    return fig
+
+
+def _title(rows):
+    r = rows[0] if rows else {}
+    seeds = sorted({int(x["seed"]) for x in rows})
+    return f"{r.get('model', '?')} on {r.get('dataset', '?')}, {r.get('epochs', '?')} epochs, {len(seeds)} seed(s)"
+
+
+def accuracy_figure(rows: List[dict]):
+    """Accuracy vs density (log x): a line and ± std band per method, dense as a dashed line."""
+    return _figure(rows, "test_accuracy", "test accuracy (mean ± std over seeds)",
+                   "Test accuracy vs density: " + _title(rows), dense_line=True)
+
+
+def node_ratio_figure(rows: List[dict]):
+    """Node ratio (effective nodes / dense nodes) vs density, a line per method."""
+    return _figure(rows, "node_ratio", "node ratio (effective nodes / dense nodes)",
+                   "Node ratio vs density: " + _title(rows), dense_line=True)
+
+
+def save_plots(rows: List[dict], out_dir) -> List[str]:
+    """DIR/accuracy.png and DIR/node_ratio.png; the written paths."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    paths = []
+    for name, make in (("accuracy.png", accuracy_figure), ("node_ratio.png", node_ratio_figure)):
+        path = os.path.join(os.fspath(out_dir), name)
+        tmp = path + f".tmp{os.getpid()}.png"
+        FigureCanvasAgg(make(rows)).print_png(tmp)
+        os.replace(tmp, path)
+        paths.append(path)
+    return paths
