@@ -68,6 +68,9 @@ class Method:
 
 def _registry() -> List[Method]:
     from widetopo.scores.baselines import MagnitudeScorer, RandomScorer, SNIPScorer, SynFlowScorer
+    from widetopo.scores.grasp import GraSPScorer
+    from widetopo.scores.iter_snip import IterSNIPScorer
+    from widetopo.scores.ntksap import NTKSAPScorer
     from widetopo.scores.widetopo import WideTopoScorer
 
     return [
@@ -80,6 +83,14 @@ def _registry() -> List[Method]:
         Method("snip", SNIPScorer, Schedule(rounds=1), "|dL/dtheta * theta| (cross entropy; needs targets)"),
         Method("magnitude", MagnitudeScorer, Schedule(rounds=1), "|theta|"),
         Method("random", RandomScorer, Schedule(rounds=1), "uniform random ranking"),
+        Method("ntk-sap", NTKSAPScorer, Schedule(rounds=100),
+               "abs(sum_b dF/dm), F = squared distance of f(xi; theta~*m) and f(xi; (theta~ + eps*delta)*m); "
+               "xi noise, theta~ fresh Kaiming weights per batch", aliases=("ntksap",)),
+        Method("grasp", GraSPScorer, Schedule(rounds=1),
+               "theta * Hg signed (lowest pruned), g = sum_b grad L_b at temperature T (needs targets)"),
+        Method("iter-snip", IterSNIPScorer, Schedule(rounds=100),
+               "abs(theta * dL/dtheta) at theta*m, BatchNorm in train mode, iterated (needs targets)",
+               aliases=("iter_snip",)),
     ]
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -24,7 +24,7 @@ from widetopo.scores.widetopo import check_finite
 logger = logging.getLogger(__name__)
 
 __all__ = ["RandomScorer", "MagnitudeScorer", "SNIPScorer", "SynFlowScorer", "synflow_scores",
-           "RandomOptions", "SNIPOptions", "SynFlowOptions"]
+           "RandomOptions", "SNIPOptions", "SynFlowOptions", "snip_sum", "require_targets"]
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,47 @@ class SNIPOptions(Options):
                                any_integer)
 
 
+def require_targets(batches: Sequence[Batch], method: str) -> None:
+    """ValueError naming the first batch without targets (before any work is done)."""
+    for batch in batches:
+        if batch.y is None:
+            raise ValueError(
+                f"{method} needs targets, but batch {batch.index} has none; pass (input, target) "
+                "batches as data"
+            )
+
+
+def snip_sum(ctx: ScoreContext, batches: Sequence[Batch], method: str, ignore_index: int = IGNORE_INDEX,
+             mode: Callable = eval_mode, calibrate: bool = False) -> List[torch.Tensor]:
+    """sum_b dL_b/dw * w * m over `batches`, signed, with w = theta * m (ctx.params) and
+    L_b = task_loss(f(x_b; w), y_b, ignore_index) (mean cross entropy of the batch).
+
+    The gradient is taken at the masked weights, so d/dtheta of L(theta * m) = m * dL/dw and
+    pruned entries get 0. `mode(model)` is the context the forwards run in: eval_mode (SNIP:
+    BatchNorm as a fixed map with the context's buffers) or batchnorm_train_mode (iterative
+    SNIP: batch statistics). calibrate=True calibrates BatchNorm on each batch first."""
+    require_targets(batches, method)
+    prunable = ctx.prunable
+    out = score_zeros(prunable)
+    with mode(ctx.model):
+        for batch in batches:
+            x = batch.x.to(ctx.device)
+            y = batch.y.to(ctx.device)
+            if calibrate:
+                calibrate_batchnorm(ctx, x)
+            params = dict(ctx.params)
+            leaves = [p.detach().requires_grad_(True) for p in prunable]
+            params.update(zip(ctx.names, leaves))
+            with torch.enable_grad():
+                logits = ctx.forward(params, x)
+                loss = task_loss(logits, y, ignore_index)
+                grads = torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)
+            widetopo_ext.accumulate_score_(out, as_dtypes(grads, out), as_dtypes(prunable, out), ctx.masks,
+                                           absolute=False)
+    check_finite(out, ctx, method)
+    return out
+
+
 class SNIPScorer(Scorer):
     """SNIP connection sensitivity |g * theta * m| with g = sum_b dL_b/dtheta, L_b = mean cross
     entropy of batch b's logits against its targets, forward in eval mode (the gradient is
@@ -100,31 +141,8 @@ class SNIPScorer(Scorer):
     Options = SNIPOptions
 
     def score(self, ctx: ScoreContext, batches: Sequence[Batch]) -> List[torch.Tensor]:
-        for batch in batches:
-            if batch.y is None:
-                raise ValueError(
-                    f"snip needs targets, but batch {batch.index} has none; pass (input, target) "
-                    "batches as data"
-                )
-        prunable = ctx.prunable
-        out = score_zeros(prunable)
-        with eval_mode(ctx.model):
-            for batch in batches:
-                x = batch.x.to(ctx.device)
-                y = batch.y.to(ctx.device)
-                if self.options.calibrate_bn:
-                    calibrate_batchnorm(ctx, x)
-                params = dict(ctx.params)
-                leaves = [p.detach().requires_grad_(True) for p in prunable]
-                params.update(zip(ctx.names, leaves))
-                with torch.enable_grad():
-                    logits = ctx.forward(params, x)
-                    loss = task_loss(logits, y, self.options.ignore_index)
-                    grads = torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)
-                widetopo_ext.accumulate_score_(out, as_dtypes(grads, out), as_dtypes(prunable, out), ctx.masks,
-                                               absolute=False)
-        check_finite(out, ctx, self.name)
-        return out
+        return snip_sum(ctx, batches, self.name, self.options.ignore_index, eval_mode,
+                        calibrate=self.options.calibrate_bn)
 
     def finalize(self, ctx: ScoreContext, scores: List[torch.Tensor]) -> List[torch.Tensor]:
         """|sum over all batches of g_b * theta * m|."""

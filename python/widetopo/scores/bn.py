@@ -28,7 +28,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["affine_batchnorm", "calibrate_batchnorm", "eval_mode", "batchnorm_modules", "uses_batch_statistics"]
+__all__ = ["affine_batchnorm", "calibrate_batchnorm", "eval_mode", "batchnorm_modules", "uses_batch_statistics",
+           "batchnorm_train_mode"]
 
 
 @contextlib.contextmanager
@@ -163,3 +164,27 @@ def calibrate_batchnorm(ctx, x: torch.Tensor) -> int:
             for module in synced:
                 vars(module).pop("forward", None)
     return len(targets)
+
+
+@contextlib.contextmanager
+def batchnorm_train_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """While inside, BatchNorm modules are in train mode (they normalise with the statistics of
+    the batch, as the loss-based methods GraSP and iterative SNIP score) and every other module
+    is in eval mode, so dropout draws nothing and the scores depend only on the run's seed.
+
+    SyncBatchNorm modules use the local BatchNorm forward (each batch is scored whole on one
+    process, so its statistics are the batch's own; no collective that could hang when ranks
+    score different numbers of batches). Running statistics updated by these forwards go to
+    whatever buffers the forward is given (ctx.buffers: private). Flags and forwards are
+    restored as found, also on error."""
+    synced = [m for _, m in batchnorm_modules(model) if isinstance(m, nn.SyncBatchNorm) and "forward" not in vars(m)]
+    with eval_mode(model):
+        try:
+            for _, module in batchnorm_modules(model):
+                module.train()
+            for module in synced:
+                module.forward = types.MethodType(_BatchNorm.forward, module)
+            yield model
+        finally:
+            for module in synced:
+                vars(module).pop("forward", None)
