@@ -68,6 +68,9 @@ class Method:
 
 def _registry() -> List[Method]:
     from widetopo.scores.baselines import MagnitudeScorer, RandomScorer, SNIPScorer, SynFlowScorer
+    from widetopo.scores.erk import ERKMagnitudeScorer, ERKRandomScorer
+    from widetopo.scores.px import PXScorer
+    from widetopo.scores.synflow_l2 import SynFlowL2Scorer
     from widetopo.scores.widetopo import WideTopoScorer
 
     return [
@@ -80,6 +83,14 @@ def _registry() -> List[Method]:
         Method("snip", SNIPScorer, Schedule(rounds=1), "|dL/dtheta * theta| (cross entropy; needs targets)"),
         Method("magnitude", MagnitudeScorer, Schedule(rounds=1), "|theta|"),
         Method("random", RandomScorer, Schedule(rounds=1), "uniform random ranking"),
+        Method("px", PXScorer, Schedule(rounds=100),
+               "|dR/d(theta^2)| * theta^2, R = <g-net(x^2; m, ReLU gates), h-net(1; theta^2)>; data-driven, path based"),
+        Method("synflow-l2", SynFlowL2Scorer, Schedule(rounds=100),
+               "|theta| * dh/d(theta^2), h = sum f(1; theta^2); data-free, overflow-safe", aliases=("synflow_l2",)),
+        Method("erk-random", ERKRandomScorer, Schedule(rounds=1),
+               "ERK per-layer counts, a uniform random subset inside each layer", aliases=("rand_erk",)),
+        Method("erk-magnitude", ERKMagnitudeScorer, Schedule(rounds=1),
+               "ERK per-layer counts, the largest |theta| inside each layer", aliases=("magnitude_erk",)),
     ]
 
 
