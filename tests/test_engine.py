@@ -177,7 +177,8 @@ def test_exact_keep_counts_each_round():
 
 
 class Adversarial(Scorer):
-    """Scores every pruned entry far above every kept one, and kept ones 0 (all tied)."""
+    """Scores every pruned entry far above every kept one, and kept ones 0 (all tied) except the
+    first kept entry (1.0: all-zero kept scores are refused as an arbitrary ranking)."""
 
     name = "adversarial"
     data_dependent = False
@@ -187,7 +188,12 @@ class Adversarial(Scorer):
 
     def score(self, ctx, batches):
         self.log.append([m.clone() for m in ctx.masks])
-        return [torch.where(m, 0.0, 1e6) for m in ctx.masks]
+        out = [torch.where(m, 0.0, 1e6) for m in ctx.masks]
+        for s, m in zip(out, ctx.masks):
+            if m.any():
+                s.view(-1)[m.view(-1).nonzero()[0]] = 1.0
+                break
+        return out
 
 
 @pytest.mark.parametrize("count", ["exact", "official"])
@@ -238,7 +244,7 @@ def test_official_counting_hand_example():
 def test_exact_ties_keep_first_in_order_among_kept():
     # all scores tied: exactly round(0.5 * 8) = 4 kept, the first four in row-major order
     model = nn.Linear(4, 2)
-    m = widetopo.prune(model, [torch.randn(2, 4)], 0.5, method=Fixed([torch.zeros(2, 4)]), verbose=False)
+    m = widetopo.prune(model, [torch.randn(2, 4)], 0.5, method=Fixed([torch.ones(2, 4)]), verbose=False)
     assert torch.equal(m["weight"], torch.tensor([[1, 1, 1, 1], [0, 0, 0, 0]], dtype=torch.bool))
 
 
@@ -355,14 +361,11 @@ def test_finalize_sees_the_summed_scores_and_decides_the_masks():
 
 def test_preset_and_options_reach_the_engine(monkeypatch):
     got = {}
-    real = Pruner.__init__
 
-    def spy(self, model, scorer, density, names=None, **kw):
-        got.update(kw, scorer=scorer)
-        real(self, model, scorer, density, names, **kw)
+    def spy(self, data):
+        got.update(vars(self.options), scorer=self.scorer, restore_rounds=self.options.post_rounds)
 
-    monkeypatch.setattr(Pruner, "__init__", spy)
-    monkeypatch.setattr(Pruner, "run", lambda self, data: None)
+    monkeypatch.setattr(Pruner, "run", spy)
     model = tiny_cnn()
     widetopo.prune(model, batches(), 0.1, method="widetopo")
     assert (got["rounds"], got["restorations"], got["restore_steps"], got["restore_rounds"]) == (50, 2, 50, 50)
@@ -376,6 +379,8 @@ def test_preset_and_options_reach_the_engine(monkeypatch):
         widetopo.prune(model, batches(), 0.1, method=method)
         assert (got["rounds"], got["restorations"]) == (rounds, 0), method
         assert got["scorer"].name == method
+    widetopo.prune(model, batches(), 0.1, method="widetopo_s")  # alias
+    assert got["scorer"].name == "widetopo-s" and got["rounds"] == 10
 
 
 def test_magnitude_end_to_end_keeps_largest():

@@ -1,5 +1,5 @@
-"""widetopo: foresight pruning (pruning at initialization) with WideTopo and the standard
-baselines, on a compiled C++/CUDA op library (`widetopo_ext`).
+"""widetopo: foresight pruning (pruning at initialization) with WideTopo and the methods it is
+compared with, on a compiled C++/CUDA op library (`widetopo_ext`).
 
     import widetopo
     masks = widetopo.prune(model, loader, density=0.05, method="widetopo-s")
@@ -13,7 +13,9 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "prune": "widetopo.api",
-    "METHODS": "widetopo.api",
+    "saliency": "widetopo.api",
+    "get_method": "widetopo.methods",
+    "all_methods": "widetopo.methods",
     "Pruner": "widetopo.engine",
     "Masks": "widetopo.masks",
     "LayerStats": "widetopo.masks",

@@ -1,124 +1,95 @@
-"""`widetopo.prune`: prune a classification model at initialization in one call.
+"""`widetopo.prune` and `widetopo.saliency`: one call for any registered method.
 
     masks = widetopo.prune(model, loader, density=0.05, method="widetopo-s", seed=0)
+    scores = widetopo.saliency(model, loader, "snip")          # raw scores of one round
 
-Presets (METHODS) follow the published configurations (DESIGN 2.3): WideTopo T = 50 rounds,
-R = 2 restorations of J = 50 steps, T' = 50 rounds each; WideTopo-S the same with T = T' = 10;
-Random/Magnitude/SNIP one round; SynFlow 100 rounds; no restoration for the baselines.
-Every preset value can be overridden by an option of the same name.
+Methods, their options and schedule defaults come from the registry (widetopo.methods); the
+engine options from widetopo.settings.EngineOptions; the prunable selection from
+widetopo.params.select_prunable. Every option is a keyword of the same name.
 """
 from __future__ import annotations
 
-from typing import Iterable, Union
+import dataclasses
+import inspect
+from typing import Dict, Iterable, Mapping, Optional, Tuple, Union
 
+import torch
 from torch import nn
 
 from widetopo.engine import Pruner
 from widetopo.masks import Masks
+from widetopo.methods import Method, get_method
+from widetopo.options import as_dict
 from widetopo.params import select_prunable
 from widetopo.schedule import _check_density
 from widetopo.scores.base import Scorer
+from widetopo.settings import EngineOptions
 
-#: Engine defaults shared by every method.
-ENGINE_DEFAULTS = {
-    "rounds": 1,
-    "restorations": 0,
-    "restore_steps": 50,
-    "restore_rounds": None,
-    "schedule": "poly",
-    "compression_factor": 5.0,
-    "count": "exact",
-    "seed": 0,
-    "noise_scale": 1e-5,
-    "verbose": True,
-    "max_samples": None,
-    "checkpoint": None,
-    "device": None,
-}
+__all__ = ["prune", "saliency", "ENGINE_OPTIONS", "SELECTION_OPTIONS"]
 
-_WIDETOPO_SCORER = {"mu1": 0.01, "mu2": 1.0, "eps": 5e-4, "probes": 1}
-
-#: Method presets: engine options and scorer option defaults. A method also accepts every
-#: other keyword of its scorer's constructor (widetopo.scores.scorer_options).
-METHODS = {
-    "widetopo": {
-        "engine": {"rounds": 50, "restorations": 2, "restore_steps": 50, "restore_rounds": 50},
-        "scorer": dict(_WIDETOPO_SCORER),
-    },
-    "widetopo-s": {
-        "engine": {"rounds": 10, "restorations": 2, "restore_steps": 50, "restore_rounds": 10},
-        "scorer": dict(_WIDETOPO_SCORER),
-    },
-    "random": {"engine": {"rounds": 1, "restorations": 0}, "scorer": {}},
-    "magnitude": {"engine": {"rounds": 1, "restorations": 0}, "scorer": {}},
-    "snip": {"engine": {"rounds": 1, "restorations": 0}, "scorer": {}},
-    "synflow": {"engine": {"rounds": 100, "restorations": 0}, "scorer": {}},
-}
-
-SELECTION_OPTIONS = ("include", "names", "pattern", "include_bias", "include_norm")
+#: keyword options of the engine (widetopo.settings.EngineOptions)
+ENGINE_OPTIONS: Tuple[str, ...] = tuple(f.name for f in dataclasses.fields(EngineOptions))
+#: keyword options of the prunable selection (widetopo.params.select_prunable)
+SELECTION_OPTIONS: Tuple[str, ...] = tuple(n for n in inspect.signature(select_prunable).parameters if n != "model")
+_SCHEDULE_OPTIONS = ("rounds", "restorations", "restore_steps", "restore_rounds")
 
 
-def _allowed_options(scorer_options) -> list:
-    return sorted(set(ENGINE_DEFAULTS) | set(SELECTION_OPTIONS) | set(scorer_options))
+def _resolve(method: Union[str, Scorer, Method], options: dict):
+    """(scorer, engine option dict, selection dict, meta) for `method` and the caller's options."""
+    if isinstance(method, Scorer):
+        spec, method_opts = None, ()
+    else:
+        spec = method if isinstance(method, Method) else get_method(method)
+        method_opts = tuple(f.name for f in dataclasses.fields(spec.options))
+    allowed = sorted(set(ENGINE_OPTIONS) | set(SELECTION_OPTIONS) | set(method_opts))
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        who = spec.name if spec is not None else type(method).__name__
+        raise ValueError(f"unknown option(s) {unknown} for method {who!r}; allowed: {allowed}")
+    engine = {} if spec is None else {k: getattr(spec.schedule, k) for k in _SCHEDULE_OPTIONS}
+    engine.update({k: v for k, v in options.items() if k in ENGINE_OPTIONS})
+    selection = {k: v for k, v in options.items() if k in SELECTION_OPTIONS}
+    if spec is None:
+        scorer = method
+        meta = {"method": scorer.name, "preset": None}
+    else:
+        scorer = spec.make_scorer(**{k: v for k, v in options.items() if k in method_opts})
+        meta = {"method": spec.name, "preset": spec.name}
+    meta.update(as_dict(scorer.options))
+    if selection:
+        meta["selection"] = repr(selection)
+    return scorer, engine, selection, meta
 
 
-def prune(model: nn.Module, data: Iterable, density: float, method: Union[str, Scorer] = "widetopo", **options) -> Masks:
+def _pruner(model, density, method, options) -> Pruner:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    scorer, engine, selection, meta = _resolve(method, options)
+    density = _check_density("density", density)
+    names = select_prunable(model, **selection)
+    return Pruner(model, scorer, density, names, meta=meta, **engine)
+
+
+def prune(model: nn.Module, data: Iterable, density: float, method: Union[str, Scorer] = "widetopo",
+          **options) -> Masks:
     """Prune `model` at initialization to `density` (fraction of prunable weights kept).
 
     model:   any nn.Module whose forward(x) returns logits; it is left unchanged.
     data:    iterable of input tensors or (input, target) batches (a DataLoader works).
-    method:  one of METHODS, or a Scorer instance (one round, no restoration unless overridden).
-    options: rounds, restorations, restore_steps, restore_rounds, schedule ("poly" | "linear" |
-             "cosine"), compression_factor (5.0), count ("exact" | "official"), seed (0),
-             noise_scale (1e-5), verbose (True), max_samples (read only this many samples of
-             `data`; None = all), checkpoint (path or None), device; for WideTopo
-             mu1 (0.01), mu2 (1.0), eps (5e-4), probes (1); prunable selection: include, names,
-             pattern, include_bias, include_norm (see widetopo.params.select_prunable).
+    method:  a registered method name or alias (`widetopo methods` lists them with their
+             options), or a Scorer instance (one round, no restoration unless overridden).
+    options: the method's options (e.g. eps=0.01 for ntk-sap), the engine's (rounds,
+             restorations, restore_steps, restore_rounds, schedule, compression_factor, count,
+             seed, noise_scale, verbose, max_samples, checkpoint, device, data_device) and the
+             prunable selection (include, names, pattern, include_bias, include_norm, ...).
     Returns Masks (name -> bool tensor) with .meta describing the run.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if isinstance(method, Scorer):
-        preset_name, preset = None, {"engine": {}, "scorer": {}}
-    elif isinstance(method, str) and method.lower() in METHODS:
-        preset_name = method.lower()
-        preset = METHODS[preset_name]
-    else:
-        raise ValueError(f"method must be one of {sorted(METHODS)} or a Scorer instance, got {method!r}")
-    scorer_keys = set(preset["scorer"])
-    if preset_name is not None:
-        from widetopo.scores import scorer_options
+    return _pruner(model, density, method, options).run(data)
 
-        scorer_keys |= set(scorer_options(preset_name))
-    allowed = _allowed_options(scorer_keys)
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise ValueError(
-            f"unknown option(s) {unknown} for method {preset_name or type(method).__name__!r}; allowed: {allowed}"
-        )
-    density = _check_density("density", density)
 
-    engine_opts = dict(ENGINE_DEFAULTS)
-    engine_opts.update(preset["engine"])
-    engine_opts.update({k: v for k, v in options.items() if k in ENGINE_DEFAULTS})
-    scorer_opts = dict(preset["scorer"])
-    scorer_opts.update({k: v for k, v in options.items() if k in scorer_keys})
-    selection = {k: v for k, v in options.items() if k in SELECTION_OPTIONS}
-    names = select_prunable(model, **selection)
-
-    if preset_name is None:
-        scorer = method
-    else:
-        from widetopo.scores import make_scorer
-
-        try:
-            scorer = make_scorer(preset_name, **scorer_opts)
-        except TypeError as exc:
-            raise ValueError(f"invalid scorer options for {preset_name!r}: {exc}") from None
-
-    meta = {"method": getattr(scorer, "name", None) or preset_name, "preset": preset_name}
-    meta.update(scorer_opts)
-    if selection:
-        meta["selection"] = repr(selection)
-    pruner = Pruner(model, scorer, density, names, meta=meta, **engine_opts)
-    return pruner.run(data)
+def saliency(model: nn.Module, data: Iterable, method: Union[str, Scorer] = "widetopo",
+             masks: Optional[Mapping[str, torch.Tensor]] = None, **options) -> Dict[str, torch.Tensor]:
+    """The raw scores of one scoring round of `method` for `masks` (dense if None): summed over
+    every batch (and process) and finalized, before density decay and thresholding. Higher =
+    keep. Takes the same options as prune(); the model is left unchanged."""
+    return _pruner(model, 1.0, method, options).saliency(data, masks)

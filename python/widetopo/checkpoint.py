@@ -32,6 +32,18 @@ class Checkpoint:
         self.fingerprint = dict(fingerprint)
         self.writer = writer
 
+    def check_writable(self) -> None:
+        """Fail before the first round if the checkpoint could not be written."""
+        if not self.writer:
+            return
+        folder = os.path.dirname(os.path.abspath(self.path))
+        if not os.path.isdir(folder):
+            raise ValueError(f"checkpoint {self.path!r}: folder {folder!r} does not exist")
+        if not os.access(folder, os.W_OK) or (os.path.exists(self.path) and not os.access(self.path, os.W_OK)):
+            raise ValueError(f"checkpoint {self.path!r} cannot be written (no write permission)")
+        if os.path.isdir(self.path):
+            raise ValueError(f"checkpoint {self.path!r} is a folder; give a file path")
+
     def load(self) -> Optional[dict]:
         """The saved state, or None when there is no file. Raises CheckpointMismatch for a
         file written by a different run, ValueError for an unreadable one."""
@@ -39,8 +51,11 @@ class Checkpoint:
             return None
         try:
             state = torch.load(self.path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # truncated/corrupt file
-            raise ValueError(f"checkpoint {self.path!r} cannot be read ({exc}); delete it to start over") from None
+        except Exception as exc:  # truncated/corrupt file; torch's own advice (weights_only=False) does not apply
+            raise ValueError(
+                f"checkpoint {self.path!r} cannot be read: the file is truncated or is not a widetopo "
+                f"checkpoint ({type(exc).__name__}); delete it to start over"
+            ) from None
         if not isinstance(state, dict) or state.get("format") != FORMAT:
             raise ValueError(f"checkpoint {self.path!r} is not a widetopo checkpoint (format {FORMAT})")
         saved = state.get("fingerprint", {})

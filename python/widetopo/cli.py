@@ -140,10 +140,22 @@ def _dataset_names():
     return sorted(DATASETS)
 
 
-def _method_names():
-    from widetopo.api import METHODS
+def _method_names(aliases: bool = False):
+    from widetopo.methods import method_names
 
-    return sorted(METHODS)
+    return method_names(aliases=aliases)
+
+
+def _method(text: str) -> str:
+    """A registered method name or alias -> its registered name."""
+    from widetopo.methods import get_method
+
+    try:
+        return get_method(text.strip()).name
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid choice {text!r} (choose from {', '.join(_method_names())}; `widetopo methods` lists them)"
+        ) from None
 
 
 def _add_model_data(p, required_defaults: bool = True):
@@ -163,8 +175,11 @@ def _add_model_data(p, required_defaults: bool = True):
 
 
 def _add_prune(p):
-    p.add_argument("--method", type=_choices(_method_names()), default=DEFAULTS["method"],
-                   help=f"pruning method / preset ({', '.join(_method_names())}); default: %(default)s")
+    p.add_argument("--method", type=_method, default=DEFAULTS["method"],
+                   help=f"pruning method ({', '.join(_method_names())}); `widetopo methods` lists their "
+                        "schedules and options; default: %(default)s")
+    p.add_argument("--option", metavar="KEY=VALUE", action="append", default=[],
+                   help="set a method option (repeatable), e.g. --option eps=0.01; `widetopo methods` lists them")
     p.add_argument("--density", type=_density, default=DEFAULTS["density"],
                    help="fraction of prunable weights kept, in (0, 1]; default: %(default)s")
     p.add_argument("--samples", type=_int_at_least(1), default=1000, help="pruning samples; default: %(default)s")
@@ -243,6 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=_choices(_model_names()), default=None,
                    help="check the masks against this network (default: the one named in the file, if any)")
 
+    p = sub.add_parser("methods", help="list every pruning method with its schedule, options and defaults",
+                       description="Every registered pruning method: aliases, schedule defaults (rounds T, "
+                                   "restorations R, steps J, rounds after each restoration T'), options with "
+                                   "their defaults, and what it scores.")
+    p.add_argument("--markdown", action="store_true", help="print the README's method table instead")
+
     p = sub.add_parser("bench", help="time one pruning round and the ops on this machine",
                        description="Time one WideTopo scoring round and the compiled ops, against plain PyTorch.")
     _add_model_data(p)
@@ -301,6 +322,7 @@ def _prune(args, model, train_ds, quiet: bool):
     loader = data_loader(subset, batch_size=args.prune_batch_size, shuffle=False)
     options = {"seed": int(args.seed), "verbose": not quiet, "device": args.device}
     options.update(PRESETS[args.preset])
+    options.update(args.method_options)
     for key in ("rounds", "restorations", "restore_rounds", "restore_steps", "count"):
         value = getattr(args, key, None)
         if value is not None:
@@ -554,7 +576,44 @@ def _write_json(path, obj) -> None:
     _out(f"wrote {path}")
 
 
-COMMANDS = {"prune": cmd_prune, "train": cmd_train, "run": cmd_run, "report": cmd_report, "bench": cmd_bench}
+def cmd_methods(args, quiet: bool) -> int:
+    from widetopo.methods import all_methods, methods_markdown
+    from widetopo.options import describe
+
+    if args.markdown:
+        _out(methods_markdown())
+        return 0
+    for m in all_methods():
+        s = m.schedule
+        schedule = f"T = {s.rounds}" + (f", R = {s.restorations} x (J = {s.restore_steps}, T' = "
+                                        f"{s.restore_rounds or s.rounds})" if s.restorations else "")
+        aliases = f" (aliases: {', '.join(m.aliases)})" if m.aliases else ""
+        _out(f"{m.name}{aliases}: {m.summary}")
+        _out(f"    schedule: {schedule}; selection: {m.scorer.selection}"
+             + ("; needs targets" if m.scorer.needs_targets else ""))
+        for name, tname, default, help_text in describe(m.options):
+            _out(f"    --option {name}={default!r:<10} {tname:<14} {help_text}")
+    return 0
+
+
+def _parse_method_options(args) -> None:
+    """--option KEY=VALUE against the chosen method's options (a usage error otherwise)."""
+    from widetopo.methods import get_method
+    from widetopo.options import parse_assignment
+
+    args.method_options = {}
+    texts = getattr(args, "option", None) or []
+    if not texts:
+        return
+    spec = get_method(args.method)
+    for text in texts:
+        key, value = parse_assignment([spec.options], text)
+        args.method_options[key] = value
+    spec.make_options(**args.method_options)  # validate values now, before any work
+
+
+COMMANDS = {"prune": cmd_prune, "train": cmd_train, "run": cmd_run, "report": cmd_report, "bench": cmd_bench,
+            "methods": cmd_methods}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -567,8 +626,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         return int(exc.code or 0) if not isinstance(exc.code, str) else 2
     if args.command is None:
         parser.print_usage(sys.stderr)
-        print("widetopo: error: a command is required (prune, train, run, report, bench); "
+        print("widetopo: error: a command is required (prune, train, run, report, methods, bench); "
               "try `widetopo run` for the built-in demo", file=sys.stderr)
+        return 2
+    try:
+        _parse_method_options(args)
+    except (ValueError, TypeError) as exc:
+        parser.print_usage(sys.stderr)
+        print(f"widetopo {args.command}: error: --option: {exc}", file=sys.stderr)
         return 2
     _setup_logging(args.quiet, args.verbose)
     try:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
-from widetopo.options import Options, as_dict, boolean, finite, integer, one_of, option, optional, positive
+from widetopo.options import Options, any_integer, as_dict, boolean, finite, integer, one_of, option, optional, positive
 from widetopo.schedule import COUNTS
 
 __all__ = ["EngineOptions", "SELECTION_OPTIONS", "RESULT_NEUTRAL"]
@@ -50,7 +50,7 @@ class EngineOptions(Options):
     compression_factor: float = option(5.0, "gamma of the density-aware decay", positive)
     count: str = option("exact", "'exact' keeps round(d*N_P); 'official' the published code's counting",
                         one_of(*COUNTS))
-    seed: int = option(0, "seed of every random draw (with round and batch index)", integer(-(2 ** 63)))
+    seed: int = option(0, "seed of every random draw (with round and batch index)", any_integer)
     noise_scale: float = option(1e-5, "scale of the restoration noise", finite)
     verbose: bool = option(True, "progress bar on a terminal", boolean)
     max_samples: Optional[int] = option(None, "read only the first N samples of the data", optional(integer(1)))

@@ -104,6 +104,8 @@ class Scorer(abc.ABC):
     needs_double_backward: bool = False
     selection: str = "global"
     Options: ClassVar[Type[Options]] = NoOptions
+    #: replaced in __init__; this default serves subclasses that do not call Scorer.__init__
+    options: Options = NoOptions()
 
     def __init__(self, *args, **kwargs):
         """Scorer(options) with an Options instance, or Scorer(**options) / positional values
@@ -130,7 +132,9 @@ class Scorer(abc.ABC):
     def prepass(self, ctx: ScoreContext, batches: Sequence[Batch]) -> Optional[List[torch.Tensor]]:
         """Tensors summed over this process's batches that the score needs summed over the whole
         pruning set first (GraSP's gradient g). The engine sums them over every process and
-        hands the totals to score() as ctx.prepass. Default: no prepass (None)."""
+        hands the totals to score() as ctx.prepass; over no batch (a process without batches)
+        it must return zeros of the same shapes. A scorer without a prepass does not override
+        this method."""
         return None
 
     @abc.abstractmethod
