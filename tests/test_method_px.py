@@ -258,6 +258,19 @@ def test_cnn_with_batchnorm_and_biases_matches_reference():
         assert float(a[m].max()) > 0
 
 
+def test_saliency_api_matches_reference():
+    model = make_model(ActCNN)
+    g = torch.Generator().manual_seed(8)
+    xs = [torch.randn(3, 1, 6, 6, dtype=torch.float64, generator=g) for _ in range(2)]
+    got = widetopo.saliency(model, xs, "px")
+    ctx = make_ctx(model, keep=1.0)
+    ref = reference_px(model, ctx, [Batch(i, x) for i, x in enumerate(xs)])
+    peak_got = max(float(v.max()) for v in got.values())
+    peak_ref = max(float(r.max()) for r in ref)
+    for n, r in zip(ctx.names, ref):
+        torch.testing.assert_close(got[n] / peak_got, r / peak_ref, rtol=1e-9, atol=1e-13, msg=n)
+
+
 def test_gradient_is_summed_over_batches_before_the_abs():
     """One backward over all batches equals the per-batch sum of signed gradients: the split
     into score() calls (processes) does not change the finalized scores."""
@@ -313,12 +326,13 @@ def small_data(n=3, dtype=torch.float32):
 
 
 def test_run_properties():
-    check_run_properties(small_model, small_data(), PXScorer(), rounds=3, seed=2)
+    masks = check_run_properties(small_model, small_data(), "px", rounds=3, seed=2)
+    assert masks.meta["method"] == "px"
 
 
 @pytest.mark.parametrize("kill_after", [1, 2])
 def test_resume_after_kill(tmp_path, monkeypatch, kill_after):
-    check_resume(tmp_path, monkeypatch, small_model, small_data(), PXScorer(), kill_after, rounds=3)
+    check_resume(tmp_path, monkeypatch, small_model, small_data(), "px", kill_after, rounds=3)
 
 
 # ----------------------------------------------------------------------- two gloo processes
@@ -337,7 +351,7 @@ def _worker(rank, world, port, outdir):
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                          world_size=world, timeout=datetime.timedelta(seconds=60))
     try:
-        masks = widetopo.prune(_dist_model(), small_data(4, torch.float64), 0.1, method=PXScorer(), rounds=2,
+        masks = widetopo.prune(_dist_model(), small_data(4, torch.float64), 0.1, method="px", rounds=2,
                                verbose=False)
         torch.save(dict(masks), os.path.join(outdir, f"rank{rank}.pt"))
     finally:

@@ -139,8 +139,9 @@ DATA = [torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(1)) for 
 
 
 def test_run_properties():
-    check_run_properties(small_model, DATA, SynFlowL2Scorer(), rounds=3, seed=1)
+    masks = check_run_properties(small_model, DATA, "synflow-l2", rounds=3, seed=1, score_form="square")
+    assert masks.meta["method"] == "synflow-l2"
 
 
 def test_resume_after_kill(tmp_path, monkeypatch):
-    check_resume(tmp_path, monkeypatch, small_model, DATA, SynFlowL2Scorer(), 2, rounds=3)
+    check_resume(tmp_path, monkeypatch, small_model, DATA, "synflow_l2", 2, rounds=3)
