@@ -67,8 +67,8 @@ def data(n=6, d=5, seed=2):
     return [Batch(0, x[: n // 2]), Batch(1, x[n // 2:])], x
 
 
-def px(ctx, batches):
-    scorer = PXScorer()
+def px(ctx, batches, **options):
+    scorer = PXScorer(**options)
     out = scorer.finalize(ctx, scorer.score(ctx, batches))
     return [s / scorer.diagnostics["scale"] for s in out], scorer.diagnostics
 
@@ -199,7 +199,7 @@ class ActCNN(nn.Module):
         return self.fc(x.flatten(1))
 
 
-def reference_px(model, ctx, batches):
+def reference_px(model, ctx, batches, bn_train=True):
     """Straightforward PX: three deep copies per batch, activations replaced by hand, the h-net
     on a full all-ones batch, one backward per batch, |summed gradient| * theta^2."""
     total = {n: torch.zeros_like(ctx.params[n], dtype=torch.float64) for n in ctx.names}
@@ -223,13 +223,13 @@ def reference_px(model, ctx, batches):
         act_net.act = lambda z: (gates.append((z > 0).double()), torch.relu(z))[1]
         with torch.no_grad():
             act_net(b.x)
-        g_net = copy_with(lambda n: masks[n].double() if n in masks else ctx.params[n], bn_train=True)
+        g_net = copy_with(lambda n: masks[n].double() if n in masks else ctx.params[n], bn_train=bn_train)
         queue = list(gates)
         g_net.act = lambda z: z * queue.pop(0)
         with torch.no_grad():
             z1 = g_net(b.x ** 2)
         assert not queue
-        h_net = copy_with(lambda n: ctx.params[n] ** 2 if n in masks else ctx.params[n], bn_train=True)
+        h_net = copy_with(lambda n: ctx.params[n] ** 2 if n in masks else ctx.params[n], bn_train=bn_train)
         h_net.act = lambda z: z
         z2 = h_net(torch.ones_like(b.x))
         (z1 * z2).sum().backward()
@@ -239,7 +239,8 @@ def reference_px(model, ctx, batches):
     return [total[n].abs() * ctx.params[n] ** 2 for n in ctx.names]
 
 
-def test_cnn_with_batchnorm_and_biases_matches_reference():
+@pytest.mark.parametrize("bn", ["train", "eval"])
+def test_cnn_with_batchnorm_and_biases_matches_reference(bn):
     model = make_model(ActCNN)
     model.train()
     ctx = make_ctx(model, keep=0.7)
@@ -247,11 +248,11 @@ def test_cnn_with_batchnorm_and_biases_matches_reference():
     batches = [Batch(i, torch.randn(3, 1, 6, 6, dtype=torch.float64, generator=g)) for i in range(2)]
     buffers = {n: b.clone() for n, b in ctx.buffers.items()}
     rng = torch.random.get_rng_state()
-    got, _ = px(ctx, batches)
+    got, _ = px(ctx, batches, batchnorm=bn)
     assert torch.equal(rng, torch.random.get_rng_state())
     assert all(torch.equal(buffers[n], ctx.buffers[n]) for n in buffers)  # the eval statistics are kept
     assert all(m.training for m in model.modules())
-    ref = reference_px(model, ctx, batches)
+    ref = reference_px(model, ctx, batches, bn_train=bn == "train")
     for n, a, r, m in zip(ctx.names, got, ref, ctx.masks):
         torch.testing.assert_close(a, r, rtol=1e-9, atol=1e-12 * float(r.max()), msg=n)
         assert torch.all(a[~m] == 0)
@@ -303,6 +304,26 @@ def test_deep_net_without_batchnorm_does_not_overflow_float32():
     assert sums == pytest.approx([sums[0]] * len(sums), rel=1e-9)  # per-layer conservation survives
     masks = widetopo.prune(model, [x], 0.2, method=PXScorer(), rounds=2, verbose=False)
     assert sum(int(m.sum()) for m in masks.values()) == round(0.2 * sum(p.numel() for p in model.parameters()))
+
+
+def test_batchnorm1d_and_dropout():
+    """Train-mode BatchNorm1d works (the h-net and the scale reference use two identical samples),
+    and dropout stays off: the scores equal those of the same network without the dropout.
+    With train-mode BatchNorm the h-net's BatchNorm1d sees identical samples (variance 0), so
+    the layer before it scores exactly 0; batchnorm="eval" keeps its dependence."""
+    torch.manual_seed(9)
+    body = [nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)]
+    with_dropout = nn.Sequential(*body[:3], nn.Dropout(0.5), body[3]).double()
+    plain = nn.Sequential(*body).double()
+    x = [torch.randn(5, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(3))]
+    a = widetopo.saliency(with_dropout, x, "px")
+    b = widetopo.saliency(plain, x, "px")
+    assert list(a) == ["0.weight", "4.weight"] and list(b) == ["0.weight", "3.weight"]
+    torch.testing.assert_close(a["0.weight"], b["0.weight"], rtol=1e-12, atol=0)
+    torch.testing.assert_close(a["4.weight"], b["3.weight"], rtol=1e-12, atol=0)
+    assert float(a["0.weight"].abs().max()) == 0 and float(a["4.weight"].min()) > 0
+    e = widetopo.saliency(with_dropout, x, "px", batchnorm="eval")
+    assert float(e["0.weight"].min()) > 0 and float(e["4.weight"].min()) > 0
 
 
 def test_registered_name_and_defaults():

@@ -26,8 +26,7 @@ import math
 from dataclasses import dataclass
 from typing import List, Sequence
 
-import torch
-
+import widetopo_ext
 from widetopo.options import Options, nonnegative, option
 from widetopo.scores.base import ScoreContext
 from widetopo.scores.baselines import MagnitudeScorer, RandomOptions, RandomScorer
@@ -112,7 +111,7 @@ class _ERKQuotas:
 
     def layer_quotas(self, ctx: ScoreContext, keep: int) -> List[int]:
         """ERK counts over ctx's prunable tensors, capped by what each still keeps."""
-        caps = [int(m.sum()) for m in ctx.masks]
+        caps = widetopo_ext.mask_stats(ctx.masks)[:, 0].tolist()
         return erk_quotas([ctx.params[n].shape for n in ctx.names], keep, self.options.power_scale, caps)
 
 

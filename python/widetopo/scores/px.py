@@ -25,6 +25,14 @@ z = 0). Activations with a(0) != 0 (sigmoid, softplus, logsigmoid, hardsigmoid) 
 gate and raise ValueError, as does rrelu (random). Everything else (pooling, softmax, ...) is
 computed as the model defines it.
 
+BatchNorm in train mode (the default, as published) has a consequence worth knowing: the h-net
+sees identical all-ones samples, so a BatchNorm's batch statistics are those of one sample and
+its output does not change when the weights feeding it are scaled. For BatchNorm1d the batch
+variance is 0 and the output is its bias beta: every weight before the last BatchNorm1d scores
+exactly 0. For BatchNorm2d only the zero-padded borders make the feature maps non-constant, and
+they alone carry the h-net's dependence on the weights before a BatchNorm. batchnorm="eval"
+runs both nets with BatchNorm as the fixed affine map of the running statistics instead.
+
 Numerics: the g-net has 0/1 weights, so a deep BatchNorm-free net grows like (fan-in)^depth and
 overflows float32; both nets run in float64. The signed gradients are divided by a power of two
 2^e that depends only on the masks, theta and the sample shape (the peak of the h-net output
@@ -47,12 +55,13 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.overrides import TorchFunctionMode
 
 import widetopo_ext
+from widetopo.options import Options, one_of, option
 from widetopo.scores.base import Batch, ScoreContext, Scorer
 from widetopo.scores._util import score_zeros
 from widetopo.scores.bn import batchnorm_modules, eval_mode
 from widetopo.scores.widetopo import check_finite
 
-__all__ = ["PXScorer", "path_gates", "gated_output", "hnet_output"]
+__all__ = ["PXScorer", "PXOptions", "path_gates", "gated_output", "hnet_output"]
 
 
 # ---------------------------------------------------------------------------- activations
@@ -161,6 +170,10 @@ def _batchnorm_train(model: nn.Module) -> Iterator[None]:
                 vars(m).pop("forward", None)
 
 
+def _bn_mode(model: nn.Module, bn_mode: str):
+    return _batchnorm_train(model) if bn_mode == "train" else eval_mode(model)
+
+
 def _float64(tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     return {n: (t.detach().to(torch.float64, copy=True) if t.is_floating_point() else t.detach().clone())
             for n, t in tensors.items()}
@@ -178,11 +191,12 @@ def path_gates(ctx: ScoreContext, x: torch.Tensor) -> List[torch.Tensor]:
 
 @torch.no_grad()
 def gated_output(ctx: ScoreContext, x2: torch.Tensor, gates: Optional[List[torch.Tensor]],
-                 params: Dict[str, torch.Tensor], buffers: Dict[str, torch.Tensor]) -> torch.Tensor:
+                 params: Dict[str, torch.Tensor], buffers: Dict[str, torch.Tensor],
+                 bn_mode: str = "train") -> torch.Tensor:
     """The g-net f(x2; m) (params: masks in place of the prunable weights) with the activations
-    replaced by `gates` (None: by the identity), BatchNorm in train mode."""
+    replaced by `gates` (None: by the identity), BatchNorm in `bn_mode`."""
     mode = _PathActivations("identity") if gates is None else _PathActivations("apply", gates)
-    with _batchnorm_train(ctx.model), mode:
+    with _bn_mode(ctx.model, bn_mode), mode:
         out = ctx.forward(params, x2, buffers)
     if gates is not None and mode.used != len(gates):
         raise RuntimeError(
@@ -193,29 +207,39 @@ def gated_output(ctx: ScoreContext, x2: torch.Tensor, gates: Optional[List[torch
 
 
 def hnet_output(ctx: ScoreContext, sample_shape: Sequence[int], params: Dict[str, torch.Tensor],
-                buffers: Dict[str, torch.Tensor]) -> torch.Tensor:
+                buffers: Dict[str, torch.Tensor], bn_mode: str = "train") -> torch.Tensor:
     """The h-net f(1; params) for one all-ones sample (params: (theta*m)^2 in place of the prunable
-    weights), activations replaced by the identity, BatchNorm in train mode. Two identical samples
+    weights), activations replaced by the identity, BatchNorm in `bn_mode`. Two identical samples
     are evaluated (train-mode BatchNorm1d needs more than one value per channel); their batch
     statistics are those of one sample."""
     x = torch.ones((2, *sample_shape), dtype=torch.float64, device=ctx.device)
-    with _batchnorm_train(ctx.model), _PathActivations("identity"):
+    with _bn_mode(ctx.model, bn_mode), _PathActivations("identity"):
         return ctx.forward(params, x, buffers)[0]
 
 
 def _pow2_peak(t: torch.Tensor) -> int:
-    """e with 2^e the power of two nearest the peak |t| (0 if the peak is 0 or not finite)."""
+    """e with 2^e the power of two nearest the peak |t| (0 if the peak is 0 or not finite),
+    limited to [-500, 500] so that 2^-e and products of two such factors stay in float64 range."""
     peak = float(t.detach().abs().amax()) if t.numel() else 0.0
-    return int(round(math.log2(peak))) if math.isfinite(peak) and peak > 0 else 0
+    e = int(round(math.log2(peak))) if math.isfinite(peak) and peak > 0 else 0
+    return max(-500, min(500, e))
 
 
 # ---------------------------------------------------------------------------- the scorer
+
+@dataclass(frozen=True)
+class PXOptions(Options):
+    batchnorm: str = option(
+        "train", "BatchNorm in the g-net and h-net: 'train' (batch statistics, as published) or 'eval' "
+        "(the fixed affine map of the running statistics)", one_of("train", "eval"))
+
 
 class PXScorer(Scorer):
     """PX: S = |sum_b dR_b/d(theta^2)| * theta^2, R_b = sum_n sum_k z1[n, k] * z2[k] (see the
     module docstring)."""
 
     name = "px"
+    Options = PXOptions
     data_dependent = True
     decay = False
     needs_targets = False
@@ -232,16 +256,17 @@ class PXScorer(Scorer):
             raise ValueError(
                 f"px: the pruning batches of one process must share one sample shape, got {sorted(shapes)}"
             )
+        bn_mode = self.options.batchnorm
         prunable = set(ctx.names)
         g_params = _float64(ctx.params)
         for name, m in zip(ctx.names, ctx.masks):
             g_params[name] = m.to(torch.float64)
-        g_buffers = _float64(ctx.buffers)  # train-mode BatchNorm writes running stats here, not ctx.buffers
+        g_buffers = _float64(ctx.buffers)  # train-mode BatchNorm writes running stats here, not in ctx.buffers
         total = None
         for batch in batches:
             x = batch.x.to(ctx.device)
             gates = path_gates(ctx, x)
-            z1 = gated_output(ctx, x.to(torch.float64).square(), gates, g_params, g_buffers)
+            z1 = gated_output(ctx, x.to(torch.float64).square(), gates, g_params, g_buffers, bn_mode)
             total = z1.sum(0) if total is None else total + z1.sum(0)
 
         (sample_shape,) = shapes
@@ -251,19 +276,20 @@ class PXScorer(Scorer):
             h_params[name] = q.square().requires_grad_(True) if name in prunable else q
         leaves = [h_params[n] for n in ctx.names]
         with torch.enable_grad():
-            z2 = hnet_output(ctx, sample_shape, h_params, g_buffers)
+            z2 = hnet_output(ctx, sample_shape, h_params, g_buffers, bn_mode)
             if z2.shape != total.shape:
                 raise RuntimeError(f"px: h-net output {tuple(z2.shape)} differs from the g-net's {tuple(total.shape)}")
-            reference = gated_output(ctx, torch.ones((1, *sample_shape), dtype=torch.float64, device=ctx.device),
-                                     None, g_params, g_buffers)
-            scale = 2.0 ** -(_pow2_peak(reference) + _pow2_peak(z2))
-            r = (total * z2).sum()
-            grads = torch.autograd.grad(r * scale, leaves, allow_unused=True, materialize_grads=True)
-        self.diagnostics.update(scale=scale, R=float(r.detach()))
-        if not math.isfinite(float(r.detach())):
+            reference = gated_output(ctx, torch.ones((2, *sample_shape), dtype=torch.float64, device=ctx.device),
+                                     None, g_params, g_buffers, bn_mode)
+            e1, e2 = _pow2_peak(reference), _pow2_peak(z2)
+            r = (torch.ldexp(total, total.new_tensor(-e1)) * z2).sum() * 2.0 ** -e2  # R / 2^(e1 + e2)
+            grads = torch.autograd.grad(r, leaves, allow_unused=True, materialize_grads=True)
+        r = float(r.detach())
+        self.diagnostics.update(scale=2.0 ** -(e1 + e2), R=r * 2.0 ** (e1 + e2))
+        if not math.isfinite(r):
             raise FloatingPointError(
-                f"px: R = {float(r.detach())} is not finite in round {ctx.round} even in float64 "
-                "(a very deep network without normalisation)"
+                f"px: R is not finite in round {ctx.round} even in float64 with scaling "
+                "(a very deep network without normalisation?)"
             )
         out = [g.detach() for g in grads]
         check_finite(out, ctx, self.name)
