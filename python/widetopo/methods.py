@@ -84,13 +84,13 @@ def _registry() -> List[Method]:
         Method("magnitude", MagnitudeScorer, Schedule(rounds=1), "|theta|"),
         Method("random", RandomScorer, Schedule(rounds=1), "uniform random ranking"),
         Method("px", PXScorer, Schedule(rounds=100),
-               "|dR/d(theta^2)| * theta^2, R = <g-net(x^2; m, ReLU gates), h-net(1; theta^2)>; data-driven, path based"),
+               "abs(dR/d(theta^2)) * theta^2, R = <g-net(x^2; m, ReLU gates), h-net(1; theta^2)>; data-driven, path based"),
         Method("synflow-l2", SynFlowL2Scorer, Schedule(rounds=100),
-               "|theta| * dh/d(theta^2), h = sum f(1; theta^2); data-free, overflow-safe", aliases=("synflow_l2",)),
+               "abs(theta) * dh/d(theta^2), h = sum f(1; theta^2); data-free, overflow-safe", aliases=("synflow_l2",)),
         Method("erk-random", ERKRandomScorer, Schedule(rounds=1),
                "ERK per-layer counts, a uniform random subset inside each layer", aliases=("rand_erk",)),
         Method("erk-magnitude", ERKMagnitudeScorer, Schedule(rounds=1),
-               "ERK per-layer counts, the largest |theta| inside each layer", aliases=("magnitude_erk",)),
+               "ERK per-layer counts, the largest abs(theta) inside each layer", aliases=("magnitude_erk",)),
     ]
 
 
