@@ -68,9 +68,12 @@ class Method:
 
 def _registry() -> List[Method]:
     from widetopo.scores.baselines import MagnitudeScorer, RandomScorer, SNIPScorer, SynFlowScorer
+    from widetopo.scores.erk import ERKMagnitudeScorer, ERKRandomScorer
     from widetopo.scores.grasp import GraSPScorer
     from widetopo.scores.iter_snip import IterSNIPScorer
     from widetopo.scores.ntksap import NTKSAPScorer
+    from widetopo.scores.px import PXScorer
+    from widetopo.scores.synflow_l2 import SynFlowL2Scorer
     from widetopo.scores.widetopo import WideTopoScorer
 
     return [
@@ -78,11 +81,9 @@ def _registry() -> List[Method]:
                "mu1*NTK-trace + mu2*ITA, density-aware decay, repeated mask restoration"),
         Method("widetopo-s", WideTopoScorer, Schedule(rounds=10, restorations=2, restore_steps=50, restore_rounds=10),
                "WideTopo with the short schedule", aliases=("widetopo_s",)),
-        Method("synflow", SynFlowScorer, Schedule(rounds=100),
-               "|theta * dR/dtheta|, R = sum f(1; |theta|); data-free, overflow-safe"),
-        Method("snip", SNIPScorer, Schedule(rounds=1), "|dL/dtheta * theta| (cross entropy; needs targets)"),
-        Method("magnitude", MagnitudeScorer, Schedule(rounds=1), "|theta|"),
-        Method("random", RandomScorer, Schedule(rounds=1), "uniform random ranking"),
+        Method("px", PXScorer, Schedule(rounds=100),
+               "abs(dR/d(theta^2)) * theta^2, R = <g-net(x^2; m, ReLU gates), h-net(1; theta^2)>; data-driven, "
+               "path based"),
         Method("ntk-sap", NTKSAPScorer, Schedule(rounds=100),
                "abs(sum_b dF/dm), F = squared distance of f(xi; theta~*m) and f(xi; (theta~ + eps*delta)*m); "
                "xi noise, theta~ fresh Kaiming weights per batch", aliases=("ntksap",)),
@@ -91,6 +92,17 @@ def _registry() -> List[Method]:
         Method("iter-snip", IterSNIPScorer, Schedule(rounds=100),
                "abs(theta * dL/dtheta) at theta*m, BatchNorm in train mode, iterated (needs targets)",
                aliases=("iter_snip",)),
+        Method("snip", SNIPScorer, Schedule(rounds=1), "abs(dL/dtheta * theta), one shot (needs targets)"),
+        Method("synflow", SynFlowScorer, Schedule(rounds=100),
+               "abs(theta * dR/dtheta), R = sum f(1; abs(theta)); data-free, overflow-safe"),
+        Method("synflow-l2", SynFlowL2Scorer, Schedule(rounds=100),
+               "abs(theta) * dh/d(theta^2), h = sum f(1; theta^2); data-free, overflow-safe", aliases=("synflow_l2",)),
+        Method("magnitude", MagnitudeScorer, Schedule(rounds=1), "abs(theta)"),
+        Method("erk-magnitude", ERKMagnitudeScorer, Schedule(rounds=1),
+               "ERK per-layer counts, the largest abs(theta) inside each layer", aliases=("magnitude_erk",)),
+        Method("random", RandomScorer, Schedule(rounds=1), "uniform random ranking"),
+        Method("erk-random", ERKRandomScorer, Schedule(rounds=1),
+               "ERK per-layer counts, a uniform random subset inside each layer", aliases=("rand_erk",)),
     ]
 
 
@@ -148,5 +160,5 @@ def methods_markdown() -> str:
             f"R = {s.restorations} × (J = {s.restore_steps}, T' = {s.restore_rounds or s.rounds})")
         opts = ", ".join(f"`{n}` ({_fmt(d)})" for n, _, d, _ in describe(m.options)) or "—"
         rows.append(f"| `{m.name}` | {', '.join(f'`{a}`' for a in m.aliases) or '—'} | {s.rounds} | {restore} "
-                    f"| {opts} | {m.summary} |")
+                    f"| {opts} | {m.summary.replace('|', chr(92) + '|')} |")
     return "\n".join(rows)

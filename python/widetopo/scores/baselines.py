@@ -173,23 +173,32 @@ def _in_range(r: torch.Tensor) -> bool:
     return math.isfinite(value) and value != 0.0
 
 
-def synflow_scores(ctx: ScoreContext, sample_shape: Sequence[int], rescale: bool = False):
-    """Raw SynFlow scores |w * dR/dw| (float64) and R, for w = |theta*m| (all parameters
-    linearised by abs, floating buffers too, as SynFlow does), R = sum f(1; w), eval mode.
+def synflow_scores(ctx: ScoreContext, sample_shape: Sequence[int], rescale: bool = False,
+                   power: int = 1, multiplier_power: Optional[int] = None):
+    """Raw SynFlow-type scores |dR/dw| * |theta*m|^q (float64) and R, for w = |theta*m|^power
+    (every parameter transformed, floating buffers too, as SynFlow does), R = sum f(1; w), eval
+    mode; q = multiplier_power (default: power, i.e. |w * dR/dw|).
+    power=1: SynFlow. power=2: SynFlow-L2 (q=1: |theta| * dR/d(theta^2); q=2: theta^2 * dR/d(theta^2)).
     Without rescaling, scores are None when R overflowed (inf/NaN) or underflowed to 0.
 
     rescale=True divides the output of every module that owns parameters by a power of two
     near its peak (forward hooks), which keeps activations and gradients of very deep nets in
     range. It is exact up to a common factor for a bias-free chain, an approximation otherwise.
     """
+    q = power if multiplier_power is None else multiplier_power
+
+    def transform(t: torch.Tensor) -> torch.Tensor:
+        t = t.detach().abs().to(torch.float64)
+        return t if power == 1 else t.pow(power)
+
     model = ctx.model
     names = set(ctx.names)
     params: Dict[str, torch.Tensor] = {}
     for n, p in ctx.params.items():
-        q = p.detach().abs().to(torch.float64) if p.is_floating_point() else p.detach()
-        params[n] = q.requires_grad_(True) if n in names else q
+        w = transform(p) if p.is_floating_point() else p.detach()
+        params[n] = w.requires_grad_(True) if n in names else w
     buffers = {
-        n: (b.detach().abs().to(torch.float64) if b.is_floating_point() else b.detach().clone())
+        n: (transform(b) if b.is_floating_point() else b.detach().clone())
         for n, b in ctx.buffers.items()
     }
     leaves = [params[n] for n in ctx.names]
@@ -206,8 +215,14 @@ def synflow_scores(ctx: ScoreContext, sample_shape: Sequence[int], rescale: bool
     finally:
         for h in handles:
             h.remove()
+    if q == power:
+        multipliers = [w.detach() for w in leaves]
+    else:
+        multipliers = [ctx.params[n].detach().abs().to(torch.float64) for n in ctx.names]
+        if q != 1:
+            multipliers = [m.pow(q) for m in multipliers]
     out = score_zeros(leaves, torch.float64)
-    widetopo_ext.accumulate_score_(out, list(grads), leaves, ctx.masks, absolute=True)
+    widetopo_ext.accumulate_score_(out, list(grads), multipliers, ctx.masks, absolute=True)
     return out, r.detach()
 
 
@@ -234,10 +249,19 @@ class SynFlowScorer(Scorer):
     decay = False
     needs_targets = False
     Options = SynFlowOptions
+    power: int = 1  # w = |theta|^power in the forward (SynFlow-L2: 2)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.diagnostics = {"rescaled": False}  # run diagnostics (not an option)
+
+    def multiplier_power(self) -> int:
+        """q of S = |dR/dw| * |theta|^q (SynFlow: q = power = 1)."""
+        return self.power
+
+    def _scores(self, ctx: ScoreContext, shape, rescale: bool):
+        return synflow_scores(ctx, shape, rescale=rescale, power=self.power,
+                              multiplier_power=self.multiplier_power())
 
     def _sample_shape(self, batches: Sequence[Batch]):
         if self.options.input_shape is not None:
@@ -245,8 +269,8 @@ class SynFlowScorer(Scorer):
         for batch in batches:
             return tuple(batch.x.shape[1:])
         raise ValueError(
-            "synflow needs the shape of one input sample: pass at least one batch or "
-            "SynFlowScorer(input_shape=...)"
+            f"{self.name} needs the shape of one input sample: pass at least one batch or "
+            "the input_shape option"
         )
 
     @staticmethod
@@ -257,15 +281,15 @@ class SynFlowScorer(Scorer):
 
     def score(self, ctx: ScoreContext, batches: Sequence[Batch] = ()) -> List[torch.Tensor]:
         shape = self._sample_shape(batches)
-        scores, r = synflow_scores(ctx, shape, rescale=False)
+        scores, r = self._scores(ctx, shape, rescale=False)
         rescaled = not self._usable(scores, r)
         if rescaled:
             log = logger.debug if self.diagnostics["rescaled"] else logger.warning  # warn once
             log(
-                "synflow: float64 R = %s is out of range in round %d; recomputing with per-layer "
-                "rescaling (approximate ranking for non-chain networks)", float(r), ctx.round,
+                "%s: float64 R = %s is out of range in round %d; recomputing with per-layer "
+                "rescaling (approximate ranking for non-chain networks)", self.name, float(r), ctx.round,
             )
-            scores, r = synflow_scores(ctx, shape, rescale=True)
+            scores, r = self._scores(ctx, shape, rescale=True)
         self.diagnostics["rescaled"] = rescaled
         check_finite(scores, ctx, self.name)
         if scores:
