@@ -464,3 +464,22 @@ def test_shapes_bad_arguments():
     info = wdata.DatasetInfo("t", "train", 2, 1, 2, (0.0,), (1.0,), task="segmentation", ignore_index=-100)
     with pytest.raises(ValueError, match=r"masks of shape \(2, 2, 2\)"):
         wdata.SegmentationDataset(torch.zeros(2, 1, 2, 2, dtype=torch.uint8), torch.zeros(2, dtype=torch.int64), info)
+
+
+def test_balanced_subset_takes_n_per_class_in_permutation_order():
+    from widetopo.data import load_dataset
+
+    ds = load_dataset("digits", split="train")
+    sub = ds.balanced_subset(3, seed=5)
+    counts = torch.bincount(sub.targets, minlength=ds.num_classes)
+    assert counts.tolist() == [3] * ds.num_classes
+    perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(5)).tolist()
+    expect, seen = [], {}
+    for i in perm:  # by hand: first 3 of every class along the permutation
+        c = int(ds.targets[i])
+        if seen.get(c, 0) < 3:
+            seen[c] = seen.get(c, 0) + 1
+            expect.append(i)
+    assert torch.equal(sub.targets, ds.targets[expect])
+    with pytest.raises(ValueError, match="per_class must be an integer >= 1"):
+        ds.balanced_subset(0)

@@ -189,6 +189,8 @@ def _add_prune(p, single: bool = True):
         p.add_argument("--density", type=_density, default=DEFAULTS["density"],
                        help="fraction of prunable weights kept, in (0, 1]; default: %(default)s")
     p.add_argument("--samples", type=_int_at_least(1), default=1000, help="pruning samples; default: %(default)s")
+    p.add_argument("--samples-per-class", type=_int_at_least(1), default=None,
+                   help="a class-balanced pruning set of N samples per class instead of --samples (the papers use 10)")
     p.add_argument("--prune-batch-size", type=_int_at_least(1), default=256, help="pruning batch size; default: %(default)s")
     p.add_argument("--preset", choices=tuple(PRESETS), default="default",
                    help="schedule preset of the method: default (its published CIFAR configuration) or imagenet "
@@ -431,8 +433,12 @@ def _prune(args, model, train_ds, quiet: bool):
     import widetopo
     from widetopo.data import data_loader
 
-    n = min(args.samples, len(train_ds))
-    subset = train_ds.subset(n, seed=args.seed)
+    per_class = getattr(args, "samples_per_class", None)
+    if per_class:
+        subset = train_ds.balanced_subset(per_class, seed=args.seed)
+    else:
+        subset = train_ds.subset(min(args.samples, len(train_ds)), seed=args.seed)
+    n = len(subset)
     loader = data_loader(subset, batch_size=args.prune_batch_size, shuffle=False)
     options = {"seed": int(args.seed), "verbose": not quiet, "device": args.device}
     options.update(PRESETS[args.preset])

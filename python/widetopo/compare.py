@@ -41,7 +41,7 @@ DEFAULT_SEEDS = (0, 1)
 #: Options of the CLI namespace that change results: a journal made with other values is refused.
 RESULT_OPTIONS = (
     "model", "dataset", "data_dir", "max_train_samples", "max_test_samples",
-    "samples", "prune_batch_size", "preset", "rounds", "restorations", "restore_rounds", "restore_steps", "count",
+    "samples", "samples_per_class", "prune_batch_size", "preset", "rounds", "restorations", "restore_rounds", "restore_steps", "count",
     "epochs", "batch_size", "lr", "momentum", "weight_decay", "schedule", "mask_mode", "augment",
     "option", "options",  # method options (--option key=value), where the CLI has them
 )

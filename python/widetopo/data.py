@@ -150,6 +150,25 @@ class ImageDataset(Dataset):
             idx = torch.as_tensor(indices, dtype=torch.int64)
         return type(self)(self.images[idx], self.targets[idx], self.info, self.scale, self.transform)
 
+    def balanced_subset(self, per_class: int, seed: Optional[int] = None) -> "ImageDataset":
+        """`per_class` samples of every class (the papers' pruning set: 10 images per class),
+        the first ones of a permutation seeded by `seed` (dataset order without a seed), in
+        that permutation's order. Classes with fewer samples give all they have."""
+        if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1:
+            raise ValueError(f"per_class must be an integer >= 1, got {per_class!r}")
+        if self.targets.dim() != 1:
+            raise ValueError("a class-balanced subset needs one class per sample (not segmentation masks)")
+        order = torch.arange(len(self)) if seed is None else torch.randperm(
+            len(self), generator=torch.Generator().manual_seed(int(seed)))
+        taken: Dict[int, int] = {}
+        keep = []
+        for i in order.tolist():
+            c = int(self.targets[i])
+            if taken.get(c, 0) < per_class:
+                taken[c] = taken.get(c, 0) + 1
+                keep.append(i)
+        return self.subset(keep)
+
     def __repr__(self) -> str:
         i = self.info
         return (f"{type(self).__name__}({i.name!r}, split={i.split!r}, n={len(self)}, classes={i.num_classes}, "
