@@ -339,6 +339,7 @@ def sharded_global_threshold(scores, masks, keep: int, mode: str = "exact", *, g
     header = torch.tensor([int(error is not None), _DTYPE_CODES.get(dtype, -1), keep, _MODE_CODES.get(mode, -1),
                            len(scores), sum(s.numel() for s in scores), first_bad, int(index is not None)],
                           dtype=torch.int64)
+    assert header.numel() == _HEADER
     headers = comm.all_gather(header)
 
     # 2. decide together whether the call is valid.
