@@ -199,3 +199,28 @@ def test_compare_with_init_file_records_its_checksum(tmp_path, capsys):
     torch.save({"state_dict": build_model("cnn", 1, 10, 8).state_dict()}, init)  # another file, same name
     assert main(argv) == 1
     assert "init_sha256" in capsys.readouterr().err
+
+
+def test_a_failing_cell_is_recorded_and_the_others_run(tmp_path, monkeypatch, capsys):
+    """A method that refuses a cell (here: every score 0) does not abort the experiment: the
+    other cells run, the failure is journaled and reported, the exit status is 1, and a rerun
+    tries the failed cell again."""
+    import json
+
+    from widetopo import cli
+    from widetopo.scores.baselines import MagnitudeScorer
+
+    monkeypatch.setattr(MagnitudeScorer, "score", lambda self, ctx, batches: [p * 0 for p in ctx.prunable])
+    out = tmp_path / "cmp"
+    argv = ["-q", "compare", "--methods", "magnitude,snip", "--densities", "0.2", "--seeds", "0", "--epochs", "1",
+            "--samples", "64", "--max-train-samples", "128", "--max-test-samples", "64", "--no-plots", "-o", str(out)]
+    assert cli.main(argv) == 1
+    captured = capsys.readouterr()
+    assert "failed: magnitude d=0.2 s0: ZeroScoresError" in captured.out
+    journal = json.loads((out / "results.json").read_text())
+    assert [r["method"] for r in journal["rows"]] == ["dense", "snip"]
+    assert [f["method"] for f in journal["failed"]] == ["magnitude"]
+    monkeypatch.undo()
+    assert cli.main(argv) == 0  # the rerun runs only the failed cell, which now works
+    journal = json.loads((out / "results.json").read_text())
+    assert sorted(r["method"] for r in journal["rows"]) == ["dense", "magnitude", "snip"] and journal["failed"] == []

@@ -599,6 +599,8 @@ def cmd_compare(args, quiet: bool) -> int:
     _out("")
     _out(compare.summary_table(rows))
     _out("")
+    for f in result.get("failed", []):
+        _out(f"failed: {f['method']} d={f['density_target']:g} s{f['seed']}: {f['error']}")
     out_dir = args.output
     _out(f"wrote {os.path.join(out_dir, 'results.csv')}, {os.path.join(out_dir, 'results.json')} and "
          f"{len([c for c in cells if c.method != 'dense'])} mask files in {os.path.join(out_dir, 'masks')}")
@@ -609,6 +611,10 @@ def cmd_compare(args, quiet: bool) -> int:
             logger.warning("%s", exc)
         else:
             _out(f"wrote {', '.join(paths)}")
+    if result.get("failed"):
+        print(f"widetopo compare: {len(result['failed'])} cell(s) failed (listed above and in results.json); "
+              "a rerun tries them again", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -158,10 +158,12 @@ def _atomic_write(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write_journal(out_dir, options: dict, rows: List[dict]) -> None:
-    """results.json (the journal) and results.csv, each replaced atomically."""
+def write_journal(out_dir, options: dict, rows: List[dict], failed: Optional[List[dict]] = None) -> None:
+    """results.json (the journal) and results.csv, each replaced atomically. `failed` lists the
+    cells whose method raised (method, density_target, seed, error); a rerun tries them again."""
     out_dir = os.fspath(out_dir)
-    data = {"journal": JOURNAL_VERSION, "options": options, "versions": versions(), "rows": rows}
+    data = {"journal": JOURNAL_VERSION, "options": options, "versions": versions(), "rows": rows,
+            "failed": list(failed or [])}
     _atomic_write(os.path.join(out_dir, "results.json"), json.dumps(data, indent=2) + "\n")
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
@@ -263,14 +265,24 @@ def run(args, cells: List[Cell], out_dir, *, quiet: bool = False, data: Optional
     bar = tqdm(total=len(cells), initial=skipped, desc="compare", unit="cell", dynamic_ncols=True,
                disable=quiet or not sys.stderr.isatty(), file=sys.stderr)
     started = time.perf_counter()
+    failed: List[dict] = []
     try:
         with _quiet_loggers():
             for finished, cell in enumerate(todo, start=skipped + 1):
                 def phase(name, cell=cell):
                     bar.set_postfix_str(f"{cell.label}: {name}")
-                row = run_cell(args, cell, data, out_dir, options, phase)
+                try:
+                    row = run_cell(args, cell, data, out_dir, options, phase)
+                except (RuntimeError, ValueError, FloatingPointError) as exc:
+                    # the method refused this cell (e.g. all-zero scores): record it, go on
+                    failed.append({"method": cell.method, "density_target": cell.density, "seed": cell.seed,
+                                   "error": f"{type(exc).__name__}: {exc}"})
+                    write_journal(out_dir, options, rows, failed)
+                    bar.update(1)
+                    logger.warning("[%d/%d] %s failed: %s", finished, len(cells), cell.label, exc)
+                    continue
                 rows.append(row)
-                write_journal(out_dir, options, rows)
+                write_journal(out_dir, options, rows, failed)
                 bar.update(1)
                 message = (f"{cell.label}: test accuracy {row['test_accuracy']:.4f}, effective density "
                            f"{row['effective_density']:.4f}, node ratio {row['node_ratio']:.3f}")
@@ -283,7 +295,7 @@ def run(args, cells: List[Cell], out_dir, *, quiet: bool = False, data: Optional
     if not todo:
         write_journal(out_dir, options, rows)  # (re)writes the CSV even when nothing ran
     return {"rows": rows, "ran": len(todo), "skipped": skipped, "seconds": time.perf_counter() - started,
-            "options": options}
+            "options": options, "failed": failed}
 
 
 # ------------------------------------------------------------------------------ summary
