@@ -224,3 +224,24 @@ def test_a_failing_cell_is_recorded_and_the_others_run(tmp_path, monkeypatch, ca
     assert cli.main(argv) == 0  # the rerun runs only the failed cell, which now works
     journal = json.loads((out / "results.json").read_text())
     assert sorted(r["method"] for r in journal["rows"]) == ["dense", "magnitude", "snip"] and journal["failed"] == []
+
+
+def test_method_variants_with_options_are_their_own_cells(tmp_path, capsys):
+    import json
+
+    from widetopo import cli
+    from widetopo.masks import Masks
+
+    out = tmp_path / "cmp"
+    argv = ["-q", "compare", "--methods", "random,random:distribution=normal", "--densities", "0.3", "--seeds", "0",
+            "--epochs", "0", "--samples", "32", "--max-train-samples", "64", "--max-test-samples", "32",
+            "--no-plots", "-o", str(out)]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["dense", "random", "random:distribution=normal"]
+    normal = Masks.load(out / rows[2]["mask_file"])
+    uniform = Masks.load(out / rows[1]["mask_file"])
+    assert normal.meta["distribution"] == "normal" and uniform.meta["distribution"] == "uniform"
+    assert any(not (normal[n] == uniform[n]).all() for n in normal)
+    assert cli.main(argv[:3] + ["random:nope=1"] + argv[4:]) == 2
+    assert "unknown option 'nope'" in capsys.readouterr().err

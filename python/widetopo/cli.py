@@ -334,6 +334,40 @@ def _int_list(text: str) -> List[int]:
     return values
 
 
+def _method_variant(text: str) -> str:
+    """NAME or NAME:KEY=VALUE[:KEY=VALUE...] (a method with some options set) -> canonical form."""
+    from widetopo.methods import get_method
+    from widetopo.options import parse_assignment
+
+    name, *assignments = [t.strip() for t in text.split(":")]
+    try:
+        name = _method(name)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"invalid method {name!r} in {text!r} (choose from "
+                                         f"{', '.join(_method_names())})") from None
+    values = {}
+    for a in assignments:
+        try:
+            key, value = parse_assignment([get_method(name).options], a)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
+        values[key] = value
+    try:
+        get_method(name).make_options(**values)
+    except (ValueError, TypeError) as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
+    return ":".join([name] + [f"{k}={v}" for k, v in values.items()])
+
+
+def split_method_variant(spec: str):
+    """(method name, {option: value}) of a NAME[:KEY=VALUE...] variant made by _method_variant."""
+    from widetopo.methods import get_method
+    from widetopo.options import parse_assignment
+
+    name, *assignments = spec.split(":")
+    return name, dict(parse_assignment([get_method(name).options], a) for a in assignments)
+
+
 def _method_list(text: str) -> List[str]:
     """Comma-separated registered methods (names or aliases -> names), or all of them."""
     if text.strip().lower() == "all":
@@ -346,12 +380,14 @@ def _method_list(text: str) -> List[str]:
     names, bad = [], []
     for v in values:
         try:
-            names.append(_method(v))
+            names.append(_method_variant(v))
         except argparse.ArgumentTypeError:
+            if ":" in v:
+                raise  # a known method with a bad option: its own message
             bad.append(v)
     if bad:
         raise argparse.ArgumentTypeError(f"invalid method(s) {', '.join(bad)} (choose from {', '.join(_method_names())}, "
-                                         "or all; `widetopo methods` lists them)")
+                                         "or all, each optionally as NAME:KEY=VALUE; `widetopo methods` lists them)")
     if len(set(names)) != len(names):
         raise argparse.ArgumentTypeError(f"methods repeat in {text!r}")
     return names
@@ -371,7 +407,8 @@ def _add_compare_parser(sub) -> None:
                     "(about 5 minutes on 2 CPU cores).")
     _add_model_data(p, seed=False)
     p.add_argument("--methods", type=_method_list, default=list(DEFAULT_METHODS),
-                   help=f"comma-separated methods, or all ({', '.join(_method_names())}); default: "
+                   help=f"comma-separated methods, or all ({', '.join(_method_names())}); a method with options set "
+                        "is NAME:KEY=VALUE[:KEY=VALUE], e.g. px:batchnorm=eval; default: "
                         f"{','.join(DEFAULT_METHODS)}")
     p.add_argument("--densities", type=_float_list, default=list(DEFAULT_DENSITIES),
                    help=f"comma-separated densities in (0, 1]; default: {','.join(map(str, DEFAULT_DENSITIES))}")

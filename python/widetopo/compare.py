@@ -76,7 +76,7 @@ class Cell:
 
     @property
     def mask_name(self) -> str:
-        return f"{self.method}-d{self.density:g}-s{self.seed}.wtm"
+        return f"{self.method.replace(':', '_')}-d{self.density:g}-s{self.seed}.wtm"
 
 
 def plan(methods: Sequence[str], densities: Sequence[float], seeds: Sequence[int]) -> List[Cell]:
@@ -196,7 +196,11 @@ def run_cell(args, cell: Cell, data: dict, out_dir: str, options: dict, phase: C
     from widetopo.effective import effective_sparsity
 
     cargs = copy.copy(args)
-    cargs.method, cargs.density, cargs.seed = cell.method, cell.density, cell.seed
+    cargs.density, cargs.seed = cell.density, cell.seed
+    if cell.method == "dense":
+        cargs.method, cargs.method_options = "dense", {}
+    else:  # a method, or a variant NAME:KEY=VALUE... with some of its options set
+        cargs.method, cargs.method_options = cli.split_method_variant(cell.method)
     train_ds, test_ds, train_aug = data["train"], data["test"], data["train_aug"]
     shape = (train_ds.in_channels,) + ((train_ds.image_size,) * 2 if isinstance(train_ds.image_size, int)
                                        else tuple(train_ds.image_size))
