@@ -6,16 +6,15 @@ Only plain PyTorch and the public widetopo.prune entry point are used here.
 """
 import datetime
 import os
-import socket
 import tempfile
-import time
 
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 
 import widetopo
 from widetopo import checkpoint as ckpt_mod
+
+from gloo import spawn
 
 
 def bn_net(classes=3):
@@ -108,12 +107,6 @@ def check_resume(tmp_path, monkeypatch, method, make_model, data, density, kill_
 
 
 # ------------------------------------------------------------------------------- distributed
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 #: the two-process runs of every method checked here (one spawn serves all of them: starting
 #: two interpreters costs far more than these tiny runs)
 DIST_RUNS = {
@@ -145,17 +138,7 @@ def _worker(rank, world, port, outdir, runs):
 def _spawn_two(runs, timeout=120):
     """{method: (rank 0's masks, rank 1's masks)} of bn_net pruned by 2 gloo processes."""
     with tempfile.TemporaryDirectory() as outdir:
-        ctx = mp.spawn(_worker, args=(2, _free_port(), outdir, runs), nprocs=2, join=False)
-        deadline = time.monotonic() + timeout
-        try:
-            while not ctx.join(timeout=1):
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"distributed workers did not finish within {timeout} s")
-        finally:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.terminate()
-                    p.join(5)
+        spawn(_worker, 2, outdir, runs, timeout=timeout)
         ranks = [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=True) for r in (0, 1)]
     return {m: (ranks[0][m], ranks[1][m]) for m in runs}
 

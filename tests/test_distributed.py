@@ -2,25 +2,19 @@
 with all_reduce, both ranks derive identical masks, equal to one process over the same batches."""
 import datetime
 import os
-import socket
 import time
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch import nn
+
+from gloo import spawn
 
 pytestmark = pytest.mark.needs_kernel("global_threshold", "density_decay_", "restoration_scores", "apply_masks_",
                                       "mask_stats")
 
 if not torch.distributed.is_available():  # pragma: no cover
     pytest.skip("torch.distributed is not available in this torch build", allow_module_level=True)
-
-
-def free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_model():
@@ -128,17 +122,7 @@ def _worker(rank, world, port, outdir):
 
 
 def run_spawned(world, outdir, timeout=120):
-    ctx = mp.spawn(_worker, args=(world, free_port(), outdir), nprocs=world, join=False)
-    deadline = time.monotonic() + timeout
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"distributed workers did not finish within {timeout} s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.terminate()
-                p.join(5)
+    spawn(_worker, world, outdir, timeout=timeout)
 
 
 @pytest.fixture(scope="module")

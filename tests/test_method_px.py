@@ -3,16 +3,14 @@ reference on a CNN with BatchNorm and biases, and the run-level properties of ev
 import copy
 import datetime
 import os
-import socket
-import time
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
 import widetopo
+from gloo import spawn
 from method_properties import check_resume, check_run_properties
 from scoring_nets import make_ctx, make_model
 from widetopo.scores.base import Batch, ScoreContext
@@ -357,12 +355,6 @@ def test_resume_after_kill(tmp_path, monkeypatch, kill_after):
 
 
 # ----------------------------------------------------------------------- two gloo processes
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _dist_model():
     return small_model().double()
 
@@ -380,17 +372,7 @@ def _worker(rank, world, port, outdir):
 
 
 def test_two_gloo_processes_give_the_masks_of_one(tmp_path):
-    ctx = mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=False)
-    deadline = time.monotonic() + 120
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                raise TimeoutError("distributed workers did not finish within 120 s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.terminate()
-                p.join(5)
+    spawn(_worker, 2, str(tmp_path), timeout=120)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     single = widetopo.prune(_dist_model(), small_data(4, torch.float64), 0.1, method=PXScorer(), rounds=2,
                             verbose=False)

@@ -7,16 +7,15 @@ spawn of three processes serves both world sizes (world 2 runs in a two-rank sub
 import datetime
 import math
 import os
-import socket
-import time
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 import widetopo_ext
 from widetopo_ext import reference
 from widetopo.sharded import DIGIT_BITS, ShardStats, sharded_global_threshold
+
+from gloo import spawn
 
 pytestmark = [pytest.mark.needs_kernel("global_threshold"), pytest.mark.usefixtures("one_thread")]
 
@@ -206,24 +205,8 @@ def _worker(rank, world, port, outdir):
 BIG_CASES = [("slices", "distinct", torch.float32, "exact", 1000, 7), ("fsdp", "ties", torch.float64, "exact", 1000, 8)]
 
 
-def free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_spawned(world, outdir, timeout=180):
-    ctx = mp.spawn(_worker, args=(world, free_port(), outdir), nprocs=world, join=False)
-    deadline = time.monotonic() + timeout
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"distributed workers did not finish within {timeout} s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.terminate()
-                p.join(5)
+    spawn(_worker, world, outdir, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
