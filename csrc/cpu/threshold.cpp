@@ -131,6 +131,7 @@ WIDETOPO_ALWAYS_INLINE void count_body(const U* p, int64_t n, const Window<U>& w
   uint32_t bad = 0;
   for (int64_t s0 = 0; s0 < n; s0 += kStep) {
     const int64_t len = std::min<int64_t>(kStep, n - s0);
+    if (len <= 0) break;
     const U* q = p + s0;
     uint32_t a = 0, t = 0, z = 0;
     for (int64_t e = 0; e < len; ++e) {
@@ -149,7 +150,7 @@ WIDETOPO_ALWAYS_INLINE void count_body(const U* p, int64_t n, const Window<U>& w
     eq += t;
     bad |= z;
     if constexpr (kHist) {
-      for (int64_t e = len; e < kStep + kLanes; ++e) flag[e] = 0;
+      std::memset(flag + len, 0, sizeof(flag) - static_cast<size_t>(len));  // 0 < len <= kStep
       for (int64_t g = 0; g < len; g += kLanes) {
         if (!any_flag16(flag + g)) continue;
         const int64_t glen = std::min<int64_t>(kLanes, len - g);
@@ -218,6 +219,7 @@ WIDETOPO_ALWAYS_INLINE void write_gather_body(const U* p, bool* m, int64_t n, U 
   alignas(64) uint8_t flag[kStep + kLanes];
   for (int64_t s0 = 0; s0 < n; s0 += kStep) {
     const int64_t len = std::min<int64_t>(kStep, n - s0);
+    if (len <= 0) break;
     const U* q = p + s0;
     bool* mq = m + s0;
     for (int64_t e = 0; e < len; ++e) {
@@ -225,7 +227,7 @@ WIDETOPO_ALWAYS_INLINE void write_gather_body(const U* p, bool* m, int64_t n, U 
       mq[e] = key > hi;
       flag[e] = uint8_t(core::in_window<U>(key, lo, range));
     }
-    for (int64_t e = len; e < kStep + kLanes; ++e) flag[e] = 0;
+    std::memset(flag + len, 0, sizeof(flag) - static_cast<size_t>(len));  // 0 < len <= kStep
     for (int64_t g = 0; g < len; g += kLanes) {
       if (!any_flag16(flag + g)) continue;
       for (int64_t k = g; k < std::min<int64_t>(g + kLanes, len); ++k) {
