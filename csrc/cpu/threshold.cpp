@@ -66,7 +66,7 @@ constexpr int64_t kBlock = 1 << 16;        // elements per block (tie counts, pa
 constexpr int kLanes = 16;                 // keys per step of the streaming loops
 constexpr int64_t kGatherLimit = 1 << 14;  // candidates the writing pass may gather
 constexpr int64_t kSampleMin = 1 << 21;    // sample only lists at least this long
-constexpr int64_t kSample = 1 << 16;       // sampled keys
+constexpr int64_t kSampleDefault = 1 << 16;  // sampled keys
 constexpr int64_t kHeavyTie = 64;          // sample copies of the cut key that make it the tie key
 constexpr double kWindowSigmas = 4.5;      // half-width of the window, in sample-rank deviations
 
@@ -86,6 +86,13 @@ bool use_avx2() {
 
 // Half-width of the sampled window in sample-rank deviations; WIDETOPO_THRESHOLD_WINDOW_SIGMAS
 // overrides it (tests set 0 to make the window miss and exercise the fallback passes).
+// Sampled keys (WIDETOPO_THRESHOLD_SAMPLE_LOG2 overrides the default 2^16, for measurements).
+int64_t sample_size() {
+  const char* env = std::getenv("WIDETOPO_THRESHOLD_SAMPLE_LOG2");
+  const int bits = env != nullptr ? std::clamp(std::atoi(env), 8, 20) : 16;
+  return env != nullptr ? (int64_t(1) << bits) : kSampleDefault;
+}
+
 double window_sigmas() {
   const char* env = std::getenv("WIDETOPO_THRESHOLD_WINDOW_SIGMAS");
   return env != nullptr ? std::atof(env) : kWindowSigmas;
@@ -111,19 +118,24 @@ struct SegmentCount {
 // testing the flags 16 at a time (two 8-byte words).
 constexpr int64_t kStep = 256;
 
-WIDETOPO_ALWAYS_INLINE bool any_flag16(const uint8_t* f) {
+// The 16 byte flags (0 / 1) at f as a 16-bit mask, bit k = f[k]: per 8 bytes, one multiply
+// gathers the low bit of every byte into the top byte.
+WIDETOPO_ALWAYS_INLINE uint32_t flag_bits16(const uint8_t* f) {
   uint64_t a, b;
   std::memcpy(&a, f, 8);
   std::memcpy(&b, f + 8, 8);
-  return (a | b) != 0;
+  if ((a | b) == 0) return 0;
+  constexpr uint64_t kGather = 0x0102040810204080ull;
+  return static_cast<uint32_t>((a * kGather) >> 56) | (static_cast<uint32_t>((b * kGather) >> 56) << 8);
 }
 
-// One segment (n <= kBlock keys of one tensor). `hist` has window bins + kLanes slots: lanes
-// outside the window of 16 keys that have some key inside count into their own spare slot,
-// so such a group is 16 independent increments, not 16 branches.
+// One segment (n <= kBlock keys of one tensor). Only the lanes flagged inside the window are
+// visited (set bits of the group's 16-bit flag mask), so a group costs two loads and a test
+// unless it holds a window key.
 template <typename U, bool kCheck, bool kTie, bool kHist>
 WIDETOPO_ALWAYS_INLINE void count_body(const U* p, int64_t n, const Window<U>& w, int64_t* hist,
                                        int64_t spare, SegmentCount& out) {
+  (void)spare;  // histogram slots past the bins (unused by this loop)
   const U hi = w.hi, lo = w.lo, range = U(w.hi - w.lo), tie = w.tie, ex = w.exponent;
   const int shift = w.shift;
   alignas(64) uint8_t flag[kStep + kLanes];
@@ -152,11 +164,9 @@ WIDETOPO_ALWAYS_INLINE void count_body(const U* p, int64_t n, const Window<U>& w
     if constexpr (kHist) {
       std::memset(flag + len, 0, sizeof(flag) - static_cast<size_t>(len));  // 0 < len <= kStep
       for (int64_t g = 0; g < len; g += kLanes) {
-        if (!any_flag16(flag + g)) continue;
-        const int64_t glen = std::min<int64_t>(kLanes, len - g);
-        for (int64_t k = 0; k < glen; ++k) {
-          const U key = core::order_key<U>(q[g + k]);
-          ++hist[flag[g + k] ? core::window_bin<U>(key, lo, shift) : spare + k];
+        for (uint32_t bits = flag_bits16(flag + g); bits != 0; bits &= bits - 1) {
+          const U key = core::order_key<U>(q[g + __builtin_ctz(bits)]);
+          ++hist[core::window_bin<U>(key, lo, shift)];
         }
       }
     }
@@ -229,9 +239,9 @@ WIDETOPO_ALWAYS_INLINE void write_gather_body(const U* p, bool* m, int64_t n, U 
     }
     std::memset(flag + len, 0, sizeof(flag) - static_cast<size_t>(len));  // 0 < len <= kStep
     for (int64_t g = 0; g < len; g += kLanes) {
-      if (!any_flag16(flag + g)) continue;
-      for (int64_t k = g; k < std::min<int64_t>(g + kLanes, len); ++k) {
-        if (flag[k]) sink(s0 + k, core::order_key<U>(q[k]));
+      for (uint32_t bits = flag_bits16(flag + g); bits != 0; bits &= bits - 1) {
+        const int64_t k = g + __builtin_ctz(bits);
+        sink(s0 + k, core::order_key<U>(q[k]));
       }
     }
   }
@@ -343,6 +353,7 @@ struct Select {
   };
 
   Guess sample() const {
+    const int64_t kSample = sample_size();
     at::Tensor buf = long_buffer(kSample);
     U* s = reinterpret_cast<U*>(buf.mutable_data_ptr<int64_t>());
     const int64_t stratum = N / kSample;
