@@ -65,6 +65,7 @@ namespace {
 constexpr int64_t kBlock = 1 << 16;        // elements per block (tie counts, parallel tasks)
 constexpr int kLanes = 16;                 // keys per step of the streaming loops
 constexpr int64_t kGatherLimit = 1 << 14;  // candidates the writing pass may gather
+constexpr int kWindowBits = 12;            // 2^12 histogram bins: 33 KB per thread, cache-resident
 constexpr int64_t kSampleMin = 1 << 21;    // sample only lists at least this long
 constexpr int64_t kSampleDefault = 1 << 16;  // sampled keys
 constexpr int64_t kHeavyTie = 64;          // sample copies of the cut key that make it the tie key
@@ -352,9 +353,27 @@ struct Select {
     U tie = 0;
   };
 
+  // Ascending LSD radix sort (16-bit digits) of the n sampled keys, with tmp as the second
+  // buffer: linear however many keys are equal (nth_element can degrade on long runs of equal
+  // keys, which are exactly the tie-heavy inputs).
+  static void sort_sample(U* s, U* tmp, int64_t n) {
+    at::Tensor counts_t = at::empty({(1 << 16) + 1}, at::TensorOptions().dtype(at::kLong));
+    int64_t* count = counts_t.mutable_data_ptr<int64_t>();
+    U* from = s;
+    U* to = tmp;
+    for (int shift = 0; shift < int(sizeof(U) * 8); shift += 16) {
+      std::fill(count, count + (1 << 16) + 1, int64_t(0));
+      for (int64_t x = 0; x < n; ++x) ++count[((from[x] >> shift) & 0xFFFF) + 1];
+      for (int b = 0; b < (1 << 16); ++b) count[b + 1] += count[b];
+      for (int64_t x = 0; x < n; ++x) to[count[(from[x] >> shift) & 0xFFFF]++] = from[x];
+      std::swap(from, to);
+    }
+    if (from != s) std::memcpy(s, from, n * sizeof(U));
+  }
+
   Guess sample() const {
     const int64_t kSample = sample_size();
-    at::Tensor buf = long_buffer(kSample);
+    at::Tensor buf = long_buffer(2 * kSample);  // the keys and a buffer for sorting them
     U* s = reinterpret_cast<U*>(buf.mutable_data_ptr<int64_t>());
     const int64_t stratum = N / kSample;
     size_t j = 0;
@@ -369,23 +388,15 @@ struct Select {
       while (index.offsets[j + 1] <= g) ++j;
       s[x] = core::order_key<U>(data[j][g - index.offsets[j]]);
     }
+    sort_sample(s, reinterpret_cast<U*>(buf.mutable_data_ptr<int64_t>()) + kSample, kSample);
     // Ascending sample; the cut is near ascending sample rank S - keep * S / N.
     const double frac = static_cast<double>(keep) / static_cast<double>(N);
     const int64_t c = std::clamp<int64_t>(kSample - static_cast<int64_t>(std::ceil(frac * kSample)), 0, kSample - 1);
     const double sigma = std::sqrt(static_cast<double>(kSample) * frac * (1.0 - frac));
     const int64_t d = static_cast<int64_t>(std::ceil(window_sigmas() * sigma)) + 4;
-    std::nth_element(s, s + c, s + kSample);
     Guess g;
-    g.lo = U(0);
-    g.hi = U(~U(0));
-    if (c - d >= 0) {
-      std::nth_element(s, s + (c - d), s + c);
-      g.lo = s[c - d];
-    }
-    if (c + d < kSample) {
-      std::nth_element(s + c + 1, s + (c + d), s + kSample);
-      g.hi = s[c + d];
-    }
+    g.lo = c - d >= 0 ? s[c - d] : U(0);
+    g.hi = c + d < kSample ? s[c + d] : U(~U(0));
     const U at_cut = s[c];
     int64_t copies = 0;
     for (int64_t x = 0; x < kSample; ++x) copies += s[x] == at_cut;
@@ -534,7 +545,7 @@ struct Select {
     int64_t* ties_per_block = ties_t.mutable_data_ptr<int64_t>();
     bool first = true;
     for (;;) {
-      w.shift = core::window_shift<U>(w.lo, w.hi);
+      w.shift = core::window_shift<U>(w.lo, w.hi, kWindowBits);
       // A window that is only the tie key needs no histogram.
       const bool has_hist = !(has_tie && w.lo == w.hi);
       const Count cnt = count_pass(w, has_hist, has_tie, first, has_tie ? ties_per_block : nullptr);

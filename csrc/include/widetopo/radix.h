@@ -89,15 +89,16 @@ namespace widetopo {
 namespace core {
 
 // ------------------------------------------------------------------ window select (CPU kernel)
-// A window [lo, hi] of keys is split into at most 2^16 bins of 2^shift keys each:
+// A window [lo, hi] of keys is split into at most 2^bits bins of 2^shift keys each:
 // bin(key) = (key - lo) >> shift. window_shift returns the smallest shift with
-// (hi - lo) >> shift < 2^16, so one histogram pass narrows any window by a factor 2^16 and a
-// window of at most 2^16 keys resolves to single keys.
+// (hi - lo) >> shift < 2^bits, so one histogram pass narrows any window by a factor 2^bits
+// and a window of at most 2^bits keys resolves to single keys.
 template <typename U>
-WIDETOPO_HD int window_shift(U lo, U hi) {
-  U range = U(hi - lo);
+WIDETOPO_HD int window_shift(U lo, U hi, int bits = 16) {
+  const U range = U(hi - lo);
+  const uint64_t top = (uint64_t(1) << bits) - 1;
   int shift = 0;
-  while (static_cast<uint64_t>(range >> shift) > 0xFFFFull) ++shift;
+  while (static_cast<uint64_t>(range >> shift) > top) ++shift;
   return shift;
 }
 
