@@ -285,6 +285,22 @@ void test_unit_index32() {
   CHECK(huge.o == 65537 && huge.i == 0);
 }
 
+// Window bins of the CPU threshold: the smallest shift that leaves at most 2^bits bins.
+void test_window_bins() {
+  using widetopo::core::window_bin;
+  using widetopo::core::window_bins;
+  using widetopo::core::window_shift;
+  CHECK(window_shift<uint32_t>(100u, 100u + 4095u, 12) == 0 && window_bins<uint32_t>(100u, 4195u, 0) == 4096);
+  CHECK(window_shift<uint32_t>(100u, 100u + 4096u, 12) == 1);             // 4097 keys: pairs
+  CHECK(window_shift<uint32_t>(0u, 0xFFFFFFFFu, 12) == 20);               // the full range
+  CHECK(window_shift<uint32_t>(0u, 0xFFFFFFFFu, 16) == 16);
+  CHECK(window_shift<uint64_t>(0ull, ~0ull, 12) == 52);
+  CHECK(window_shift<uint16_t>(0, 0xFFFF, 16) == 0);
+  CHECK(window_bin<uint32_t>(0x80001234u, 0x80000000u, 4) == 0x123);
+  CHECK(widetopo::core::in_window<uint32_t>(5u, 3u, 2u) && !widetopo::core::in_window<uint32_t>(2u, 3u, 2u));
+  CHECK(!widetopo::core::in_window<uint32_t>(6u, 3u, 2u));
+}
+
 // order_key on 16 lanes at once (the CPU threshold's form) equals the scalar key.
 void test_order_key_lanes() {
   typedef uint32_t V32 __attribute__((vector_size(64)));
@@ -332,6 +348,7 @@ int main() {
   test_accumulate_and_masks();
   test_unit_index32();
   test_order_key_lanes();
+  test_window_bins();
   test_restoration_rounding();
   std::printf("test_cores: %d checks, %d failures\n", g_checks, g_failures);
   return g_failures == 0 ? 0 : 1;
