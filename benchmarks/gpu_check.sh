@@ -49,6 +49,14 @@ assert torch.version.cuda is not None, "this torch has no CUDA"
 assert torch.cuda.is_available(), "torch sees no GPU"
 print("GPU 0:", torch.cuda.get_device_name(0), "capability", torch.cuda.get_device_capability(0))
 EOF
+# No network: what the build, the tests and the timings import must already be there.
+"$PY" - <<'EOF' || die "missing Python packages (install them first; this script downloads nothing)"
+import importlib.util
+missing = [m for m in ("pytest", "numpy", "setuptools", "pip") if importlib.util.find_spec(m) is None]
+if missing:
+    raise SystemExit("not installed: " + ", ".join(missing))
+print("pytest, numpy, setuptools, pip: present; ninja:", importlib.util.find_spec("ninja") is not None)
+EOF
 
 # The toolkit: CUDA_HOME if it has nvcc, else /usr/local/cuda, else ask nvcc where it lives
 # (a wrapper script on PATH would make torch guess wrong).
