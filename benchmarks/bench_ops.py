@@ -20,6 +20,9 @@ A summary table (markdown) is printed at the end. Set WIDETOPO_BENCH_ASSERT=1 to
 run when the targets (>= 10x faster than cat+sort, >= 3x faster than cat+kthvalue) are missed;
 off by default because other load on the machine skews single runs.
 
+`python benchmarks/bench_ops.py [rounds]` prints the interleaved threshold-vs-one-read table
+(ResNet-50, its 95 %-zeros variant, 102 M scores; medians).
+
 WIDETOPO_BENCH_LARGE=1 adds a 102 M-score list (four ResNet-50 lists, ResNet-152 / ViT-B
 sized) to show that time and memory grow linearly.
 """
@@ -264,3 +267,52 @@ def test_restoration_scores(benchmark, resnet50_masks, name):
     for a, b in zip(out[:6], ref):
         torch.testing.assert_close(a, b)
     record(group, name, benchmark, ours=name.startswith("widetopo"))
+
+
+# ---- interleaved one-read comparison (python benchmarks/bench_ops.py [rounds]) ---------------
+def interleaved_threshold_vs_one_read(rounds: int = 11) -> None:
+    """global_threshold exact / official against one read (torch._foreach_norm) of the same
+    list, the three alternating inside every round (medians): the ResNet-50 list, its 95 %-zeros
+    variant and the 102 M list. Prints one markdown table."""
+    import statistics
+    import time
+
+    from conftest import resnet50_param_shapes
+
+    g = torch.Generator().manual_seed(0)
+    base = [(torch.randn(s, generator=g) * torch.randn(s, generator=g)).abs_() for s in resnet50_param_shapes()]
+    g5 = torch.Generator().manual_seed(5)
+    ties = []
+    for s in base:
+        t = s.clone()
+        t.view(-1)[torch.rand(t.numel(), generator=g5) < 0.95] = 0.0
+        ties.append(t)
+    sets = {"ResNet-50, 25.6M float32": base, "ResNet-50, 95% zeros": ties,
+            "4 x ResNet-50, 102M float32": _large_scores(base)}
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load {os.getloadavg()[0]:.1f}")
+    print("| input | one read (_foreach_norm) | exact | official | exact / one read | allocated by exact |")
+    print("|---|---|---|---|---|---|")
+    for name, scores in sets.items():
+        masks = _masks_like(scores)
+        keep = _keep(scores)
+        fns = {"read": lambda: torch._foreach_norm(scores),
+               "exact": lambda: ops.global_threshold(scores, masks, keep, "exact"),
+               "official": lambda: ops.global_threshold(scores, masks, keep, "official")}
+        times = {k: [] for k in fns}
+        for r in range(rounds + 1):
+            for k, f in fns.items():
+                tic = time.perf_counter()
+                f()
+                if r:  # round 0 is the warm-up
+                    times[k].append(time.perf_counter() - tic)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        alloc = allocated_bytes(fns["exact"])
+        print(f"| {name} | {med['read'] * 1e3:.1f} ms | {med['exact'] * 1e3:.1f} ms | {med['official'] * 1e3:.1f} ms "
+              f"| {med['exact'] / med['read']:.1f}x | {alloc / 2 ** 20:.2f} MB |")
+    print(f"load {os.getloadavg()[0]:.1f} at the end")
+
+
+if __name__ == "__main__":
+    import sys
+
+    interleaved_threshold_vs_one_read(int(sys.argv[1]) if len(sys.argv) > 1 else 11)
