@@ -151,6 +151,9 @@ def _extension():
     # torch >= 2.10), and a second -std would conflict. -g0 drops the debug info that
     # Python's CFLAGS ask for (3x smaller library, faster build); WIDETOPO_DEBUG=1 keeps it.
     cxx = ["-O0", "-g"] if _env_flag("WIDETOPO_DEBUG") else ["-O3", "-g0"]
+    # No fused multiply-adds on the host (GCC contracts a * b + c when the target has FMA):
+    # the CPU and CUDA kernels must round every product alike (csrc/include/widetopo/elementwise.h).
+    cxx.append("-ffp-contract=off")
     link = []
     if sys.platform.startswith("linux"):
         # at::parallel_for's OpenMP backend is inline in ATen's headers: it only runs in

@@ -1,7 +1,10 @@
 """Op benchmarks on a ResNet-50-shaped list (161 tensors, 25.6 M float32 scores), each op
 against the plain-PyTorch way of doing the same thing, in the same run:
 
-  global_threshold (keep 10 %)  vs  torch.cat + torch.sort / torch.kthvalue / torch.topk
+  global_threshold (keep 10 %)  vs  torch.cat + torch.sort / torch.kthvalue / torch.topk, and
+                                "one read": torch._foreach_norm over the same list, the least a
+                                threshold can cost (every score read once); also on a tie-heavy
+                                input (95 % of the scores exactly 0, the cut inside the zeros)
   density_decay_                vs  per-tensor degree sums + pow + mul in PyTorch
   restoration_scores            vs  per-tensor degree sums + where in PyTorch
 
@@ -16,6 +19,12 @@ allocate the concatenated copy and the sort / select outputs.
 A summary table (markdown) is printed at the end. Set WIDETOPO_BENCH_ASSERT=1 to also fail the
 run when the targets (>= 10x faster than cat+sort, >= 3x faster than cat+kthvalue) are missed;
 off by default because other load on the machine skews single runs.
+
+`python benchmarks/bench_ops.py [rounds]` prints the interleaved threshold-vs-one-read table
+(ResNet-50, its 95 %-zeros variant, 102 M scores; medians).
+
+WIDETOPO_BENCH_LARGE=1 adds a 102 M-score list (four ResNet-50 lists, ResNet-152 / ViT-B
+sized) to show that time and memory grow linearly.
 """
 from __future__ import annotations
 
@@ -32,7 +41,10 @@ ops = torch.ops.widetopo
 DENSITY = 0.1
 ROUNDS = int(os.environ.get("WIDETOPO_BENCH_OP_ROUNDS", "3"))
 THRESHOLD_GROUP = "global_threshold (ResNet-50, 25.6M float32, keep 10%)"
-_TIMES: dict[str, float] = {}
+TIES_GROUP = "global_threshold (ResNet-50, 95% zeros: ties at the cut, keep 10%)"
+LARGE_GROUP = "global_threshold (102M float32 = 4 x ResNet-50, keep 10%)"
+ONE_READ = "one read: torch._foreach_norm"
+_TIMES: dict[str, dict[str, float]] = {}
 
 
 def _keep(scores):
@@ -73,22 +85,37 @@ def threshold_cat_topk(scores, masks, keep):
     return cut
 
 
+def one_read(scores, masks, keep):
+    """Not a threshold: one streaming read of every score (the floor of any threshold)."""
+    return torch._foreach_norm(scores)
+
+
 THRESHOLD_IMPLS = {
     "widetopo global_threshold exact": lambda s, m, k: ops.global_threshold(s, m, k, "exact"),
     "widetopo global_threshold official": lambda s, m, k: ops.global_threshold(s, m, k, "official"),
+    ONE_READ: one_read,
     "torch.cat + torch.sort": threshold_cat_sort,
     "torch.cat + torch.kthvalue": threshold_cat_kthvalue,
     "torch.cat + torch.topk": threshold_cat_topk,
 }
 
 
-@pytest.mark.parametrize("name", list(THRESHOLD_IMPLS))
-def test_global_threshold(benchmark, resnet50_scores, name):
-    benchmark.group = THRESHOLD_GROUP
-    scores, keep = resnet50_scores, _keep(resnet50_scores)
-    masks = _masks_like(scores)
-    fn = THRESHOLD_IMPLS[name]
-    cut = benchmark.pedantic(fn, args=(scores, masks, keep), rounds=ROUNDS, warmup_rounds=1, iterations=1)
+@pytest.fixture(scope="session")
+def resnet50_tie_scores(resnet50_scores):
+    """The ResNet-50 scores with 95 % set to exactly 0 (like the scores of pruned weights):
+    keep 10 % puts the cut inside a run of ~24 M equal scores."""
+    g = torch.Generator().manual_seed(5)
+    out = []
+    for s in resnet50_scores:
+        t = s.clone()
+        t.view(-1)[torch.rand(t.numel(), generator=g) < 0.95] = 0.0
+        out.append(t)
+    return out
+
+
+def _check_threshold(name, cut, scores, masks, keep):
+    if name == ONE_READ:
+        return
     # Every implementation must find the same cut (the keep-th largest score).
     expected = torch.kthvalue(_cat(scores), sum(s.numel() for s in scores) - keep + 1).values
     assert float(cut) == float(expected)
@@ -99,24 +126,69 @@ def test_global_threshold(benchmark, resnet50_scores, name):
         assert kept <= keep - 1
     else:  # baselines keep every score >= the cut
         assert kept >= keep
+
+
+def _threshold_row(benchmark, group, scores, name):
+    benchmark.group = group
+    keep = _keep(scores)
+    masks = _masks_like(scores)
+    fn = THRESHOLD_IMPLS[name]
+    cut = benchmark.pedantic(fn, args=(scores, masks, keep), rounds=ROUNDS, warmup_rounds=1, iterations=1)
+    _check_threshold(name, cut, scores, masks, keep)
     alloc = allocated_bytes(lambda: fn(scores, masks, keep))
-    record(THRESHOLD_GROUP, name, benchmark, alloc, ours=name.startswith("widetopo"))
-    _TIMES[name] = float(benchmark.stats.stats.median)
+    record(group, name, benchmark, alloc, ours=name.startswith("widetopo"))
+    _TIMES.setdefault(group, {})[name] = float(benchmark.stats.stats.median)
+
+
+@pytest.mark.parametrize("name", list(THRESHOLD_IMPLS))
+def test_global_threshold(benchmark, resnet50_scores, name):
+    _threshold_row(benchmark, THRESHOLD_GROUP, resnet50_scores, name)
+
+
+@pytest.mark.parametrize("name", ["widetopo global_threshold exact", "widetopo global_threshold official",
+                                  ONE_READ, "torch.cat + torch.sort", "torch.cat + torch.kthvalue"])
+def test_global_threshold_ties(benchmark, resnet50_tie_scores, name):
+    _threshold_row(benchmark, TIES_GROUP, resnet50_tie_scores, name)
+
+
+@pytest.mark.skipif(os.environ.get("WIDETOPO_BENCH_LARGE") != "1", reason="set WIDETOPO_BENCH_LARGE=1 (102 M scores, ~0.6 GB)")
+@pytest.mark.parametrize("name", ["widetopo global_threshold exact", ONE_READ, "torch.cat + torch.kthvalue"])
+def test_global_threshold_large(benchmark, resnet50_scores, name):
+    scores = _large_scores(resnet50_scores)
+    _threshold_row(benchmark, LARGE_GROUP, scores, name)
+
+
+_LARGE: list = []
+
+
+def _large_scores(base):
+    """Four copies of the ResNet-50 list, each scaled by a different factor (distinct values)."""
+    if not _LARGE:
+        _LARGE.extend(s * f for f in (1.0, 0.5, 2.0, 0.75) for s in base)
+    return _LARGE
 
 
 def test_threshold_targets(benchmark):
-    """Ratios of the threshold group (needs the rows above in the same run)."""
+    """Ratios of the threshold groups (needs the rows above in the same run)."""
     benchmark.group = "targets"
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)
-    ours = _TIMES.get("widetopo global_threshold exact")
-    if ours is None or len(_TIMES) < len(THRESHOLD_IMPLS):
+    times = _TIMES.get(THRESHOLD_GROUP, {})
+    ours = times.get("widetopo global_threshold exact")
+    if ours is None or len(times) < len(THRESHOLD_IMPLS):
         pytest.skip("run together with test_global_threshold to compare")
-    vs_sort = _TIMES["torch.cat + torch.sort"] / ours
-    vs_kth = _TIMES["torch.cat + torch.kthvalue"] / ours
-    benchmark.extra_info.update(speedup_vs_cat_sort=vs_sort, speedup_vs_cat_kthvalue=vs_kth)
+    vs_sort = times["torch.cat + torch.sort"] / ours
+    vs_kth = times["torch.cat + torch.kthvalue"] / ours
+    vs_read = ours / times[ONE_READ]
+    info = dict(speedup_vs_cat_sort=vs_sort, speedup_vs_cat_kthvalue=vs_kth, times_one_read=vs_read)
+    ties = _TIMES.get(TIES_GROUP, {})
+    if "widetopo global_threshold exact" in ties and ONE_READ in ties:
+        info["ties_times_one_read"] = ties["widetopo global_threshold exact"] / ties[ONE_READ]
+    benchmark.extra_info.update(info)
+    print("\nthreshold ratios:", ", ".join(f"{k} = {v:.1f}" for k, v in info.items()))
     if os.environ.get("WIDETOPO_BENCH_ASSERT") == "1":
         assert vs_sort >= 10.0, f"only {vs_sort:.1f}x faster than cat+sort (target 10x)"
         assert vs_kth >= 3.0, f"only {vs_kth:.1f}x faster than cat+kthvalue (target 3x)"
+        assert vs_read <= 4.0, f"{vs_read:.1f}x one read of the scores (target 4x)"
 
 
 # ---- density decay -------------------------------------------------------------------------
@@ -195,3 +267,52 @@ def test_restoration_scores(benchmark, resnet50_masks, name):
     for a, b in zip(out[:6], ref):
         torch.testing.assert_close(a, b)
     record(group, name, benchmark, ours=name.startswith("widetopo"))
+
+
+# ---- interleaved one-read comparison (python benchmarks/bench_ops.py [rounds]) ---------------
+def interleaved_threshold_vs_one_read(rounds: int = 11) -> None:
+    """global_threshold exact / official against one read (torch._foreach_norm) of the same
+    list, the three alternating inside every round (medians): the ResNet-50 list, its 95 %-zeros
+    variant and the 102 M list. Prints one markdown table."""
+    import statistics
+    import time
+
+    from conftest import resnet50_param_shapes
+
+    g = torch.Generator().manual_seed(0)
+    base = [(torch.randn(s, generator=g) * torch.randn(s, generator=g)).abs_() for s in resnet50_param_shapes()]
+    g5 = torch.Generator().manual_seed(5)
+    ties = []
+    for s in base:
+        t = s.clone()
+        t.view(-1)[torch.rand(t.numel(), generator=g5) < 0.95] = 0.0
+        ties.append(t)
+    sets = {"ResNet-50, 25.6M float32": base, "ResNet-50, 95% zeros": ties,
+            "4 x ResNet-50, 102M float32": _large_scores(base)}
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load {os.getloadavg()[0]:.1f}")
+    print("| input | one read (_foreach_norm) | exact | official | exact / one read | allocated by exact |")
+    print("|---|---|---|---|---|---|")
+    for name, scores in sets.items():
+        masks = _masks_like(scores)
+        keep = _keep(scores)
+        fns = {"read": lambda: torch._foreach_norm(scores),
+               "exact": lambda: ops.global_threshold(scores, masks, keep, "exact"),
+               "official": lambda: ops.global_threshold(scores, masks, keep, "official")}
+        times = {k: [] for k in fns}
+        for r in range(rounds + 1):
+            for k, f in fns.items():
+                tic = time.perf_counter()
+                f()
+                if r:  # round 0 is the warm-up
+                    times[k].append(time.perf_counter() - tic)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        alloc = allocated_bytes(fns["exact"])
+        print(f"| {name} | {med['read'] * 1e3:.1f} ms | {med['exact'] * 1e3:.1f} ms | {med['official'] * 1e3:.1f} ms "
+              f"| {med['exact'] / med['read']:.1f}x | {alloc / 2 ** 20:.2f} MB |")
+    print(f"load {os.getloadavg()[0]:.1f} at the end")
+
+
+if __name__ == "__main__":
+    import sys
+
+    interleaved_threshold_vs_one_read(int(sys.argv[1]) if len(sys.argv) > 1 else 11)

@@ -1,4 +1,4 @@
-"""ERK allocations (DESIGN 5.6): per-layer counts against a hand computation with saturated
+"""ERK allocations (docs/design.md §5.6): per-layer counts against a hand computation with saturated
 layers, exact totals, the scores inside a layer (random draws, |theta| keeping large negative
 weights), and the run-level properties of every method."""
 import pytest

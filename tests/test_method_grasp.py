@@ -1,4 +1,4 @@
-"""GraSP (DESIGN 5.3): Hg against a central finite difference of the gradient in float64, the
+"""GraSP (docs/design.md §5.3): Hg against a central finite difference of the gradient in float64, the
 kept set against a hand-written double backward (also when sum theta * Hg < 0), the prepass
 sum over two processes, and the generic method properties."""
 import copy

@@ -1,4 +1,4 @@
-"""Iterative SNIP (DESIGN 5.4) against a hand-written SNIP through the mask in float64."""
+"""Iterative SNIP (docs/design.md §5.4) against a hand-written SNIP through the mask in float64."""
 import pytest
 import torch
 import torch.nn.functional as F

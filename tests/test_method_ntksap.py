@@ -1,4 +1,4 @@
-"""NTK-SAP (DESIGN 5.2) against a hand-written float64 implementation (deep copies, explicit
+"""NTK-SAP (docs/design.md §5.2) against a hand-written float64 implementation (deep copies, explicit
 per-layer re-initialisation, BatchNorm calibrated by hand), the Monte-Carlo expectation on one
 linear layer, and the generic method properties."""
 import copy
@@ -123,7 +123,7 @@ def test_linear_layer_monte_carlo_expectation():
     """One linear layer, no re-initialisation, fixed input x (n samples, s inputs), m = 1:
     dF/dm_js = 2 eps^2 sum_n (delta_j . x_n) delta_js x_ns, so over delta ~ N(0, I)
         E[dF/dm_js] = 2 eps^2 A_ss,   Var = 4 eps^4 (A_ss^2 + sum_s' A_ss'^2),   A = sum_n x_n x_n^T,
-    whatever W is (for one-sample batches and one input, 2 eps^2 x_s^2 of DESIGN 5.2). Each
+    whatever W is (for one-sample batches and one input, 2 eps^2 x_s^2 of docs/design.md §5.2). Each
     batch index draws its own delta, so B batches of the same x are B independent draws."""
     eps, draws = 0.01, 1000
     g = torch.Generator().manual_seed(1)

@@ -1,4 +1,4 @@
-"""PX (DESIGN 5.1) against closed forms on bias-free ReLU MLPs, a straightforward deep-copy
+"""PX (docs/design.md §5.1) against closed forms on bias-free ReLU MLPs, a straightforward deep-copy
 reference on a CNN with BatchNorm and biases, and the run-level properties of every method."""
 import copy
 import datetime
@@ -72,7 +72,7 @@ def px(ctx, batches, **options):
 
 
 def closed_form(W1, W2, M1, M2, x, gate):
-    """DESIGN 5.1, explicit loops: G_k = sum_n sum_j M2_kj a_j(x_n) sum_s M1_js x_ns^2,
+    """docs/design.md §5.1, explicit loops: G_k = sum_n sum_j M2_kj a_j(x_n) sum_s M1_js x_ns^2,
     S(W1_js) = W1_js^2 sum_k W2_kj^2 G_k, S(W2_kj) = W2_kj^2 G_k sum_s W1_js^2."""
     K, J = W2.shape
     S_ = W1.shape[1]

@@ -1,4 +1,4 @@
-"""SynFlow-L2 (DESIGN 5.5) against its closed form on a linear two-layer net, a straightforward
+"""SynFlow-L2 (docs/design.md §5.5) against its closed form on a linear two-layer net, a straightforward
 float64 deep-copy reference, and the run-level properties of every method."""
 import pytest
 import torch

@@ -436,3 +436,93 @@ def test_opcheck_cuda():
     ]
     for op, args in cases:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+# ---------------------------------------------------------------------------------------------
+# defects found by reading the CUDA code (issue 11, section 5)
+# ---------------------------------------------------------------------------------------------
+@needs_cuda
+def test_cross_entry_aliasing_refused_on_cuda():
+    """One launch covers the whole list, so entries sharing memory would race: refused, with
+    the argument named, before anything is written."""
+    s = torch.zeros(64, 33, device="cuda")
+    a = [torch.ones(64, 33, device="cuda"), torch.ones(64, 33, device="cuda")]
+    with pytest.raises(RuntimeError, match=r"scores\[1\] shares memory with scores\[0\]"):
+        ops.accumulate_score_([s, s], a, [], [], True)
+    assert not bool(s.any())
+    m = torch.zeros(64, 33, dtype=torch.bool, device="cuda")
+    sc = [torch.randn(64, 33, device="cuda"), torch.randn(64, 33, device="cuda")]
+    with pytest.raises(RuntimeError, match=r"masks\[1\] shares memory with masks\[0\]"):
+        ops.global_threshold(sc, [m, m], 100, "exact")
+    assert not bool(m.any())
+    flat = torch.zeros(100, dtype=torch.bool, device="cuda")
+    with pytest.raises(RuntimeError, match=r"masks\[1\] shares memory with masks\[0\]"):
+        ops.global_threshold([torch.randn(60, device="cuda"), torch.randn(60, device="cuda")],
+                             [flat[:60], flat[40:]], 10, "exact")
+
+
+@needs_cuda
+@needs_cpu
+def test_restoration_scores_bit_equal_to_cpu_at_large_noise_scale():
+    """No fused multiply-add on the GPU: with noise_scale = 1 every pruned score is
+    (1 - d_out)(1 - d_in) + noise with two rounded products and a rounded sum on both
+    backends, so the restored connections cannot differ between CPU and GPU."""
+    g = _gen(11)
+    shapes = [(300, 200), (64, 32, 3, 3), (10, 7)]
+    masks = _masks(shapes, g, 0.3)
+    noise = [torch.randn(s[0], s[1], generator=g) * 3.0 for s in shapes]
+    for scale in (1.0, 0.37, 1e-5):
+        got = ops.restoration_scores(_cuda(masks), _cuda(noise), scale)
+        cpu = ops.restoration_scores(masks, noise, scale)
+        for j, (a, c) in enumerate(zip(got, cpu)):
+            assert torch.equal(a.cpu(), c), f"tensor {j}, scale {scale}: GPU and CPU round differently"
+
+
+@needs_cuda
+@needs_cpu
+def test_accumulate_score_bit_equal_to_cpu():
+    """S + a * b (signed) must not become one fused multiply-add on the GPU."""
+    g = _gen(12)
+    for dtype in (torch.float32, torch.float64):
+        s = [torch.randn(5000, generator=g, dtype=dtype)]
+        a = [torch.randn(5000, generator=g, dtype=dtype)]
+        b = [torch.randn(5000, generator=g, dtype=dtype)]
+        gpu = _cuda(s)
+        ops.accumulate_score_(gpu, _cuda(a), _cuda(b), [], False)
+        ops.accumulate_score_(s, a, b, [], False)
+        assert torch.equal(gpu[0].cpu(), s[0]), dtype
+
+
+@needs_cuda
+def test_cpu_masks_with_cuda_noise_is_an_argument_error():
+    """A CUDA noise tensor beside CPU masks used to reach the CUDA kernel (device-guard error);
+    now the shared argument check names the argument and the devices."""
+    masks = [torch.ones(5, dtype=torch.bool), torch.ones(3, 4, dtype=torch.bool)]
+    with pytest.raises(RuntimeError, match=r"noise\[0\] must be on cpu"):
+        ops.restoration_scores(masks, [torch.zeros(0, device="cuda"), torch.zeros(3, 4)], 1e-5)
+    with pytest.raises(RuntimeError, match=r"noise\[1\] must be on cpu"):
+        ops.restoration_scores(masks, [torch.zeros(0), torch.zeros(3, 4, device="cuda")], 1e-5)
+    with pytest.raises(ValueError, match=r"noise\[0\] is on cuda"):
+        W.restoration_scores(masks, [torch.zeros(0, device="cuda"), torch.zeros(3, 4)], 1e-5)
+    with pytest.raises(RuntimeError, match=r"masks\[1\] must be on cuda"):
+        ops.global_threshold([torch.randn(4, device="cuda"), torch.randn(4, device="cuda")],
+                             [torch.zeros(4, dtype=torch.bool, device="cuda"), torch.zeros(4, dtype=torch.bool)],
+                             2, "exact")
+
+
+@needs_cuda
+@needs_cpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_degrees_32_bit_unit_index(dtype):
+    """Degree kernels take 32-bit divisions for tensors below 2^32 elements: same decay as
+    the CPU on shapes with odd I and K (pow may differ by an ulp between the backends' math
+    libraries, hence a tolerance of the storage dtype)."""
+    g = _gen(13)
+    shapes = [(37, 29, 3, 3), (1000, 999), (5, 7, 11)]
+    scores = _scores(shapes, dtype, g)
+    masks = _masks(shapes, g, 0.4)
+    gpu = _cuda(scores)
+    ops.density_decay_(gpu, _cuda(masks), 0.5)
+    ops.density_decay_(scores, masks, 0.5)
+    for a, c in zip(gpu, scores):
+        torch.testing.assert_close(a.cpu(), c)

@@ -219,3 +219,53 @@ def test_failed_threshold_keeps_masks_and_partial_nan():
     s[1][150, 17] = math.nan
     m = [torch.ones(50, dtype=torch.bool), torch.zeros(200, 300, dtype=torch.bool), torch.ones(7, dtype=torch.bool)]
     call_and_check(W.global_threshold, (s, m, 100), (RuntimeError, ValueError), r"scores\[1\]")
+
+
+# ---- entries of one call that share memory (one GPU launch covers the whole list) ----------
+def _alias_cases():
+    s = torch.randn(4, 5)
+    m = torch.rand(4, 5) < 0.5
+    base = torch.randn(40)
+    mb = torch.zeros(40, dtype=torch.bool)
+    return [
+        # (id, op, args, the argument the message must name)
+        ("acc-same-score", "accumulate_score_", ([s, s], [torch.randn(4, 5), torch.randn(4, 5)], [], [], True), r"scores\[1\] shares memory with scores\[0\]"),
+        ("acc-score-read-elsewhere", "accumulate_score_", ([s, torch.randn(4, 5)], [torch.randn(4, 5), s], [], [], True), r"a\[1\] shares memory with scores\[0\]"),
+        ("acc-overlapping-slices", "accumulate_score_", ([base[:20], base[10:30]], [torch.randn(20), torch.randn(20)], [], [], True), r"scores\[1\] shares memory with scores\[0\]"),
+        ("gt-same-mask", "global_threshold", ([torch.randn(4, 5), torch.randn(4, 5)], [m, m], 3, "exact"), r"masks\[1\] shares memory with masks\[0\]"),
+        ("gt-mask-views", "global_threshold", ([torch.randn(20), torch.randn(4, 5)], [mb[:20], mb[15:35].view(4, 5)], 3, "exact"), r"masks\[1\] shares memory with masks\[0\]"),
+        ("dd-same-score", "density_decay_", ([s, s], [m, m], 1.0), r"scores\[1\] shares memory with scores\[0\]"),
+        ("am-same-tensor", "apply_masks_", ([s, s], [m, m]), r"tensors\[1\] shares memory with tensors\[0\]"),
+        ("am-mask-written", "apply_masks_", ([mb[:20], torch.randn(20)], [torch.ones(20, dtype=torch.bool), mb[:20]]), r"masks\[1\] shares memory with tensors\[0\]"),
+    ]
+
+
+@pytest.mark.parametrize("case", _alias_cases(), ids=lambda c: c[0])
+def test_cross_entry_aliasing_refused(case):
+    _, op, args, match = case
+    pytest.importorskip("widetopo_ext")
+    if not W.build_info()["cpu_kernels"].get(op, False):
+        pytest.skip(f"no CPU kernel for {op}")
+    before = [t.clone() for a in args if isinstance(a, list) for t in a]
+    for fn in (getattr(OPS, op), getattr(W, op)):
+        with pytest.raises(RuntimeError, match=match):
+            fn(*args)
+    after = [t for a in args if isinstance(a, list) for t in a]
+    assert all(torch.equal(x, y) for x, y in zip(before, after)), "a refused call wrote something"
+
+
+@pytest.mark.needs_kernel("accumulate_score_", "global_threshold", "apply_masks_")
+def test_disjoint_views_and_same_entry_reuse_allowed():
+    # Disjoint slices of one buffer and one tensor in two lists
+    # of the same entry are fine (no element is written by one entry and touched by another).
+    base = torch.zeros(40)
+    a = [torch.ones(20), torch.full((20,), 2.0)]
+    W.accumulate_score_([base[:20], base[20:]], a, absolute=False)
+    assert base[:20].eq(1).all() and base[20:].eq(2).all()
+    mb = torch.zeros(40, dtype=torch.bool)
+    W.global_threshold([torch.arange(20.0), torch.arange(20.0) - 100], [mb[:20], mb[20:]], 10)
+    assert mb[:20].sum() == 10 and not mb[20:].any() and mb[10:20].all()
+    s = torch.randn(6)
+    m = s > 0
+    W.apply_masks_([s], [m])  # a tensor and its own mask: same entry
+    W.accumulate_score_([s], [s], absolute=True)  # S += |S * 1|, elementwise in place

@@ -240,3 +240,96 @@ def test_nonfinite_scores_error_names_tensor_and_leaves_masks(bad, mode, gen):
     with pytest.raises((RuntimeError, ValueError), match=r"scores\[2\]"):
         torch.ops.widetopo.global_threshold(scores, masks, 10, mode)
     assert all(torch.equal(m, b) for m, b in zip(masks, before)), "a failed call modified the masks"
+
+
+# ---- lists long enough for the sampled window (N >= 2^21 scores) ----------------------------
+# The kernel guesses a window around the cut from a sample of the keys; these lists take that
+# path. The sample only decides how many passes run: the masks must equal the reference however
+# the guess turns out, which WIDETOPO_THRESHOLD_WINDOW_SIGMAS=0 (a window far too narrow, so the
+# guess misses) and WIDETOPO_CPU_ISA=baseline (the non-AVX2 loops) check as well.
+LONG_SHAPES = [(512, 256, 3, 3), (7,), (900_001,), (256, 512), (3, 3)]
+
+
+def long_scores(dtype, gen, kind):
+    """Scores of LONG_SHAPES as views into one flat tensor (cheap to build)."""
+    flat = torch.randn(sum(math.prod(s) for s in LONG_SHAPES), generator=gen, dtype=torch.float32)
+    if kind == "zeros":  # like pruned weights: 95 % of the scores exactly 0, ties at the cut
+        flat[torch.rand(flat.numel(), generator=gen) < 0.95] = 0.0
+    elif kind == "one_value":  # one value repeated ~30 000 times among distinct values
+        flat[torch.randint(0, flat.numel(), (30_000,), generator=gen)] = 0.75
+    flat = flat.to(dtype)
+    out, start = [], 0
+    for shape in LONG_SHAPES:
+        n = math.prod(shape)
+        out.append(flat[start:start + n].view(shape))
+        start += n
+    return out
+
+
+def _keeps_at_the_ties(scores, value):
+    flat = torch.cat([s.reshape(-1).to(torch.float64) for s in scores])
+    above, copies = int((flat > value).sum()), int((flat == value).sum())
+    return [above + 1, above + copies // 3, above + copies]
+
+
+def check_long(scores, cases):
+    """The op against one stable descending sort of the float64 concatenation (written out
+    here, so that one sort serves every (keep, mode) case of a long list)."""
+    flat = torch.cat([s.reshape(-1).to(torch.float64) for s in scores])
+    order = torch.sort(flat, descending=True, stable=True).indices
+    ascending = flat[order.flip(0)]
+    for keep, mode in cases:
+        masks = fresh_masks(scores, fill=True)
+        thr = W.global_threshold(scores, masks, keep, mode)
+        if mode == "exact":
+            expected = torch.zeros_like(flat, dtype=torch.bool)
+            expected[order[:keep]] = True
+            assert thr.item() == flat[order[keep - 1]].item()
+        else:
+            cut = ascending[flat.numel() - keep]
+            expected = flat > cut
+            assert thr.item() == cut.item()
+        got = torch.cat([m.reshape(-1) for m in masks])
+        assert torch.equal(got, expected), f"masks differ (keep={keep}, mode={mode})"
+
+
+@needs_op
+@pytest.mark.parametrize("sigmas, isa", [(None, None), ("0", None), (None, "baseline")])
+def test_long_list_sampled_window(sigmas, isa, gen, monkeypatch):
+    if sigmas is not None:
+        monkeypatch.setenv("WIDETOPO_THRESHOLD_WINDOW_SIGMAS", sigmas)
+    if isa is not None:
+        monkeypatch.setenv("WIDETOPO_CPU_ISA", isa)
+    scores = long_scores(torch.float32, gen, "normal")
+    n = sum(s.numel() for s in scores)
+    assert n >= 2 ** 21
+    check_long(scores, [(1, "exact"), (n // 10, "exact"), (n - 5, "exact"), (n // 10, "official")])
+
+
+@needs_op
+@pytest.mark.parametrize("kind, value, sigmas", [("zeros", 0.0, None), ("zeros", 0.0, "0"),
+                                                 ("one_value", 0.75, None)])
+def test_long_list_heavy_ties_at_the_cut(kind, value, sigmas, gen, monkeypatch):
+    if sigmas is not None:
+        monkeypatch.setenv("WIDETOPO_THRESHOLD_WINDOW_SIGMAS", sigmas)
+    scores = long_scores(torch.float32, gen, kind)
+    keeps = _keeps_at_the_ties(scores, value)
+    check_long(scores, [(k, "exact") for k in keeps] + [(keeps[1], "official")])
+
+
+@needs_op
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_long_list_other_dtypes(dtype, gen):
+    scores = long_scores(dtype, gen, "normal")
+    n = sum(s.numel() for s in scores)
+    check_long(scores, [(n // 10, "exact"), (n // 2, "exact"), (n // 3, "official")])
+
+
+@needs_op
+def test_long_list_nonfinite_found_in_the_sampled_pass(gen):
+    scores = long_scores(torch.float32, gen, "normal")
+    scores[2][123_456] = math.nan
+    masks = fresh_masks(scores)
+    with pytest.raises(RuntimeError, match=r"scores\[2\]"):
+        W.global_threshold(scores, masks, 1000)
+    assert not any(m.any() for m in masks)

@@ -10,9 +10,11 @@
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace widetopo {
 namespace args {
@@ -81,6 +83,70 @@ inline void writable(const at::Tensor& t, const char* op, const char* name, size
               "pass a tensor that owns its elements (e.g. .clone())");
 }
 
+// ------------------------------------------------------------------- aliasing across entries
+// One launch covers a whole list on the GPU, so two entries that share memory race there
+// (accumulate_score_([s, s], ...), masks=[m, m]) while the CPU runs them in order. A tensor
+// written in place must therefore share no memory with any tensor of another entry of the call
+// (written or read); tensors of the same entry may (e.g. apply_masks_([m], [m]) reads and
+// writes each element at the same position). Byte ranges are sorted, so a call costs
+// O(n log n) plus a precise check (at::get_overlap_status) of the pairs whose ranges meet;
+// interleaved strided views that ATen cannot decide are refused too.
+struct ListArg {
+  at::TensorList tensors;
+  const char* name;
+  bool written;
+};
+
+struct ByteRange {
+  uintptr_t lo, hi;  // [lo, hi)
+  size_t list, j;
+};
+
+inline ByteRange byte_range(const at::Tensor& t, size_t list, size_t j) {
+  int64_t lo = 0, hi = 0;  // element offsets from data_ptr of the lowest and highest element
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    const int64_t span = t.stride(d) * (t.size(d) - 1);
+    if (span < 0) lo += span; else hi += span;
+  }
+  const auto base = reinterpret_cast<uintptr_t>(t.const_data_ptr());
+  const auto es = static_cast<int64_t>(t.element_size());
+  return {base + static_cast<uintptr_t>(lo * es), base + static_cast<uintptr_t>((hi + 1) * es), list, j};
+}
+
+inline void no_cross_entry_aliasing(const char* op, std::initializer_list<ListArg> lists) {
+  const std::vector<ListArg> ls(lists);
+  bool any_written = false;
+  for (const auto& l : ls) any_written = any_written || (l.written && !l.tensors.empty());
+  if (!any_written) return;
+  std::vector<ByteRange> ranges;
+  for (size_t a = 0; a < ls.size(); ++a) {
+    for (size_t j = 0; j < ls[a].tensors.size(); ++j) {
+      const at::Tensor& t = ls[a].tensors[j];
+      if (!t.defined() || t.numel() == 0) continue;
+      ranges.push_back(byte_range(t, a, j));
+    }
+  }
+  std::sort(ranges.begin(), ranges.end(),
+            [](const ByteRange& x, const ByteRange& y) { return x.lo != y.lo ? x.lo < y.lo : x.hi < y.hi; });
+  for (size_t x = 0; x < ranges.size(); ++x) {
+    for (size_t y = x + 1; y < ranges.size() && ranges[y].lo < ranges[x].hi; ++y) {
+      const ByteRange &p = ranges[x], &q = ranges[y];
+      if (p.j == q.j || !(ls[p.list].written || ls[q.list].written)) continue;
+      const at::Tensor& tp = ls[p.list].tensors[p.j];
+      const at::Tensor& tq = ls[q.list].tensors[q.j];
+      if (at::get_overlap_status(tp, tq) == at::MemOverlapStatus::No) continue;
+      // Name the later entry first: "masks[1] shares memory with masks[0]".
+      const bool p_later = p.j > q.j;
+      const ByteRange& later = p_later ? p : q;
+      const ByteRange& earlier = p_later ? q : p;
+      TORCH_CHECK(false, "widetopo::", op, ": ", ls[later.list].name, "[", later.j, "] shares memory with ",
+                  ls[earlier.list].name, "[", earlier.j, "] and one of them is written in place; "
+                  "entries of one call must not overlap (one GPU launch covers the whole list): pass "
+                  "distinct tensors (e.g. .clone())");
+    }
+  }
+}
+
 // --------------------------------------------------------------------------- one per op
 
 struct ThresholdCall {
@@ -105,6 +171,7 @@ inline ThresholdCall check_global_threshold(at::TensorList scores, at::TensorLis
     n += scores[j].numel();
   }
   const at::ScalarType st = common_dtype(scores, op, "scores");
+  no_cross_entry_aliasing(op, {{masks, "masks", true}, {scores, "scores", false}});
   TORCH_CHECK(keep >= 0 && keep <= n, "widetopo::global_threshold: keep must be in [0, N] with N = ", n,
               " (total number of scores), got ", keep);
   return {st, n, rule_s == "exact"};
@@ -121,6 +188,7 @@ inline void check_density_decay(at::TensorList scores, at::TensorList masks, dou
     score_dtype(scores[j], op, "scores", j);
     mask_of(masks[j], scores[j], device, op, "masks", "scores", j);
   }
+  no_cross_entry_aliasing(op, {{scores, "scores", true}, {masks, "masks", false}});
 }
 
 inline void check_restoration_scores(at::TensorList masks, at::TensorList noise, double noise_scale,
@@ -131,7 +199,12 @@ inline void check_restoration_scores(at::TensorList masks, at::TensorList noise,
               noise_scale);
   for (size_t j = 0; j < masks.size(); ++j) {
     bool_mask(masks[j], device, op, "masks", j);
-    if (masks[j].dim() < 2) continue;  // noise[j] is ignored
+    if (masks[j].dim() < 2) {
+      // noise[j] is ignored, but a tensor given there must still be on the call's device: a
+      // CUDA noise tensor beside CPU masks would otherwise reach the CUDA kernel.
+      if (noise[j].defined()) on_device(noise[j], device, op, "noise", j);
+      continue;
+    }
     on_device(noise[j], device, op, "noise", j);
     TORCH_CHECK(noise[j].scalar_type() == at::kFloat, "widetopo::restoration_scores: noise[", j,
                 "] must be float32, got ", noise[j].scalar_type());
@@ -164,6 +237,7 @@ inline void check_accumulate_score(at::TensorList scores, at::TensorList a, at::
     }
     if (has_m) mask_of(masks[j], scores[j], device, op, "masks", "scores", j);
   }
+  no_cross_entry_aliasing(op, {{scores, "scores", true}, {a, "a", false}, {b, "b", false}, {masks, "masks", false}});
 }
 
 // Returns the common dtype of `tensors`.
@@ -192,6 +266,7 @@ inline void check_apply_masks(at::TensorList tensors, at::TensorList masks, cons
                 "; real floating, integer or bool tensors are allowed");
     mask_of(masks[j], tensors[j], device, op, "masks", "tensors", j);
   }
+  no_cross_entry_aliasing(op, {{tensors, "tensors", true}, {masks, "masks", false}});
 }
 
 inline void check_mask_stats(at::TensorList masks, const at::Device& device) {

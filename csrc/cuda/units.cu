@@ -44,7 +44,7 @@ __global__ void __launch_bounds__(kThreads)
   const bool* m = static_cast<const bool*>(meta.ptr[0][t.slot]);
   unsigned long long* out_deg = static_cast<unsigned long long*>(meta.ptr[1][t.slot]);
   unsigned long long* in_deg = static_cast<unsigned long long*>(meta.ptr[2][t.slot]);
-  const int64_t I = meta.aux0[t.slot], K = meta.aux1[t.slot];
+  const int64_t I = meta.aux0[t.slot], K = meta.aux1[t.slot], numel = meta.numel[t.slot];
   const bool units = out_deg != nullptr;  // uniform over the block
   long long kept_count = 0;
   for (int64_t base = t.begin; base < t.end; base += kThreads) {  // uniform trip count
@@ -55,7 +55,7 @@ __global__ void __launch_bounds__(kThreads)
     if (units) {
       long long o = -1, i = -1;
       if (valid) {
-        const core::UnitIndex u = core::unit_index(e, I, K);
+        const core::UnitIndex u = core::unit_index_of(e, numel, I, K);
         o = u.o;
         i = u.i;
       }
@@ -150,9 +150,9 @@ __global__ void __launch_bounds__(kThreads)
   const bool* m = static_cast<const bool*>(meta.ptr[1][t.slot]);
   const double* out_f = static_cast<const double*>(meta.ptr[2][t.slot]);
   const double* in_f = static_cast<const double*>(meta.ptr[3][t.slot]);
-  const int64_t I = meta.aux0[t.slot], K = meta.aux1[t.slot];
+  const int64_t I = meta.aux0[t.slot], K = meta.aux1[t.slot], numel = meta.numel[t.slot];
   for (int64_t e = t.begin + threadIdx.x; e < t.end; e += kThreads) {
-    const core::UnitIndex u = core::unit_index(e, I, K);
+    const core::UnitIndex u = core::unit_index_of(e, numel, I, K);
     const double f = m[e] ? out_f[u.o] * in_f[u.i] : 0.0;  // = decay_factor(m, out_deg, in_deg, e)
     s[e] = static_cast<scalar_t>(static_cast<double>(s[e]) * f);
   }
@@ -228,8 +228,9 @@ __global__ void __launch_bounds__(kThreads) restoration_kernel(const __grid_cons
   const int64_t I = meta.aux0[t.slot], K = meta.aux1[t.slot];
   const int64_t O = meta.numel[t.slot] / (I * K);
   const float ik = static_cast<float>(I * K), ok = static_cast<float>(O * K);
+  const int64_t numel = meta.numel[t.slot];
   for (int64_t e = t.begin + threadIdx.x; e < t.end; e += kThreads) {
-    const core::UnitIndex u = core::unit_index(e, I, K);
+    const core::UnitIndex u = core::unit_index_of(e, numel, I, K);
     const float out_den = static_cast<float>(static_cast<int64_t>(out_deg[u.o])) / ik;
     const float in_den = static_cast<float>(static_cast<int64_t>(in_deg[u.i])) / ok;
     out[e] = core::restoration_score(m[e], out_den, in_den, noise[u.o * I + u.i], noise_scale);

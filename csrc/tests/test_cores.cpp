@@ -262,6 +262,79 @@ void test_accumulate_and_masks() {
 
 }  // namespace
 
+
+// The 32-bit unit index of the GPU kernels agrees with the 64-bit one (hand-picked shapes and
+// every flat index of small ones, plus the last index below 2^32).
+void test_unit_index32() {
+  using widetopo::core::unit_index;
+  using widetopo::core::unit_index32;
+  using widetopo::core::unit_index_of;
+  const int64_t shapes[][3] = {{1, 1, 1}, {3, 4, 1}, {5, 3, 9}, {7, 1, 25}, {2, 6, 49}};
+  for (const auto& d : shapes) {
+    for (int64_t e = 0; e < d[0] * d[1] * d[2]; ++e) {
+      const auto a = unit_index(e, d[1], d[2]);
+      const auto b = unit_index32(static_cast<uint32_t>(e), static_cast<uint32_t>(d[1]), static_cast<uint32_t>(d[2]));
+      CHECK(a.o == b.o && a.i == b.i);
+    }
+  }
+  // O = 65537, I = 65535, K = 1: O * I * K = 2^32 - 1.
+  const int64_t numel = 65537LL * 65535LL;
+  const auto big = unit_index_of(numel - 1, numel, 65535, 1);
+  CHECK(big.o == 65536 && big.i == 65534);
+  const auto huge = unit_index_of(numel, numel + 1, 65535, 1);  // 64-bit path
+  CHECK(huge.o == 65537 && huge.i == 0);
+}
+
+// Window bins of the CPU threshold: the smallest shift that leaves at most 2^bits bins.
+void test_window_bins() {
+  using widetopo::core::window_bin;
+  using widetopo::core::window_bins;
+  using widetopo::core::window_shift;
+  CHECK(window_shift<uint32_t>(100u, 100u + 4095u, 12) == 0 && window_bins<uint32_t>(100u, 4195u, 0) == 4096);
+  CHECK(window_shift<uint32_t>(100u, 100u + 4096u, 12) == 1);             // 4097 keys: pairs
+  CHECK(window_shift<uint32_t>(0u, 0xFFFFFFFFu, 12) == 20);               // the full range
+  CHECK(window_shift<uint32_t>(0u, 0xFFFFFFFFu, 16) == 16);
+  CHECK(window_shift<uint64_t>(0ull, ~0ull, 12) == 52);
+  CHECK(window_shift<uint16_t>(0, 0xFFFF, 16) == 0);
+  CHECK(window_bin<uint32_t>(0x80001234u, 0x80000000u, 4) == 0x123);
+  CHECK(widetopo::core::in_window<uint32_t>(5u, 3u, 2u) && !widetopo::core::in_window<uint32_t>(2u, 3u, 2u));
+  CHECK(!widetopo::core::in_window<uint32_t>(6u, 3u, 2u));
+}
+
+// order_key on 16 lanes at once (the CPU threshold's form) equals the scalar key.
+void test_order_key_lanes() {
+  typedef uint32_t V32 __attribute__((vector_size(64)));
+  typedef uint16_t V16 __attribute__((vector_size(32)));
+  uint32_t in32[16];
+  uint16_t in16[16];
+  for (int k = 0; k < 16; ++k) {
+    in32[k] = static_cast<uint32_t>(k) * 0x11111111u;
+    in16[k] = static_cast<uint16_t>(k * 0x1111);
+  }
+  in32[3] = 0x80000000u;  // -0.0
+  in16[2] = 0x8000;
+  V32 v32;
+  V16 v16;
+  std::memcpy(&v32, in32, sizeof v32);
+  std::memcpy(&v16, in16, sizeof v16);
+  const V32 k32 = widetopo::core::order_key_lanes<uint32_t, V32>(v32);
+  const V16 k16 = widetopo::core::order_key_lanes<uint16_t, V16>(v16);
+  for (int k = 0; k < 16; ++k) {
+    CHECK(k32[k] == order_key<uint32_t>(in32[k]));
+    CHECK(k16[k] == order_key<uint16_t>(in16[k]));
+  }
+}
+
+// The restoration score rounds each product and the sum separately (no fused multiply-add):
+// values chosen so that one fused rounding would give a different float.
+void test_restoration_rounding() {
+  const float o = 0.3f, i = 0.7f, noise = 1.0f / 3.0f, scale = 0.1f;
+  const volatile float a = 1.0f - o, b = 1.0f - i, n = scale * noise;
+  const volatile float ab = a * b;
+  const float two_roundings = ab + n;
+  CHECK(widetopo::core::restoration_score(false, o, i, noise, scale) == two_roundings);
+}
+
 int main() {
   test_keys_float32();
   test_keys_float64();
@@ -273,6 +346,10 @@ int main() {
   test_decay_factor();
   test_restoration();
   test_accumulate_and_masks();
+  test_unit_index32();
+  test_order_key_lanes();
+  test_window_bins();
+  test_restoration_rounding();
   std::printf("test_cores: %d checks, %d failures\n", g_checks, g_failures);
   return g_failures == 0 ? 0 : 1;
 }

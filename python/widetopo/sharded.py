@@ -15,7 +15,7 @@ tensor 0..T-1 exactly (overlaps, gaps and disagreeing sizes are errors). `index=
 tensors numbered in rank order: rank 0's tensors are global tensors 0..n0-1, rank 1's the next
 ones, and so on.
 
-Algorithm (same results as the single-process radix select, DESIGN 2.4):
+Algorithm (same results as the single-process radix select, docs/design.md §2.4):
   key(x)   order-preserving unsigned integer of the float bits (-0 folded onto +0), W bits;
   pass p   every rank histograms digit p (11 bits, most significant first) of its keys that match
            the digits fixed so far; all_reduce(SUM) of the histograms; every rank walks the same

@@ -13,6 +13,47 @@
 namespace widetopo {
 namespace core {
 
+// ------------------------------------------------------------------ rounding of every product
+// nvcc contracts a * b + c into one fused multiply-add by default (one rounding instead of
+// two), host compilers do not (setup.py also passes -ffp-contract=off), so the same formula
+// would round differently on the two backends. The formulas below use these helpers, which in
+// device code are the explicitly rounded intrinsics that nvcc never contracts.
+WIDETOPO_HD float mul_rn(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+WIDETOPO_HD float add_rn(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+WIDETOPO_HD float sub_rn(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return __fsub_rn(a, b);
+#else
+  return a - b;
+#endif
+}
+WIDETOPO_HD double mul_rn(double a, double b) {
+#ifdef __CUDA_ARCH__
+  return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+WIDETOPO_HD double add_rn(double a, double b) {
+#ifdef __CUDA_ARCH__
+  return __dadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+
 struct UnitIndex {
   int64_t o;
   int64_t i;
@@ -23,6 +64,25 @@ WIDETOPO_HD UnitIndex unit_index(int64_t flat, int64_t in_units, int64_t kernel)
   u.o = flat / (in_units * kernel);
   u.i = (flat / kernel) % in_units;
   return u;
+}
+
+// unit_index for tensors of fewer than 2^32 elements, with 32-bit divisions (a 64-bit division
+// is a long instruction sequence on GPUs, a 32-bit one a few instructions). Requires
+// flat < O * I * K <= 2^32 - 1.
+WIDETOPO_HD UnitIndex unit_index32(uint32_t flat, uint32_t in_units, uint32_t kernel) {
+  UnitIndex u;
+  u.o = static_cast<int64_t>(flat / (in_units * kernel));
+  u.i = static_cast<int64_t>((flat / kernel) % in_units);
+  return u;
+}
+
+// The kernels' choice: 32-bit divisions when the tensor is small enough (a per-tensor, so
+// per-block uniform, decision).
+WIDETOPO_HD UnitIndex unit_index_of(int64_t flat, int64_t numel, int64_t in_units, int64_t kernel) {
+  if (numel <= static_cast<int64_t>(0xFFFFFFFFu)) {
+    return unit_index32(static_cast<uint32_t>(flat), static_cast<uint32_t>(in_units), static_cast<uint32_t>(kernel));
+  }
+  return unit_index(flat, in_units, kernel);
 }
 
 // Density-aware decay factor (docs/design.md §2.1):  ( m / max(out_deg * in_deg, 1) ) ^ exponent,
@@ -49,7 +109,8 @@ WIDETOPO_HD float restoration_score(bool kept, float out_density, float in_densi
   if (kept) {
     return 2.0f;
   }
-  return (1.0f - out_density) * (1.0f - in_density) + noise_scale * noise;
+  // Two products and a sum, each rounded to float32 (no fused multiply-add on any backend).
+  return add_rn(mul_rn(sub_rn(1.0f, out_density), sub_rn(1.0f, in_density)), mul_rn(noise_scale, noise));
 }
 
 // Restoration score of an entry of a rank-1 tensor (biases, norm weights).
@@ -59,17 +120,17 @@ WIDETOPO_HD float restoration_score_rank1(bool kept) { return kept ? 2.0f : 1.0f
 // `T` is the math type (float for float/half/bfloat16 storage, double for double).
 template <typename T>
 WIDETOPO_HD T accumulate_score(T s, T a, T b, bool kept, bool absolute) {
-  T p = kept ? a * b : T(0);
+  T p = kept ? mul_rn(a, b) : T(0);
   if (absolute && p < T(0)) {
     p = -p;
   }
-  return s + p;
+  return add_rn(s, p);
 }
 
 // Contribution of one entry to the masked squared norm  sum (g * m)^2.
 template <typename T>
 WIDETOPO_HD T masked_square(T g, bool kept) {
-  return kept ? g * g : T(0);
+  return kept ? mul_rn(g, g) : T(0);
 }
 
 // Mask application by selection, not multiplication: a pruned entry becomes exactly 0

@@ -13,13 +13,22 @@
 namespace widetopo {
 namespace core {
 
+// Branch-free (a compare and a select, which compilers turn into vector blends): with
+// n = all ones for a negative float and 0 otherwise, key = bits ^ (n | sign) is ~bits for
+// negatives and bits | sign for positives; -0.0 (bits == sign) is first mapped to +0.0.
+// `V` is U itself, or (CPU kernel) a GCC vector of U lanes: one text for every backend.
+template <typename U, typename V>
+WIDETOPO_HD V order_key_lanes(V bits) {
+  constexpr int kTop = int(sizeof(U) * 8) - 1;
+  constexpr U sign = U(U(1) << kTop);
+  const V b = (bits == sign) ? V{} : bits;   // -0.0 -> +0.0
+  const V negative = V(V{} - V(b >> kTop));  // all ones when the sign bit is set
+  return V(b ^ V(negative | sign));
+}
+
 template <typename U>
 WIDETOPO_HD U order_key(U bits) {
-  constexpr U sign = U(1) << (sizeof(U) * 8 - 1);
-  if (bits == sign) {
-    bits = U(0);  // -0.0 -> +0.0
-  }
-  return (bits & sign) ? U(~bits) : U(bits | sign);
+  return order_key_lanes<U, U>(bits);
 }
 
 // Inverse of order_key (for the +0-folded image): recovers the raw float bits.
@@ -71,6 +80,43 @@ WIDETOPO_HD int radix_pass_shift(int key_bits, int max_bits, int pass, int* widt
   int w = hi < max_bits ? hi : max_bits;
   *width = w;
   return hi - w;
+}
+
+}  // namespace core
+}  // namespace widetopo
+
+namespace widetopo {
+namespace core {
+
+// ------------------------------------------------------------------ window select (CPU kernel)
+// A window [lo, hi] of keys is split into at most 2^bits bins of 2^shift keys each:
+// bin(key) = (key - lo) >> shift. window_shift returns the smallest shift with
+// (hi - lo) >> shift < 2^bits, so one histogram pass narrows any window by a factor 2^bits
+// and a window of at most 2^bits keys resolves to single keys.
+template <typename U>
+WIDETOPO_HD int window_shift(U lo, U hi, int bits = 16) {
+  const U range = U(hi - lo);
+  const uint64_t top = (uint64_t(1) << bits) - 1;
+  int shift = 0;
+  while (static_cast<uint64_t>(range >> shift) > top) ++shift;
+  return shift;
+}
+
+// Number of bins of the window [lo, hi] at `shift`.
+template <typename U>
+WIDETOPO_HD int64_t window_bins(U lo, U hi, int shift) {
+  return static_cast<int64_t>(U(hi - lo) >> shift) + 1;
+}
+
+// True when lo <= key <= hi, as one unsigned compare (wraps for key < lo).
+template <typename U>
+WIDETOPO_HD bool in_window(U key, U lo, U range) {
+  return U(key - lo) <= range;
+}
+
+template <typename U>
+WIDETOPO_HD int64_t window_bin(U key, U lo, int shift) {
+  return static_cast<int64_t>(U(key - lo) >> shift);
 }
 
 }  // namespace core

@@ -1,4 +1,4 @@
-"""GraSP, gradient signal preservation (Wang, Zhang & Grosse, ICLR 2020), DESIGN section 5.3.
+"""GraSP, gradient signal preservation (Wang, Zhang & Grosse, ICLR 2020), docs/design.md §5.3.
 
 With w = theta * m the masked prunable weights, L_b = task_loss(f(x_b; w) / T, y_b) the mean
 cross entropy of batch b at temperature T (200):

@@ -1,4 +1,4 @@
-"""Iterative SNIP (de Jorge et al., ICLR 2021), DESIGN section 5.4.
+"""Iterative SNIP (de Jorge et al., ICLR 2021), docs/design.md §5.4.
 
 Per round, with w = theta * m the current masked weights:
     S = | theta * d/dtheta sum_b L_b(theta * m) | = | sum_b w * dL_b/dw * m |,

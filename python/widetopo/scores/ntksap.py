@@ -1,4 +1,4 @@
-"""NTK-SAP, neural tangent kernel spectrum-aware pruning (Wang, Li & Sun, ICLR 2023), DESIGN 5.2.
+"""NTK-SAP, neural tangent kernel spectrum-aware pruning (Wang, Li & Sun, ICLR 2023), docs/design.md §5.2.
 
 Per scoring batch, with m a continuous variable shared by both terms:
     F = sum_n || f(xi_n; theta~ * m) - f(xi_n; (theta~ + eps * delta) * m) ||^2

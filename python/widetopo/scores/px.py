@@ -1,7 +1,7 @@
 """PX, Path eXclusion (Iurada, Ciccone & Tommasi, CVPR 2024): keep the weights that carry most of
 the path kernel, a data-driven estimate of the NTK's trace.
 
-Per batch x, three evaluations of the masked network (DESIGN 5.1):
+Per batch x, three evaluations of the masked network (docs/design.md §5.1):
   1. gates:  a = 1[z > 0] of every ReLU pre-activation z of f(x; theta*m), BatchNorm in eval
              mode, no gradient;
   2. g-net:  weights m (1 on kept entries, 0 on pruned ones), every ReLU replaced by its recorded
