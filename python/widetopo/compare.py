@@ -149,6 +149,15 @@ def load_journal(out_dir, options: dict) -> List[dict]:
     return data["rows"]
 
 
+def load_failed(out_dir) -> List[dict]:
+    """The failed cells recorded in DIR/results.json (after load_journal accepted it)."""
+    path = os.path.join(os.fspath(out_dir), "results.json")
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return list(json.load(f).get("failed", []))
+
+
 def _atomic_write(path: str, text: str) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w", encoding="utf-8", newline="") as f:
@@ -269,7 +278,10 @@ def run(args, cells: List[Cell], out_dir, *, quiet: bool = False, data: Optional
     bar = tqdm(total=len(cells), initial=skipped, desc="compare", unit="cell", dynamic_ncols=True,
                disable=quiet or not sys.stderr.isatty(), file=sys.stderr)
     started = time.perf_counter()
-    failed: List[dict] = []
+    retried = {c.key for c in todo}
+    # failures of earlier runs stay recorded unless this run tries that cell again
+    failed: List[dict] = [f for f in load_failed(out_dir)
+                          if (f["method"], float(f["density_target"]), int(f["seed"])) not in retried]
     try:
         with _quiet_loggers():
             for finished, cell in enumerate(todo, start=skipped + 1):
@@ -297,9 +309,10 @@ def run(args, cells: List[Cell], out_dir, *, quiet: bool = False, data: Optional
     finally:
         bar.close()
     if not todo:
-        write_journal(out_dir, options, rows)  # (re)writes the CSV even when nothing ran
+        write_journal(out_dir, options, rows, failed)  # (re)writes the CSV even when nothing ran
     return {"rows": rows, "ran": len(todo), "skipped": skipped, "seconds": time.perf_counter() - started,
-            "options": options, "failed": failed}
+            "options": options, "failed": [f for f in failed
+                                           if (f["method"], float(f["density_target"]), int(f["seed"])) in retried]}
 
 
 # ------------------------------------------------------------------------------ summary
