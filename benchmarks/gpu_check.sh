@@ -12,7 +12,9 @@
 #      kernel, bit for bit where the rule is exact), failing if they skip;
 #   3. times on the GPU every op against its plain-PyTorch baseline and a short WideTopo-S run
 #      on a CIFAR ResNet-20 against benchmarks/official_baseline.py, printed as one table
-#      (benchmarks/gpu_bench.py).
+#      (benchmarks/gpu_bench.py);
+#   4. peak device memory of a pruning run with the batches on the GPU vs data_device='cpu'
+#      (benchmarks/bench_memory.py), checking both give the same masks.
 #
 # Environment: PYTHON (default python3), MAX_JOBS (default: the number of cores),
 # TORCH_CUDA_ARCH_LIST (default: the GPU's own), CUDA_HOME (default: the toolkit behind nvcc),
@@ -120,5 +122,8 @@ step "3. GPU timings: ops vs plain PyTorch, WideTopo-S vs the official-structure
   ${GPU_BENCH_ARGS:-}) | tee "$LOGDIR/gpu_bench.out"
 sed -n '/^| group/,$p' "$LOGDIR/gpu_bench.out" >"$LOGDIR/gpu_bench.md"
 [[ -s "$LOGDIR/gpu_bench.md" ]] || die "gpu_bench.py printed no table"
+
+step "4. pruning-set memory: batches on the GPU vs data_device='cpu' (same masks)"
+(cd "$LOGDIR" && "$PY" "$REPO/benchmarks/bench_memory.py" --device cuda --samples 2048) | tee "$LOGDIR/bench_memory.md"
 
 step "done: GPU check passed in $((SECONDS - T0)) s; table in $LOGDIR/gpu_bench.md"
