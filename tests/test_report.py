@@ -114,3 +114,20 @@ def test_effective_sparsity_in_report_table_and_plots(tmp_path):
     assert mask_report(dict(masks), model, input_shape=(4,))["total"]["effective"] == 5
     pytest.importorskip("matplotlib")
     assert len(plot_report(rep, tmp_path, prefix="e")) == 2
+
+
+def test_report_units_follow_the_conv_topology():
+    """A depthwise conv (C, 1, k, k) has C input units; a transposed conv (in, out, k, k) is read
+    with out = dim 1 (hand counts)."""
+    from torch import nn
+
+    from widetopo.report import mask_report
+
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=4), nn.ConvTranspose2d(4, 6, 2))
+    masks = {"0.weight": torch.ones(4, 1, 3, 3, dtype=torch.bool), "1.weight": torch.zeros(4, 6, 2, 2, dtype=torch.bool)}
+    masks["1.weight"][0, :3] = True  # input channel 0 feeds output channels 0..2
+    rows = {r["name"]: r for r in mask_report(masks, model)["layers"]}
+    assert (rows["0.weight"]["out_units"], rows["0.weight"]["in_units"]) == (4, 4)
+    assert (rows["0.weight"]["active_out"], rows["0.weight"]["active_in"]) == (4, 4)
+    assert (rows["1.weight"]["out_units"], rows["1.weight"]["in_units"]) == (6, 4)
+    assert (rows["1.weight"]["active_out"], rows["1.weight"]["active_in"]) == (3, 1)

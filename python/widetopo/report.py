@@ -3,7 +3,8 @@
 A layer has *collapsed* when it keeps no weight at all, or (rank >= 2) when no output unit or
 no input unit keeps a connection - then no signal passes through it and the pruned network
 is disconnected, the failure WideTopo's density decay and restoration are designed to avoid.
-The counts come from one widetopo_ext.mask_stats call over all masks. With the model, the
+The counts come from one topology-aware mask_stats call over all masks (units of grouped and
+transposed convolutions read as widetopo.topology says). With the model, the
 report also gives effective weights (kept and on an input -> output path of kept weights),
 effective nodes and the node ratio (widetopo.effective, docs/design.md §6).
 """
@@ -17,7 +18,7 @@ from typing import List, Optional
 import torch
 from torch import nn
 
-import widetopo_ext
+from widetopo import topology
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +33,15 @@ def _collapse_reason(kept: int, numel: int, active_out: int, active_in: int, ran
     if rank >= 2 and active_in == 0:
         return "no active input units"
     return None
+
+
+def _layouts(masks, model: Optional[nn.Module], names: List[str]):
+    """The unit topology of each mask (grouped / transposed convs, tokens): from the model when
+    given, else what the masks carry (widetopo.Masks.layouts), else dense."""
+    if model is not None:
+        return topology.unit_layouts(model, names)
+    carried = getattr(masks, "layouts", None)
+    return list(carried) if carried else [topology.DENSE] * len(names)
 
 
 def mask_report(masks, model: Optional[nn.Module] = None, input_shape=None) -> dict:
@@ -53,14 +63,17 @@ def mask_report(masks, model: Optional[nn.Module] = None, input_shape=None) -> d
     for n, m in zip(names, tensors):
         if not isinstance(m, torch.Tensor) or m.dtype != torch.bool:
             raise TypeError(f"masks[{n!r}] must be a torch.bool tensor, got {getattr(m, 'dtype', type(m).__name__)}")
-    table = widetopo_ext.mask_stats([m.cpu() for m in tensors]).tolist() if tensors else []
-
     modules = dict(model.named_modules()) if model is not None else {}
     params = dict(model.named_parameters()) if model is not None else {}
+    for name, m in zip(names, tensors):
+        if model is not None and name not in params:
+            raise ValueError(f"masks[{name!r}] is not a parameter of the model")
+    layouts = _layouts(masks, model, names)
+    table = topology.mask_stats([m.cpu() for m in tensors], layouts).tolist() if tensors else []
     layers, collapsed = [], []
-    for name, m, (kept, act_out, act_in) in zip(names, tensors, table):
+    for name, m, layout, (kept, act_out, act_in) in zip(names, tensors, layouts, table):
         numel = m.numel()
-        out_units, in_units = (m.shape[0], m.shape[1]) if m.dim() >= 2 else (numel, numel)
+        out_units, in_units = topology.unit_counts(tuple(m.shape), layout)
         reason = _collapse_reason(kept, numel, act_out, act_in, m.dim())
         row = {
             "name": name,
