@@ -193,9 +193,10 @@ def test_source_tree_without_library_hands_over_to_the_installed_copy(tmp_path):
 
 def test_no_library_anywhere_is_a_clear_error(tmp_path):
     src, _ = _layout(tmp_path, with_site=False)
-    # only the source tree is importable: drop site-packages and every other finder
+    # only the source tree (and the standard library) is importable: drop site-packages and
+    # every other finder
     code = ("import importlib.machinery as m, sys\n"
-            "sys.path[:] = ['']\n"
+            "sys.path[:] = [''] + [p for p in sys.path if p and 'site-packages' not in p and 'dist-packages' not in p]\n"
             "sys.meta_path[:] = [f for f in sys.meta_path if f in (m.BuiltinImporter, m.FrozenImporter, m.PathFinder)]\n"
             "import widetopo_ext")
     done = _python(code, cwd=src, pythonpath=tmp_path / "nowhere")
