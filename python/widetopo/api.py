@@ -40,7 +40,7 @@ def _resolve(method: Union[str, Scorer, Method], options: dict):
         spec, method_opts = None, ()
     else:
         spec = method if isinstance(method, Method) else get_method(method)
-        method_opts = tuple(f.name for f in dataclasses.fields(spec.options))
+        method_opts = spec.option_names
     allowed = sorted(set(ENGINE_OPTIONS) | set(SELECTION_OPTIONS) | set(method_opts))
     unknown = sorted(set(options) - set(allowed))
     if unknown:

@@ -891,11 +891,9 @@ def cmd_methods(args, quiet: bool) -> int:
 
 
 def _method_option_names(method: str):
-    import dataclasses
+    from widetopo.scores import scorer_options
 
-    from widetopo.methods import get_method
-
-    return {f.name for f in dataclasses.fields(get_method(method).options)}
+    return set(scorer_options(method))
 
 
 def _parse_method_options(args) -> None:

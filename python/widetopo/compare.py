@@ -54,6 +54,15 @@ CSV_COLUMNS = (
 )
 
 
+def _refusals() -> tuple:
+    """The errors with which a method refuses a cell (recorded, the experiment goes on); any
+    other exception (a bug, out of memory) stops the run."""
+    from widetopo.rounds import NonFiniteScoresError, ZeroScoresError
+    from widetopo.scores.differentiable import DoubleBackwardError
+
+    return (ZeroScoresError, NonFiniteScoresError, DoubleBackwardError, FloatingPointError, ValueError)
+
+
 class CompareError(Exception):
     """A problem with the experiment's setup or its journal (reported as one line by the CLI)."""
 
@@ -278,6 +287,7 @@ def run(args, cells: List[Cell], out_dir, *, quiet: bool = False, data: Optional
     bar = tqdm(total=len(cells), initial=skipped, desc="compare", unit="cell", dynamic_ncols=True,
                disable=quiet or not sys.stderr.isatty(), file=sys.stderr)
     started = time.perf_counter()
+    REFUSALS = _refusals()
     retried = {c.key for c in todo}
     # failures of earlier runs stay recorded unless this run tries that cell again
     failed: List[dict] = [f for f in load_failed(out_dir)
@@ -289,7 +299,7 @@ def run(args, cells: List[Cell], out_dir, *, quiet: bool = False, data: Optional
                     bar.set_postfix_str(f"{cell.label}: {name}")
                 try:
                     row = run_cell(args, cell, data, out_dir, options, phase)
-                except (RuntimeError, ValueError, FloatingPointError) as exc:
+                except REFUSALS as exc:
                     # the method refused this cell (e.g. all-zero scores): record it, go on
                     failed.append({"method": cell.method, "density_target": cell.density, "seed": cell.seed,
                                    "error": f"{type(exc).__name__}: {exc}"})
@@ -300,8 +310,9 @@ def run(args, cells: List[Cell], out_dir, *, quiet: bool = False, data: Optional
                 rows.append(row)
                 write_journal(out_dir, options, rows, failed)
                 bar.update(1)
+                ratio = "-" if row["node_ratio"] is None else f"{row['node_ratio']:.3f}"
                 message = (f"{cell.label}: test accuracy {row['test_accuracy']:.4f}, effective density "
-                           f"{row['effective_density']:.4f}, node ratio {row['node_ratio']:.3f}")
+                           f"{row['effective_density']:.4f}, node ratio {ratio}")
                 if bar.disable:
                     logger.info("[%d/%d] %s", finished, len(cells), message)
                 else:

@@ -569,6 +569,8 @@ def synthesize_shapes(n: int, image_size: Union[int, Tuple[int, int]] = 32, seed
     disagree (the pixel is crossed by a shape border)."""
     h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     s = supersample
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     split_code = {"train": 0, "test": 1}[split]
     gy, gx = np.meshgrid((np.arange(h * s) + 0.5) / s, (np.arange(w * s) + 0.5) / s, indexing="ij")
     images = np.empty((n, 3, h, w), dtype=np.uint8)

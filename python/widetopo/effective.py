@@ -175,15 +175,16 @@ def effective_sparsity(model: nn.Module, masks: Mapping[str, torch.Tensor], inpu
     device = next(iter(values.values())).device if values else torch.device("cpu")
     gen = torch.Generator().manual_seed(0)
     x = (0.5 + torch.rand((1, *input_shape), generator=gen, dtype=torch.float64)).to(device)
-    out = functional_call(net, {**values, **buffers}, (x,))
-    if isinstance(out, (tuple, list)):
-        out = out[0]
-    if not torch.isfinite(out).all():
-        raise FloatingPointError("effective_sparsity: the path-counting forward pass overflowed")
-    names = list(masks)
-    unit_names = [n for n in names if n in captured]
-    grads = torch.autograd.grad(out.sum(), [values[n] for n in names] + [captured[n] for n in unit_names],
-                                allow_unused=True)
+    with torch.enable_grad():  # also when the caller is inside torch.no_grad()
+        out = functional_call(net, {**values, **buffers}, (x,))
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        if not torch.isfinite(out).all():
+            raise FloatingPointError("effective_sparsity: the path-counting forward pass overflowed")
+        names = list(masks)
+        unit_names = [n for n in names if n in captured]
+        grads = torch.autograd.grad(out.sum(), [values[n] for n in names] + [captured[n] for n in unit_names],
+                                    allow_unused=True)
     w_grads, u_grads = grads[:len(names)], grads[len(names):]
 
     tiny = [t for t in list(w_grads) + list(u_grads) + [captured[n] for n in unit_names] if t is not None]

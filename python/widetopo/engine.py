@@ -129,7 +129,8 @@ class Pruner:
             state, _, mine = self._prepare(data)
             if masks is not None:
                 state.set_masks(self._mask_list(masks))
-            ctx = state.context(round_index, self.options.seed)
+            ctx = state.context(round_index, self.options.seed,
+                                twice_differentiable=self.scorer.needs_double_backward)
             scores = compute_scores(self.scorer, ctx, mine, self.device, "saliency")
         return OrderedDict((n, s) for n, s in zip(self.names, scores))
 
@@ -145,7 +146,8 @@ class Pruner:
         for n in self.names:
             m = masks[n]
             if not isinstance(m, torch.Tensor) or m.dtype != torch.bool or m.shape != params[n].shape:
-                raise ValueError(f"masks[{n!r}] must be a bool tensor of shape {tuple(params[n].shape)}")
+                raise ValueError(f"masks[{n!r}] must be a bool tensor of shape {tuple(params[n].shape)}, got "
+                                 f"{getattr(m, 'dtype', type(m).__name__)} {tuple(getattr(m, 'shape', ()))}")
             out.append(m.to(self.device))
         return out
 
@@ -192,12 +194,13 @@ class Pruner:
             )
 
     def _probe_calibration(self, state, batches: List[Batch]) -> None:
-        """A batch of one sample cannot calibrate BatchNorm1d-like layers: fail now, not in
-        round 1 (one no-grad train-mode forward of that batch, on scratch buffers)."""
+        """A batch of one sample cannot calibrate BatchNorm1d-like layers: for the data-driven
+        methods (they calibrate or run BatchNorm on batch statistics) fail now, not in round 1
+        (one no-grad train-mode forward of that batch, on scratch buffers)."""
         from widetopo.scores.bn import batchnorm_modules, calibrate_batchnorm
 
         smallest = min(batches, key=lambda b: b.x.shape[0])
-        if smallest.x.shape[0] == 1 and batchnorm_modules(self.model):
+        if self.scorer.data_dependent and smallest.x.shape[0] == 1 and batchnorm_modules(self.model):
             calibrate_batchnorm(state.context(0, self.options.seed), smallest.x.to(self.device))
 
     # ------------------------------------------------------------------ checkpoint
@@ -225,24 +228,24 @@ class Pruner:
             return None, 0, 0, 1.0
         rank, _ = dist_utils.rank_world()
         ckpt = Checkpoint(self.options.checkpoint, self._fingerprint(state, batches, world), writer=rank == 0)
-        ckpt.check_writable()
-        saved = ckpt.load()
-        if dist_utils.is_distributed():
-            torch.distributed.barrier()
+        with dist_utils.fail_together(self.device, "opening the checkpoint"):
+            ckpt.check_writable()
+            saved = ckpt.load()
         if saved is None:
             return ckpt, 0, 0, 1.0
         state.load(saved)
         return ckpt, int(saved["phase"]), int(saved["step"]), float(saved["phase_start"])
 
-    @staticmethod
-    def _save(ckpt: Optional[Checkpoint], state, phase_i: int, step: int, phase_start: float) -> None:
+    def _save(self, ckpt: Optional[Checkpoint], state, phase_i: int, step: int, phase_start: float) -> None:
         if ckpt is not None:
-            ckpt.save({"phase": phase_i, "step": step, "phase_start": phase_start, **state.snapshot()})
+            with dist_utils.fail_together(self.device, "writing the checkpoint"):  # rank 0 writes
+                ckpt.save({"phase": phase_i, "step": step, "phase_start": phase_start, **state.snapshot()})
 
     # ------------------------------------------------------------------ the loop
     def _run(self, data: Iterable) -> Masks:
         rank, world = dist_utils.rank_world()
         state, batches, mine = self._prepare(data)
+        self._owner = self._owners(state)
         ckpt, phase_i, step, phase_start = self._open_checkpoint(state, batches, world)
         logger.info(
             "pruning %d prunable weights in %d tensors to density %g with %s (%d steps, %d batch(es) on this process)",
@@ -293,8 +296,8 @@ class Pruner:
         """One round: score, sum across ranks, decay, select at d_t, theta <- theta * m.
         Returns the new kept count."""
         kept = state.kept
-        ctx = state.context(round_index, self.options.seed)
-        owner = self._owners(state)
+        ctx = state.context(round_index, self.options.seed, kept, self.scorer.needs_double_backward)
+        owner = self._owner
         scores = compute_scores(self.scorer, ctx, mine, self.device, phase, owner)
         keep, mode = keep_count(d_t, state.n_prunable, state.n_all, self.options.count)
         if mode == "exact":

@@ -167,8 +167,13 @@ class Masks(Mapping):
         from widetopo.maskfile import load_masks
 
         loaded = load_masks(path, model=model)
-        if isinstance(loaded, Masks):
-            return loaded
-        if isinstance(loaded, tuple) and len(loaded) == 2:
-            return cls(loaded[0], loaded[1])
-        return cls(loaded, getattr(loaded, "meta", None))
+        if not isinstance(loaded, Masks):
+            if isinstance(loaded, tuple) and len(loaded) == 2:
+                loaded = cls(loaded[0], loaded[1])
+            else:
+                loaded = cls(loaded, getattr(loaded, "meta", None))
+        if model is not None:  # the unit topology comes from the model (files do not store it)
+            from widetopo.topology import unit_layouts
+
+            loaded.layouts = unit_layouts(model, list(loaded))
+        return loaded

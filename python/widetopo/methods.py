@@ -44,9 +44,13 @@ class Method:
     def options(self) -> Type[Options]:
         return self.scorer.Options
 
+    @property
+    def option_names(self) -> Tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(self.options))
+
     def make_options(self, **values) -> Options:
         """The method's options with `values` overriding the defaults (validated)."""
-        allowed = [f.name for f in dataclasses.fields(self.options)]
+        allowed = self.option_names
         unknown = sorted(set(values) - set(allowed))
         if unknown:
             raise ValueError(

@@ -12,9 +12,10 @@ import torch
 import widetopo_ext
 from widetopo import distributed as dist_utils
 from widetopo import shard_plan, topology
+from widetopo.scores._util import score_dtype, score_zeros
 from widetopo.scores.base import Batch, ScoreContext, Scorer
 
-__all__ = ["NonFiniteScoresError", "ZeroScoresError", "compute_scores", "select_masks", "score_dtype"]
+__all__ = ["NonFiniteScoresError", "ZeroScoresError", "compute_scores", "select_masks"]
 
 
 class NonFiniteScoresError(RuntimeError):
@@ -23,16 +24,6 @@ class NonFiniteScoresError(RuntimeError):
 
 class ZeroScoresError(RuntimeError):
     """Every kept weight scored 0: any mask would be an arbitrary choice."""
-
-
-def score_dtype(p: torch.Tensor) -> torch.dtype:
-    """Scores are summed, decayed and thresholded in float64 for float64 parameters, else in
-    float32 (also for 16-bit models), so every process all-reduces the same dtype."""
-    return torch.float64 if p.dtype == torch.float64 else torch.float32
-
-
-def _zeros_like_scores(working: Sequence[torch.Tensor]) -> List[torch.Tensor]:
-    return [torch.zeros(p.shape, dtype=score_dtype(p), device=p.device) for p in working]
 
 
 def _check_list(scorer: Scorer, what: str, scores, names: Sequence[str], working: Sequence[torch.Tensor]):
@@ -89,9 +80,12 @@ def compute_scores(scorer: Scorer, ctx: ScoreContext, mine: Sequence[Batch], dev
     if has_prepass(scorer):
         with dist_utils.fail_together(device, what):
             pre = scorer.prepass(ctx, mine)  # over no batch: zeros of the same shapes
-            if not isinstance(pre, (list, tuple)) or not all(isinstance(t, torch.Tensor) for t in pre):
+            if not isinstance(pre, (list, tuple)):
                 raise TypeError(f"scorer {scorer.name!r}: prepass() must return a list of tensors, "
                                 f"got {type(pre).__name__}")
+            for j, t in enumerate(pre):
+                if not isinstance(t, torch.Tensor):
+                    raise TypeError(f"scorer {scorer.name!r}: prepass()[{j}] must be a tensor, got {type(t).__name__}")
             pre = [t.detach().contiguous() for t in pre]
         if scorer.data_dependent:
             dist_utils.all_reduce_sum_(pre)
@@ -100,7 +94,7 @@ def compute_scores(scorer: Scorer, ctx: ScoreContext, mine: Sequence[Batch], dev
         if mine:
             scores = _check_list(scorer, "score()", scorer.score(ctx, mine), ctx.names, working)
         else:  # more processes than batches: this rank contributes nothing to the sum
-            scores = _zeros_like_scores(working)
+            scores = score_zeros(working)
     if scorer.data_dependent:
         if owner is None:
             dist_utils.all_reduce_sum_(scores)
@@ -112,7 +106,7 @@ def compute_scores(scorer: Scorer, ctx: ScoreContext, mine: Sequence[Batch], dev
     else:
         rank = dist_utils.rank_world()[0]
         with dist_utils.fail_together(device, what):
-            _check_finite(scorer, ctx, [s if o == rank else torch.zeros(()) for s, o in zip(scores, owner)], phase)
+            _check_finite(scorer, ctx, [s if o == rank else s.new_zeros(()) for s, o in zip(scores, owner)], phase)
     return scores
 
 

@@ -8,11 +8,15 @@ from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
 from widetopo.options import Options, any_integer, as_dict, boolean, finite, integer, one_of, option, optional, positive
-from widetopo.schedule import COUNTS
+from widetopo.schedule import COUNTS, schedule_kind
 
-__all__ = ["EngineOptions", "SELECTION_OPTIONS", "RESULT_NEUTRAL"]
+__all__ = ["EngineOptions", "RESULT_NEUTRAL"]
 
-_SCHEDULES = one_of("poly", "linear", "cosine", aliases={"geometric": "poly", "exponential": "poly"})
+def _schedule(name: str, value) -> str:
+    try:
+        return schedule_kind(value)
+    except ValueError as exc:
+        raise ValueError(f"{name}: {exc}") from None
 
 
 def _path(name: str, value):
@@ -46,7 +50,7 @@ class EngineOptions(Options):
     restorations: int = option(0, "R: mask restorations after the first T rounds", integer(0))
     restore_steps: int = option(50, "J: steps of one restoration", integer(1))
     restore_rounds: Optional[int] = option(None, "T': rounds after each restoration (None: T)", optional(integer(1)))
-    schedule: str = option("poly", "density schedule: 'poly' (geometric), 'linear' or 'cosine'", _SCHEDULES)
+    schedule: str = option("poly", "density schedule: 'poly' (geometric), 'linear' or 'cosine'", _schedule)
     compression_factor: float = option(5.0, "gamma of the density-aware decay", positive)
     count: str = option("exact", "'exact' keeps round(d*N_P); 'official' the published code's counting",
                         one_of(*COUNTS))
@@ -74,6 +78,3 @@ class EngineOptions(Options):
 
 #: options that do not change the masks
 RESULT_NEUTRAL = ("verbose", "checkpoint", "device", "data_device", "shard_scores")
-
-#: options of widetopo.params.select_prunable accepted by prune() and saliency()
-SELECTION_OPTIONS = ("include", "names", "pattern", "include_bias", "include_norm")

@@ -9,7 +9,7 @@ masks:      one bool mask per prunable tensor.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
@@ -52,8 +52,11 @@ class PruneState:
             torch._foreach_copy_(self.working, self.theta_init)
         widetopo_ext.apply_masks_(self.working, self.masks)
 
-    def context(self, round_index: int, seed: int) -> ScoreContext:
-        """A scorer's view of this round: current weights, fresh buffer copies, the masks."""
+    def context(self, round_index: int, seed: int, kept: Optional[int] = None,
+                twice_differentiable: bool = True) -> ScoreContext:
+        """A scorer's view of this round: current weights, fresh buffer copies, the masks
+        (kept: the current kept count, if the caller has it)."""
+        kept = self.kept if kept is None else kept
         return ScoreContext(
             model=self.model,
             names=list(self.names),
@@ -62,7 +65,8 @@ class PruneState:
             masks=self.masks,
             round=round_index,
             seed=seed,
-            density=self.kept / self.n_prunable,
+            density=kept / self.n_prunable,
+            twice_differentiable=twice_differentiable,
         )
 
     def snapshot(self) -> Dict[str, list]:

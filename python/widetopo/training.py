@@ -248,7 +248,9 @@ def train_epoch(model: nn.Module, loader, optimizer, device="cpu", scheduler=Non
         optimizer.zero_grad(set_to_none=True)
         logits = model(x)
         hits, counted = _hits(logits.detach(), y, ignore_index)
-        if counted == 0:
+        if counted == 0:  # no labelled target: nothing to learn, the schedule still advances
+            if scheduler is not None:
+                scheduler.step()
             continue
         loss = nn.functional.cross_entropy(logits, y, ignore_index=ignore_index)
         if not torch.isfinite(loss):

@@ -6,7 +6,6 @@ interface of scores/base.py; widetopo.methods registers them under their method 
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Tuple
 
 from widetopo.scores.base import Batch, ScoreContext, Scorer
@@ -27,7 +26,7 @@ def scorer_options(method: str) -> Tuple[str, ...]:
     """Names of the options of a registered method (widetopo.methods)."""
     from widetopo.methods import get_method
 
-    return tuple(f.name for f in dataclasses.fields(get_method(method).options))
+    return get_method(method).option_names
 
 
 def make_scorer(method: str, **options) -> Scorer:

@@ -48,6 +48,9 @@ class ScoreContext:
     seed: int = 0
     density: float = 1.0
     prepass: Optional[List[torch.Tensor]] = None
+    #: route ops without a double backward through twice-differentiable equivalents in
+    #: forward() (the engine sets it from the scorer's needs_double_backward)
+    twice_differentiable: bool = True
     extra: dict = field(default_factory=dict)
 
     @property
@@ -64,12 +67,14 @@ class ScoreContext:
         return make_generator(self.seed, self.round, batch_index, self.device, stream)
 
     def forward(self, params: Dict[str, torch.Tensor], x: torch.Tensor, buffers=None) -> torch.Tensor:
-        """f(x) with the given parameters (and the context's buffers unless given), with the
-        ops that lack a double backward routed through twice-differentiable equivalents
-        (widetopo.scores.differentiable.twice_differentiable: same forward values)."""
+        """f(x) with the given parameters (and the context's buffers unless given); with
+        `twice_differentiable`, the ops that lack a double backward run through
+        twice-differentiable equivalents (widetopo.scores.differentiable: same forward values)."""
+        import contextlib
+
         from widetopo.scores.differentiable import twice_differentiable
 
-        with twice_differentiable():
+        with twice_differentiable() if self.twice_differentiable else contextlib.nullcontext():
             out = functional_call(self.model, (params, self.buffers if buffers is None else buffers), (x,))
         if not isinstance(out, torch.Tensor):
             raise TypeError(

@@ -50,8 +50,11 @@ def erk_quotas(shapes: Sequence[Sequence[int]], keep: int, power_scale: float = 
     caps: the most each tensor may keep (default its size)."""
     sizes = [math.prod(int(d) for d in s) for s in shapes]
     caps = list(sizes) if caps is None else [int(c) for c in caps]
-    if any(c < 0 or c > n for c, n in zip(caps, sizes)) or len(caps) != len(sizes):
-        raise ValueError("erk: caps must give 0 <= cap <= size for every tensor")
+    if len(caps) != len(sizes):
+        raise ValueError(f"erk: caps must have one entry per tensor ({len(sizes)}), got {len(caps)}")
+    for j, (c, n) in enumerate(zip(caps, sizes)):
+        if c < 0 or c > n:
+            raise ValueError(f"erk: caps[{j}] must be in [0, {n}] (the tensor's size), got {c}")
     if isinstance(keep, bool) or not isinstance(keep, int) or not 0 <= keep <= sum(caps):
         raise ValueError(f"erk: keep must be an integer in [0, {sum(caps)}], got {keep!r}")
     p = [erk_raw_density(s, power_scale) for s in shapes]

@@ -42,23 +42,20 @@ diagnostics["scale"] holds 2^e, diagnostics["R"] this process's R.
 """
 from __future__ import annotations
 
-import contextlib
 import math
-import types
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.overrides import TorchFunctionMode
 
 import widetopo_ext
 from widetopo.options import Options, one_of, option
 from widetopo.scores.base import Batch, ScoreContext, Scorer
 from widetopo.scores._util import score_zeros
-from widetopo.scores.bn import batchnorm_modules, eval_mode
+from widetopo.scores.bn import batchnorm_train_mode, eval_mode
 from widetopo.scores.widetopo import check_finite
 
 __all__ = ["PXScorer", "PXOptions", "path_gates", "gated_output", "hnet_output"]
@@ -152,26 +149,8 @@ class _PathActivations(TorchFunctionMode):
 
 # ---------------------------------------------------------------------------- the three nets
 
-@contextlib.contextmanager
-def _batchnorm_train(model: nn.Module) -> Iterator[None]:
-    """Every BatchNorm module in train mode (batch statistics), everything else in eval mode;
-    SyncBatchNorm computes local statistics (no collective). Flags restored on exit."""
-    bns = [m for _, m in batchnorm_modules(model)]
-    synced = [m for m in bns if isinstance(m, nn.SyncBatchNorm) and "forward" not in vars(m)]
-    with eval_mode(model):
-        try:
-            for m in bns:
-                m.train()
-            for m in synced:
-                m.forward = types.MethodType(_BatchNorm.forward, m)
-            yield
-        finally:
-            for m in synced:
-                vars(m).pop("forward", None)
-
-
 def _bn_mode(model: nn.Module, bn_mode: str):
-    return _batchnorm_train(model) if bn_mode == "train" else eval_mode(model)
+    return batchnorm_train_mode(model) if bn_mode == "train" else eval_mode(model)
 
 
 def _float64(tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
