@@ -10,7 +10,8 @@ from torch import nn
 from torch.func import functional_call
 
 import widetopo
-from method_checks import bn_net, check_basic_properties, check_resume, check_two_processes, labelled
+from method_checks import (bn_net, check_basic_properties, check_resume, check_two_processes, labelled,
+                           per_pixel_loss, segmentation_pairs)
 from scoring_nets import make_ctx
 from widetopo.methods import get_method
 from widetopo.scores import Batch
@@ -168,29 +169,12 @@ def test_temperature_option():
 def test_segmentation_ignore_index_against_per_pixel_loop():
     torch.manual_seed(3)
     net = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.Tanh(), nn.Conv2d(3, 4, 1)).double()
-    g = torch.Generator().manual_seed(4)
-    pairs = []
-    for _ in range(2):
-        x = torch.randn(2, 2, 3, 3, generator=g, dtype=torch.float64)
-        y = torch.randint(0, 4, (2, 3, 3), generator=g)
-        y[torch.rand(y.shape, generator=g) < 0.3] = 255
-        pairs.append((x, y))
-
-    def per_pixel(logits, y):
-        total, count = 0.0, 0
-        for n in range(y.shape[0]):
-            for i in range(y.shape[1]):
-                for j in range(y.shape[2]):
-                    if int(y[n, i, j]) != 255:
-                        z = logits[n, :, i, j]
-                        total = total + torch.logsumexp(z, 0) - z[int(y[n, i, j])]
-                        count += 1
-        return total / count
+    pairs = segmentation_pairs()
 
     names = [n for n, p in net.named_parameters() if p.dim() > 1]
     w = [dict(net.named_parameters())[n].detach() for n in names]
     ref, _ = reference_grasp(net, w, [torch.ones_like(t) for t in w], names, pairs, temperature=2.0,
-                             loss_fn=per_pixel)
+                             loss_fn=per_pixel_loss)
     got = widetopo.saliency(net, pairs, "grasp", ignore_index=255, temperature=2.0)
     for n, r in zip(names, ref):
         torch.testing.assert_close(got[n], r, rtol=1e-9, atol=1e-12 * float(r.abs().max()), msg=n)
