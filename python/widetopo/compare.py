@@ -211,7 +211,7 @@ def run_cell(args, cell: Cell, data: dict, out_dir: str, options: dict, phase: C
     """Prune (unless dense), measure effective sparsity, train and evaluate one cell; the row."""
     import torch
     from widetopo import cli
-    from widetopo.effective import effective_sparsity
+    from widetopo.effective import effective_sparsity, input_shape_from_meta
 
     cargs = copy.copy(args)
     cargs.density, cargs.seed = cell.density, cell.seed
@@ -220,8 +220,7 @@ def run_cell(args, cell: Cell, data: dict, out_dir: str, options: dict, phase: C
     else:  # a method, or a variant NAME:KEY=VALUE... with some of its options set
         cargs.method, cargs.method_options = cli.split_method_variant(cell.method)
     train_ds, test_ds, train_aug = data["train"], data["test"], data["train_aug"]
-    shape = (train_ds.in_channels,) + ((train_ds.image_size,) * 2 if isinstance(train_ds.image_size, int)
-                                       else tuple(train_ds.image_size))
+    shape = input_shape_from_meta({"in_channels": train_ds.in_channels, "image_size": train_ds.image_size})
     model = cli._build(cargs, train_ds)
     row = {"method": cell.method, "density_target": cell.density, "seed": cell.seed}
     if cell.method == "dense":

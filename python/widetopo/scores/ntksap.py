@@ -46,6 +46,7 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 
 import widetopo_ext
 from widetopo.options import Options, boolean, option, positive
+from widetopo.params import _base, parameter_owners
 from widetopo.scores.base import Batch, ScoreContext, Scorer
 from widetopo.scores.bn import calibrate_batchnorm, eval_mode
 from widetopo.scores.ita import _HALF, _upcast, no_tf32
@@ -75,16 +76,12 @@ def reinit_plan(model: nn.Module, prunable: Sequence[str]) -> Plan:
     (name, kind, scale, extra) in named_parameters order; parameters not listed keep their
     values. kinds: "normal" randn * scale, "uniform" (2 rand - 1) * scale, "const" = scale,
     "embedding" randn with row `extra` (padding_idx) set to 0."""
-    owner: Dict[str, Tuple[nn.Module, str]] = {}
-    for prefix, module in model.named_modules():
-        for local, p in module._parameters.items():
-            if p is not None:
-                owner.setdefault(f"{prefix}.{local}" if prefix else local, (module, local))
+    owners = parameter_owners(model)  # a tied parameter is read as its first owner's
     prunable = set(prunable)
     plan: Plan = []
     for name, p in model.named_parameters():
-        module, local = owner[name]
-        local = local[:-5] if local.endswith("_orig") else local  # torch.nn.utils.prune
+        _, module, local = owners[name][0]
+        local = _base(local)  # torch.nn.utils.prune's weight_orig
         shape = tuple(p.shape)
         if isinstance(module, (_ConvNd, nn.Linear)):
             entry = ("normal", math.sqrt(2.0 / _fan_in(shape)), None) if local == "weight" else ("const", 0.0, None)
