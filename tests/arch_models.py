@@ -250,3 +250,17 @@ ARCHITECTURES = {
     "lstm": "widetopo.models LSTM classifier (rows as a sequence)",
     "unet": "widetopo.models U-Net segmentation net (ConvTranspose2d, concatenated skips)",
 }
+
+
+class TiedLM(nn.Module):
+    """Embedding first, output head tied to it (a language model's weight tying)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(7, 4)
+        self.mid = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 7, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.mid(self.emb(x))).mean(1))

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 import widetopo
+from arch_models import TiedLM
 from widetopo.params import parameter_owners, select_prunable
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -54,20 +55,6 @@ class Recurrent(nn.Module):
         h, _ = self.gru(h)
         h = self.cell(h[:, -1])
         return self.out(h)
-
-
-class Tied(nn.Module):
-    """Embedding first, output head tied to it (a language model's weight tying)."""
-
-    def __init__(self):
-        super().__init__()
-        self.emb = nn.Embedding(7, 4)
-        self.mid = nn.Linear(4, 4)
-        self.head = nn.Linear(4, 7, bias=False)
-        self.head.weight = self.emb.weight
-
-    def forward(self, x):
-        return self.head(torch.tanh(self.mid(self.emb(x))).mean(1))
 
 
 def test_default_set_covers_attention_and_transposed_convs():
@@ -146,7 +133,7 @@ def test_flags_must_be_bools():
 
 
 def test_tied_weight_is_one_tensor_under_its_canonical_name():
-    model = Tied()
+    model = TiedLM()
     assert select_prunable(model) == ["emb.weight", "mid.weight"]  # selected through the head
     owners = parameter_owners(model)["emb.weight"]
     assert [(prefix, local) for prefix, _, local in owners] == [("emb", "weight"), ("head", "weight")]
@@ -160,7 +147,7 @@ def test_tied_weight_is_one_tensor_under_its_canonical_name():
 @pytest.mark.parametrize("method", ["widetopo-s", "snip", "magnitude"])
 def test_prune_tied_lm_keeps_the_tie_and_exact_k(method):
     torch.manual_seed(0)
-    model = Tied()
+    model = TiedLM()
     x = torch.randint(0, 7, (6, 5))
     data = [(x, torch.randint(0, 7, (6,)))]
     # token inputs: the ITA term perturbs x, which needs floating inputs, so NTK term only

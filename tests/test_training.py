@@ -6,6 +6,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
+from arch_models import TiedLM
 from widetopo.training import MaskEnforcer, apply_masks, evaluate, fit, make_scheduler, remove_masks
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
@@ -259,18 +260,6 @@ def test_fit_learns_under_masks(mode):
 # tied parameters
 
 
-class _TiedLM(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.emb = nn.Embedding(7, 4)
-        self.mid = nn.Linear(4, 4)
-        self.head = nn.Linear(4, 7, bias=False)
-        self.head.weight = self.emb.weight
-
-    def forward(self, x):
-        return self.head(torch.tanh(self.mid(self.emb(x))).mean(1))
-
-
 def _tied_reference(model, mask, x):
     """The same network written out with the masked weight used at both places."""
     w = model.emb.weight_orig.detach() * mask if hasattr(model.emb, "weight_orig") else model.emb.weight.detach() * mask
@@ -280,7 +269,7 @@ def _tied_reference(model, mask, x):
 
 def test_apply_masks_keeps_a_tie_and_masks_every_use():
     torch.manual_seed(0)
-    model = _TiedLM()
+    model = TiedLM()
     mask = torch.rand(7, 4) > 0.5
     x = torch.randint(0, 7, (3, 5))
     apply_masks(model, {"emb.weight": mask})
@@ -306,7 +295,7 @@ def test_apply_masks_keeps_a_tie_and_masks_every_use():
 
 def test_fit_in_prune_mode_keeps_the_tie():
     torch.manual_seed(0)
-    model = _TiedLM()
+    model = TiedLM()
     mask = torch.rand(7, 4) > 0.5
     x = torch.randint(0, 7, (8, 5))
     y = torch.randint(0, 7, (8,))
