@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import widetopo  # noqa: E402
 from widetopo.models import build_model  # noqa: E402
-from widetopo.params import select_prunable  # noqa: E402
+from widetopo.sparsity.selection import select_prunable  # noqa: E402
 
 from arch_models import ARCHITECTURES, tiny_case  # noqa: E402
 

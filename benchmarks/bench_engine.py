@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from official_baseline import prune_baseline  # noqa: E402
 
 import widetopo  # noqa: E402
-from widetopo import engine as _engine  # noqa: E402
+from widetopo.engine import pruner as _engine  # noqa: E402
 from widetopo.models import build_model  # noqa: E402
 
 

@@ -3,8 +3,8 @@ CIFAR ResNet-20 and one batch of 32 random 3x32x32 images with labels, next to o
 forward + backward (cross entropy, train mode) of the same network in the same run.
 
 A round is what the engine does per round: the scorer's prepass / score / finalize
-(widetopo.rounds.compute_scores) and the mask selection (widetopo.rounds.select_masks, to half
-the current weights), on the engine's working state (widetopo.state.PruneState). The state is
+(widetopo.engine.rounds.compute_scores) and the mask selection (widetopo.engine.rounds.select_masks, to half
+the current weights), on the engine's working state (widetopo.engine.state.PruneState). The state is
 reset to theta_init and dense masks after every timed round (outside the timer), so every
 round scores the same dense network. Methods and the baseline run interleaved, WARMUP
 untimed rounds first, and the table gives medians over REPS.
@@ -30,12 +30,12 @@ from typing import Callable, Dict, List
 import torch
 import torch.nn.functional as F
 
-from widetopo import rounds
+from widetopo.engine import rounds
 from widetopo.methods import all_methods, get_method
 from widetopo.models import build_model
-from widetopo.params import select_prunable
+from widetopo.sparsity.selection import select_prunable
 from widetopo.scores.base import Batch
-from widetopo.state import PruneState
+from widetopo.engine.state import PruneState
 
 
 def _env(name, default, cast=int):

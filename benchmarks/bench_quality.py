@@ -37,7 +37,7 @@ def _default_dataset() -> str:
 
 def active_output_fraction(path: str) -> float:
     """Active output units / output units over every prunable tensor of a mask file."""
-    from widetopo.masks import Masks
+    from widetopo.sparsity.masks import Masks
 
     stats = Masks.load(path).stats()
     return sum(s.active_out for s in stats) / sum(s.out_units for s in stats)
@@ -97,7 +97,7 @@ def main(argv=None) -> int:
     p.add_argument("--table-only", action="store_true", help="print the table of an existing run")
     args = p.parse_args(argv)
     if not args.table_only:
-        from widetopo import cli
+        from widetopo.cli import commands as cli
 
         dataset = args.dataset or _default_dataset()
         cmd = ["compare", "--model", args.model, "--dataset", dataset, "--methods", args.methods,

@@ -34,8 +34,8 @@ import torch
 from torch import nn
 
 from widetopo.models import build_model
-from widetopo.params import select_prunable
-from widetopo.training import MaskEnforcer, apply_masks
+from widetopo.sparsity.selection import select_prunable
+from widetopo.sparsity.apply import MaskEnforcer, apply_masks
 
 BATCH = int(os.environ.get("WIDETOPO_BENCH_TRAIN_BATCH", 64))
 STEPS = int(os.environ.get("WIDETOPO_BENCH_TRAIN_STEPS", 9))

@@ -7,7 +7,7 @@ No widetopo_ext ops and no torch.func: this is the reference point of benchmarks
 
 The math and the random draws are those of the library, so the masks can be compared entry
 by entry:
-  * every draw comes from widetopo.rng.make_generator(seed, round, batch_index, device, stream)
+  * every draw comes from widetopo.engine.rng.make_generator(seed, round, batch_index, device, stream)
     - Hutchinson probes: stream 1, v = randn(logits.shape) per probe;
     - ITA: stream 2, first dx = randn(x.shape), then dtheta_p = randn(theta_p.shape) for the
       prunable tensors in named_parameters() order;
@@ -35,7 +35,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 import torch
 from torch import nn
 
-from widetopo.rng import make_generator
+from widetopo.engine.rng import make_generator
 
 NTK_STREAM = 1
 ITA_STREAM = 2

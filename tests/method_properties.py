@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import widetopo
-from widetopo import checkpoint as ckpt_mod
+from widetopo.engine import checkpoint as ckpt_mod
 
 
 def model_state(model):

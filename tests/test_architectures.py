@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import widetopo
-from widetopo.params import select_prunable
+from widetopo.sparsity.selection import select_prunable
 
 from arch_models import ARCHITECTURES, mobilenet_v3_small, resnet18, tiny_case
 

@@ -7,8 +7,8 @@ import sys
 import pytest
 import torch
 
-from widetopo.cli import main
-from widetopo.maskfile import load_masks, read_header
+from widetopo.cli.commands import main
+from widetopo.sparsity.maskfile import load_masks, read_header
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
@@ -176,14 +176,14 @@ def test_python_dash_m_subprocess(tmp_path):
 
 @pytest.mark.parametrize("argv", [["-q", "report", "x.wtm"], ["report", "x.wtm", "-q"], ["report", "-q", "x.wtm"]])
 def test_global_flags_before_or_after_the_command(argv):
-    from widetopo.cli import build_parser
+    from widetopo.cli.commands import build_parser
 
     args = build_parser().parse_args(argv)
     assert args.quiet is True and args.verbose is False and args.threads == "auto"
 
 
 def test_threads_after_the_command_and_conflicting_flags(capsys):
-    from widetopo.cli import build_parser
+    from widetopo.cli.commands import build_parser
 
     args = build_parser().parse_args(["--threads", "3", "run", "--threads", "1"])
     assert args.threads == 1
@@ -193,7 +193,7 @@ def test_threads_after_the_command_and_conflicting_flags(capsys):
 
 
 def test_outputs_checked_before_any_work(tmp_path, monkeypatch, capsys):
-    import widetopo.cli as cli
+    import widetopo.cli.commands as cli
 
     def no_work(*a, **k):
         raise AssertionError("pruning or training started although an output cannot be written")
@@ -282,7 +282,7 @@ def test_report_shows_effective_sparsity(mask_file, capsys):
 def test_segmentation_run_end_to_end_and_task_mismatch(tmp_path, capsys):
     """unet on the synthesised shapes set: SNIP with the per-pixel loss, pixel accuracy; a
     classifier on a segmentation set is refused before any work."""
-    from widetopo import cli
+    from widetopo.cli import commands as cli
 
     out = tmp_path / "seg.wtm"
     rc = cli.main(["-q", "run", "--model", "unet", "--dataset", "shapes", "--method", "snip", "--density", "0.2",

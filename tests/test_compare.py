@@ -7,9 +7,9 @@ import statistics
 import pytest
 import torch
 
-import widetopo.compare as compare
-from widetopo.cli import main
-from widetopo.maskfile import load_masks, read_header
+import widetopo.experiments.compare as compare
+from widetopo.cli.commands import main
+from widetopo.sparsity.maskfile import load_masks, read_header
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 pytest.importorskip("sklearn", reason="compare tests use scikit-learn's bundled digits dataset")
@@ -165,7 +165,7 @@ def test_compare_usage_errors(tmp_path, capsys):
 
 
 def test_every_registered_method_is_accepted():
-    from widetopo.cli import build_parser
+    from widetopo.cli.commands import build_parser
     from widetopo.methods import all_methods
 
     names = [m.name for m in all_methods()]
@@ -207,7 +207,7 @@ def test_a_failing_cell_is_recorded_and_the_others_run(tmp_path, monkeypatch, ca
     tries the failed cell again."""
     import json
 
-    from widetopo import cli
+    from widetopo.cli import commands as cli
     from widetopo.scores.baselines import MagnitudeScorer
 
     monkeypatch.setattr(MagnitudeScorer, "score", lambda self, ctx, batches: [p * 0 for p in ctx.prunable])
@@ -232,8 +232,8 @@ def test_a_failing_cell_is_recorded_and_the_others_run(tmp_path, monkeypatch, ca
 def test_method_variants_with_options_are_their_own_cells(tmp_path, capsys):
     import json
 
-    from widetopo import cli
-    from widetopo.masks import Masks
+    from widetopo.cli import commands as cli
+    from widetopo.sparsity.masks import Masks
 
     out = tmp_path / "cmp"
     argv = ["-q", "compare", "--methods", "random,random:distribution=normal", "--densities", "0.3", "--seeds", "0",

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from widetopo import data as wdata
+from widetopo.data import shapes as wshapes
 from widetopo.data import DatasetNotFoundError, ImageDataset, data_loader, load_dataset, read_idx
 
 HAVE_SKLEARN = importlib.util.find_spec("sklearn") is not None
@@ -424,16 +425,16 @@ def test_shape_primitives_against_closed_forms():
     s = 8
     gy, gx = np.meshgrid((np.arange(20 * s) + 0.5) / s, (np.arange(20 * s) + 0.5) / s, indexing="ij")
     rng = np.random.default_rng(0)
-    disc = wdata._shape_coverage(2, gx, gy, 10.0, 9.0, 5.0, rng)
+    disc = wshapes._shape_coverage(2, gx, gy, 10.0, 9.0, 5.0, rng)
     assert abs(disc.sum() / s ** 2 - math.pi * 25) < 1.0
     assert disc[9 * s, 10 * s] and not disc[9 * s, 16 * s]
     # triangle (2, 2), (12, 2), (2, 12): area 50; a point inside, one past the hypotenuse
     vx, vy = np.array([2.0, 12.0, 2.0]), np.array([2.0, 2.0, 12.0])
-    tri = wdata._in_triangle(gx, gy, vx, vy)
+    tri = wshapes._in_triangle(gx, gy, vx, vy)
     assert abs(tri.sum() / s ** 2 - 50) < 1.0
-    inside = lambda x, y: bool(wdata._in_triangle(np.array(x), np.array(y), vx, vy))  # noqa: E731
+    inside = lambda x, y: bool(wshapes._in_triangle(np.array(x), np.array(y), vx, vy))  # noqa: E731
     assert inside(3.0, 3.0) and inside(6.9, 5.0) and not inside(7.5, 7.5) and not inside(1.0, 5.0)
-    rect = wdata._shape_coverage(1, gx, gy, 10.0, 10.0, 4.0, np.random.default_rng(1))
+    rect = wshapes._shape_coverage(1, gx, gy, 10.0, 10.0, 4.0, np.random.default_rng(1))
     rows, cols = np.nonzero(rect)
     hx, hy = (cols.max() - cols.min() + 1) / s / 2, (rows.max() - rows.min() + 1) / s / 2
     assert 2.4 - 0.2 <= min(hx, hy) and max(hx, hy) <= 4.0 + 0.1  # half-sides in [0.6 r, r]

@@ -153,7 +153,7 @@ def test_two_ranks_identical_and_equal_to_one_process(spawned, one_thread):
 
 
 def test_helpers_without_process_group():
-    from widetopo import distributed as d
+    from widetopo.distributed import collectives as d
     from widetopo.scores.base import Batch
 
     assert d.rank_world() == (0, 1)
@@ -221,7 +221,7 @@ def test_sharded_scores_give_the_masks_of_the_unsharded_run(spawned):
 
 
 def test_shard_owners_balance_the_scores():
-    from widetopo.shard_plan import owners
+    from widetopo.distributed.owners import owners
 
     assert owners([10, 1, 1, 8], 2) == [0, 1, 1, 1]
     assert owners([5, 5, 5], 3) == [0, 1, 2]

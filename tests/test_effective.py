@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from widetopo.effective import effective_sparsity, input_shape_from_meta
-from widetopo.masks import Masks
+from widetopo.sparsity.effective import effective_sparsity, input_shape_from_meta
+from widetopo.sparsity.masks import Masks
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 import widetopo
-from widetopo.engine import Pruner
-from widetopo.restoration import RESTORE_STREAM
-from widetopo.rng import make_generator
+from widetopo.engine.pruner import Pruner
+from widetopo.engine.restoration import RESTORE_STREAM
+from widetopo.engine.rng import make_generator
 from widetopo.scores.base import Scorer
 
 pytestmark = pytest.mark.needs_kernel(
@@ -407,7 +407,7 @@ def test_prune_with_norm_and_bias_selection():
 
 def test_logs_collapsed_layers(caplog):
     # official counting over all 279 parameters at d = 0.05 prunes all 264 prunable weights
-    with caplog.at_level("INFO", logger="widetopo.engine"):
+    with caplog.at_level("INFO", logger="widetopo.engine.pruner"):
         m = widetopo.prune(tiny_cnn(), batches(), 0.05, method=RandScorer(), count="official", verbose=False)
     assert m.kept == 0
     assert any("no weights kept in 2 prunable tensor(s): 0.weight, 4.weight" in r.getMessage()

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import widetopo
-from widetopo.engine import NonFiniteScoresError, Pruner
+from widetopo.engine.pruner import NonFiniteScoresError, Pruner
 from widetopo.scores.base import Scorer
 
 pytestmark = pytest.mark.needs_kernel("global_threshold", "apply_masks_", "mask_stats")

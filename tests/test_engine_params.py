@@ -5,7 +5,7 @@ import torch
 import torch.nn.utils.prune
 from torch import nn
 
-from widetopo.params import select_prunable
+from widetopo.sparsity.selection import select_prunable
 
 
 class Zoo(nn.Module):

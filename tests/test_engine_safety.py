@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 import widetopo
-from widetopo.checkpoint import CheckpointMismatch
-from widetopo.rounds import ZeroScoresError
+from widetopo.engine.checkpoint import CheckpointMismatch
+from widetopo.engine.rounds import ZeroScoresError
 from widetopo.scores.base import Scorer
 
 pytestmark = [pytest.mark.needs_kernel("global_threshold", "apply_masks_", "mask_stats", "density_decay_"),
@@ -136,7 +136,7 @@ def test_ita_separate_evaluation_for_models_that_mix_samples():
     cat = widetopo.saliency(MixingNet(), batch, "widetopo", mu1=0.0, ita_batched=True)
     assert any(not torch.allclose(sep[n], cat[n], rtol=1e-3) for n in sep)
     # reference: the ITA formula with four explicit forwards (same draws as ita_score)
-    from widetopo.rng import make_generator
+    from widetopo.engine.rng import make_generator
     from widetopo.scores.ita import ITA_STREAM
 
     model = MixingNet()

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from widetopo.maskfile import FORMAT_VERSION, MAGIC, MaskFileError, MaskMismatchError, load_masks, read_header, save_masks
-from widetopo.masks import Masks
+from widetopo.sparsity.maskfile import FORMAT_VERSION, MAGIC, MaskFileError, MaskMismatchError, load_masks, read_header, save_masks
+from widetopo.sparsity.masks import Masks
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 

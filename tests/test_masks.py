@@ -1,10 +1,10 @@
 """Masks: mapping behaviour, density and per-layer statistics on hand-counted masks, apply_,
-to(), save/load through widetopo.maskfile."""
+to(), save/load through widetopo.sparsity.maskfile."""
 import pytest
 import torch
 from torch import nn
 
-from widetopo.masks import LayerStats, Masks
+from widetopo.sparsity.masks import LayerStats, Masks
 
 pytestmark = pytest.mark.needs_kernel("mask_stats", "apply_masks_")
 

@@ -7,7 +7,7 @@ from torch import nn
 
 import widetopo
 from method_properties import check_resume, check_run_properties
-from widetopo.rng import make_generator
+from widetopo.engine.rng import make_generator
 from widetopo.scores.base import ScoreContext
 from widetopo.scores.erk import ERKMagnitudeScorer, ERKRandomScorer, erk_quotas
 

@@ -13,7 +13,7 @@ import widetopo
 from method_checks import bn_net, check_basic_properties, check_resume, check_two_processes, labelled
 from scoring_nets import TinyCNN, make_ctx, make_model
 from widetopo.methods import get_method
-from widetopo.rng import make_generator
+from widetopo.engine.rng import make_generator
 from widetopo.scores import Batch
 from widetopo.scores.ntksap import NTKSAPScorer, reinit_params, reinit_plan
 

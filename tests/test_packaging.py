@@ -121,12 +121,6 @@ def test_version_matches_distribution_metadata(dist):
 def test_console_script_resolves(dist):
     scripts = [ep for ep in dist.entry_points if ep.group == "console_scripts"]
     assert [(ep.name, ep.value) for ep in scripts] == [("widetopo", "widetopo.cli:main")]
-    try:
-        importlib.import_module("widetopo.cli")
-    except ModuleNotFoundError as exc:
-        if exc.name == "widetopo.cli":
-            pytest.skip("widetopo.cli is not written yet (the console script has no target)")
-        raise
     main = scripts[0].load()
     assert callable(main)
 

@@ -6,7 +6,7 @@ from torch import nn
 
 import widetopo
 from arch_models import TiedLM
-from widetopo.params import parameter_owners, select_prunable
+from widetopo.sparsity.selection import parameter_owners, select_prunable
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

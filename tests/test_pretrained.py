@@ -1,11 +1,11 @@
-"""widetopo.pretrained.load_init: plain state_dicts, checkpoint dicts, clear mismatch errors."""
+"""widetopo.experiments.pretrained.load_init: plain state_dicts, checkpoint dicts, clear mismatch errors."""
 import hashlib
 
 import pytest
 import torch
 from torch import nn
 
-from widetopo.pretrained import InitMismatchError, load_init
+from widetopo.experiments.pretrained import InitMismatchError, load_init
 
 
 def net():

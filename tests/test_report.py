@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from widetopo.masks import Masks
-from widetopo.report import format_table, mask_report, plot_report, write_json
+from widetopo.sparsity.masks import Masks
+from widetopo.sparsity.report import format_table, mask_report, plot_report, write_json
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
@@ -121,7 +121,7 @@ def test_report_units_follow_the_conv_topology():
     with out = dim 1 (hand counts)."""
     from torch import nn
 
-    from widetopo.report import mask_report
+    from widetopo.sparsity.report import mask_report
 
     model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=4), nn.ConvTranspose2d(4, 6, 2))
     masks = {"0.weight": torch.ones(4, 1, 3, 3, dtype=torch.bool), "1.weight": torch.zeros(4, 6, 2, 2, dtype=torch.bool)}

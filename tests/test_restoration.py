@@ -5,13 +5,13 @@ import math
 import pytest
 import torch
 
-from widetopo.restoration import (
+from widetopo.engine.restoration import (
     RESTORE_STREAM,
     restoration_path,
     restoration_target,
     restore_masks,
 )
-from widetopo.rng import make_generator
+from widetopo.engine.rng import make_generator
 
 pytestmark = pytest.mark.needs_kernel("restoration_scores", "global_threshold")
 

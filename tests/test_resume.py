@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 import widetopo
-from widetopo import checkpoint as ckpt_mod
-from widetopo.checkpoint import CheckpointMismatch
+from widetopo.engine import checkpoint as ckpt_mod
+from widetopo.engine.checkpoint import CheckpointMismatch
 from widetopo.scores.base import Scorer
 
 pytestmark = pytest.mark.needs_kernel("global_threshold", "density_decay_", "restoration_scores", "apply_masks_",

@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from widetopo.schedule import density_schedule, keep_count
+from widetopo.engine.schedule import density_schedule, keep_count
 
 
 def test_poly_is_geometric_from_one():

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scoring_nets import MLP, TinyCNN, make_ctx, make_model, masked_copy
-from widetopo.rng import make_generator
+from widetopo.engine.rng import make_generator
 from widetopo.scores import Batch, MagnitudeScorer, RandomScorer, SNIPScorer, SynFlowScorer
 from widetopo.scores.baselines import synflow_scores
 

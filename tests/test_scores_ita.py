@@ -4,7 +4,7 @@ import copy
 import pytest
 import torch
 
-from widetopo.rng import make_generator
+from widetopo.engine.rng import make_generator
 from scoring_nets import MLP1 as MLP
 from scoring_nets import TinyCNN, make_ctx, make_model, masked_copy
 from widetopo.scores import Batch, ita_score

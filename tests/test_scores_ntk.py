@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from widetopo.rng import make_generator
+from widetopo.engine.rng import make_generator
 from scoring_nets import MLP, TinyCNN, make_ctx, make_model, masked_copy
 from widetopo.scores import Batch, ntk_score
 from widetopo.scores.ntk import NTK_STREAM

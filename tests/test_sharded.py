@@ -13,7 +13,7 @@ import torch
 
 import widetopo_ext
 from widetopo_ext import reference
-from widetopo.sharded import DIGIT_BITS, ShardStats, sharded_global_threshold
+from widetopo.distributed.sharded import DIGIT_BITS, ShardStats, sharded_global_threshold
 
 from gloo import spawn
 
@@ -418,7 +418,7 @@ def test_stats_ring_formula():
 
 def test_chunked_histograms(monkeypatch):
     """Large tensors are histogrammed in chunks; a chunk of 7 elements gives the same result."""
-    import widetopo.sharded as sharded
+    import widetopo.distributed.sharded as sharded
 
     monkeypatch.setattr(sharded, "_CHUNK", 7)
     for kind in KINDS:

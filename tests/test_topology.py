@@ -10,9 +10,9 @@ from torch import nn
 
 import widetopo_ext
 from widetopo_ext import reference as ref
-from widetopo import topology
-from widetopo.restoration import restore_masks, restoration_noise
-from widetopo.topology import DENSE, UnitLayout, unit_counts, unit_layouts
+from widetopo.sparsity import topology
+from widetopo.engine.restoration import restore_masks, restoration_noise
+from widetopo.sparsity.topology import DENSE, UnitLayout, unit_counts, unit_layouts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

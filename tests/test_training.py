@@ -7,7 +7,8 @@ from torch import nn
 from torch.nn.utils import prune
 
 from arch_models import TiedLM
-from widetopo.training import MaskEnforcer, apply_masks, evaluate, fit, make_scheduler, remove_masks
+from widetopo.experiments.training import evaluate, fit, make_scheduler
+from widetopo.sparsity.apply import MaskEnforcer, apply_masks, remove_masks
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
@@ -307,7 +308,7 @@ def test_fit_in_prune_mode_keeps_the_tie():
 
 def test_segmentation_accuracy_counts_labelled_pixels_only():
     """Per-pixel accuracy over the pixels whose target is not ignore_index, by hand."""
-    from widetopo.training import evaluate
+    from widetopo.experiments.training import evaluate
 
     class Fixed(nn.Module):
         def __init__(self, logits):

@@ -4,8 +4,8 @@
     scores = widetopo.saliency(model, loader, "snip")          # raw scores of one round
 
 Methods, their options and schedule defaults come from the registry (widetopo.methods); the
-engine options from widetopo.settings.EngineOptions; the prunable selection from
-widetopo.params.select_prunable. Every option is a keyword of the same name.
+engine options from widetopo.engine.options.EngineOptions; the prunable selection from
+widetopo.sparsity.selection.select_prunable. Every option is a keyword of the same name.
 """
 from __future__ import annotations
 
@@ -16,20 +16,20 @@ from typing import Dict, Iterable, Mapping, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from widetopo.engine import Pruner
-from widetopo.masks import Masks
+from widetopo.engine.pruner import Pruner
+from widetopo.sparsity.masks import Masks
 from widetopo.methods import Method, get_method
 from widetopo.options import as_dict
-from widetopo.params import select_prunable
-from widetopo.schedule import _check_density
+from widetopo.sparsity.selection import select_prunable
+from widetopo.engine.schedule import _check_density
 from widetopo.scores.base import Scorer
-from widetopo.settings import EngineOptions
+from widetopo.engine.options import EngineOptions
 
 __all__ = ["prune", "saliency", "ENGINE_OPTIONS", "SELECTION_OPTIONS"]
 
-#: keyword options of the engine (widetopo.settings.EngineOptions)
+#: keyword options of the engine (widetopo.engine.options.EngineOptions)
 ENGINE_OPTIONS: Tuple[str, ...] = tuple(f.name for f in dataclasses.fields(EngineOptions))
-#: keyword options of the prunable selection (widetopo.params.select_prunable)
+#: keyword options of the prunable selection (widetopo.sparsity.selection.select_prunable)
 SELECTION_OPTIONS: Tuple[str, ...] = tuple(n for n in inspect.signature(select_prunable).parameters if n != "model")
 _SCHEDULE_OPTIONS = ("rounds", "restorations", "restore_steps", "restore_rounds")
 
@@ -82,7 +82,7 @@ def prune(model: nn.Module, data: Iterable, density: float, method: Union[str, S
              restorations, restore_steps, restore_rounds, schedule, compression_factor, count,
              seed, noise_scale, verbose, max_samples, checkpoint, device, data_device) and the
              prunable selection (include, names, pattern, include_bias, include_norm,
-             include_tokens; see widetopo.params.select_prunable).
+             include_tokens; see widetopo.sparsity.selection.select_prunable).
     Returns Masks (name -> bool tensor) with .meta describing the run.
     """
     return _pruner(model, density, method, options).run(data)

@@ -15,7 +15,7 @@ from torch import nn
 from torch.func import functional_call
 
 from widetopo.options import Options, as_dict
-from widetopo.rng import make_generator
+from widetopo.engine.rng import make_generator
 
 
 @dataclass

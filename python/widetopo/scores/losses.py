@@ -4,7 +4,7 @@ Classification logits (N, C) against class indices (N,), or dense-prediction log
 (N, C, d1, ...) against per-position indices (N, d1, ...): mean cross entropy over every
 sample / position whose target is not `ignore_index` (torch.nn.functional.cross_entropy).
 A batch whose every target is ignored contributes 0 (not NaN); if that is true of the whole
-pruning set, the engine refuses the all-zero scores (widetopo.rounds.ZeroScoresError).
+pruning set, the engine refuses the all-zero scores (widetopo.engine.rounds.ZeroScoresError).
 """
 from __future__ import annotations
 

@@ -46,7 +46,7 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 
 import widetopo_ext
 from widetopo.options import Options, boolean, option, positive
-from widetopo.params import _base, parameter_owners
+from widetopo.sparsity.selection import _base, parameter_owners
 from widetopo.scores.base import Batch, ScoreContext, Scorer
 from widetopo.scores.bn import calibrate_batchnorm, eval_mode
 from widetopo.scores.ita import _HALF, _upcast, no_tf32

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
 from widetopo.options import Options, any_integer, as_dict, boolean, finite, integer, one_of, option, optional, positive
-from widetopo.schedule import COUNTS, schedule_kind
+from widetopo.engine.schedule import COUNTS, schedule_kind
 
 __all__ = ["EngineOptions", "RESULT_NEUTRAL"]
 

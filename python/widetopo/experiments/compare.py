@@ -2,7 +2,7 @@
 
 The experiment of every foresight-pruning paper in one resumable command. For every cell
 (method, density, seed) it prunes the network initialised with `seed`, keeps the mask file,
-measures effective sparsity (widetopo.effective), trains the pruned network from that same
+measures effective sparsity (widetopo.sparsity.effective), trains the pruned network from that same
 initialisation with one recipe shared by all methods, and evaluates it; the dense network is
 trained once per seed with the same recipe.
 
@@ -57,7 +57,7 @@ CSV_COLUMNS = (
 def _refusals() -> tuple:
     """The errors with which a method refuses a cell (recorded, the experiment goes on); any
     other exception (a bug, out of memory) stops the run."""
-    from widetopo.rounds import NonFiniteScoresError, ZeroScoresError
+    from widetopo.engine.rounds import NonFiniteScoresError, ZeroScoresError
     from widetopo.scores.differentiable import DoubleBackwardError
 
     return (ZeroScoresError, NonFiniteScoresError, DoubleBackwardError, FloatingPointError, ValueError)
@@ -194,8 +194,8 @@ def write_journal(out_dir, options: dict, rows: List[dict], failed: Optional[Lis
 # ------------------------------------------------------------------------------ one cell
 
 @contextlib.contextmanager
-def _quiet_loggers(names=("widetopo.cli", "widetopo.engine", "widetopo.training", "widetopo.pretrained",
-                          "widetopo.maskfile")):
+def _quiet_loggers(names=("widetopo.cli.commands", "widetopo.engine.pruner", "widetopo.experiments.training", "widetopo.experiments.pretrained",
+                          "widetopo.sparsity.maskfile")):
     """The per-cell INFO lines (pruning done, epoch k/n) would drown the progress bar."""
     saved = {n: logging.getLogger(n).level for n in names}
     for n in names:
@@ -210,8 +210,8 @@ def _quiet_loggers(names=("widetopo.cli", "widetopo.engine", "widetopo.training"
 def run_cell(args, cell: Cell, data: dict, out_dir: str, options: dict, phase: Callable[[str], None]) -> dict:
     """Prune (unless dense), measure effective sparsity, train and evaluate one cell; the row."""
     import torch
-    from widetopo import cli
-    from widetopo.effective import effective_sparsity, input_shape_from_meta
+    from widetopo.cli import commands as cli
+    from widetopo.sparsity.effective import effective_sparsity, input_shape_from_meta
 
     cargs = copy.copy(args)
     cargs.density, cargs.seed = cell.density, cell.seed
@@ -225,7 +225,7 @@ def run_cell(args, cell: Cell, data: dict, out_dir: str, options: dict, phase: C
     row = {"method": cell.method, "density_target": cell.density, "seed": cell.seed}
     if cell.method == "dense":
         masks, prune_seconds, mask_file = None, 0.0, None
-        from widetopo.params import select_prunable
+        from widetopo.sparsity.selection import select_prunable
 
         params = dict(model.named_parameters())
         dense = {n: torch.ones_like(params[n], dtype=torch.bool) for n in select_prunable(model)}
@@ -241,7 +241,7 @@ def run_cell(args, cell: Cell, data: dict, out_dir: str, options: dict, phase: C
     net = cli._build(cargs, train_ds)  # the same initialisation the masks were computed for
     out = cli._train(cargs, net, masks, train_aug, test_ds, quiet=True, label=cell.label)
     if masks is not None:
-        from widetopo.report import mask_report
+        from widetopo.sparsity.report import mask_report
 
         collapsed = len(mask_report(masks)["collapsed"])
     else:
@@ -265,7 +265,7 @@ def run(args, cells: List[Cell], out_dir, *, quiet: bool = False, data: Optional
     `args` is the CLI namespace (model, dataset, prune and train options); `data` the loaded
     {"train", "test", "train_aug"} datasets (loaded here when None).
     """
-    from widetopo import cli
+    from widetopo.cli import commands as cli
 
     out_dir = os.fspath(out_dir)
     os.makedirs(os.path.join(out_dir, "masks"), exist_ok=True)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import widetopo_ext
-from widetopo import distributed as dist_utils
+from widetopo.distributed import collectives as dist_utils
 from widetopo.scores.base import ScoreContext
 
 __all__ = ["PruneState"]

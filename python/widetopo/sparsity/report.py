@@ -4,9 +4,9 @@ A layer has *collapsed* when it keeps no weight at all, or (rank >= 2) when no o
 no input unit keeps a connection - then no signal passes through it and the pruned network
 is disconnected, the failure WideTopo's density decay and restoration are designed to avoid.
 The counts come from one topology-aware mask_stats call over all masks (units of grouped and
-transposed convolutions read as widetopo.topology says). With the model, the
+transposed convolutions read as widetopo.sparsity.topology says). With the model, the
 report also gives effective weights (kept and on an input -> output path of kept weights),
-effective nodes and the node ratio (widetopo.effective, docs/design.md §6).
+effective nodes and the node ratio (widetopo.sparsity.effective, docs/design.md §6).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from typing import List, Optional
 import torch
 from torch import nn
 
-from widetopo import topology
+from widetopo.sparsity import topology
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def mask_report(masks, model: Optional[nn.Module] = None, input_shape=None) -> d
         "meta": _plain(dict(getattr(masks, "meta", None) or {})),
     }
     if model is not None:
-        from widetopo.effective import effective_sparsity, input_shape_from_meta
+        from widetopo.sparsity.effective import effective_sparsity, input_shape_from_meta
 
         shape = input_shape if input_shape is not None else input_shape_from_meta(getattr(masks, "meta", None) or {})
         if shape is not None:

@@ -7,7 +7,7 @@ Restoration r (r = 0..R-1) raises the density from d* to d_r = d*^((2^(r+1)-1)/2
   pruned entries, rank 1         1.0,
 with n ~ N(0, 1) per (output, input) unit pair, and thresholds globally at d_j. The engine then
 resets theta <- theta_init * m and runs T' scoring rounds back down to d*.
-With `layouts` (widetopo.topology) the unit densities are those of each tensor's true unit
+With `layouts` (widetopo.sparsity.topology) the unit densities are those of each tensor's true unit
 graph: per group for grouped/depthwise convs (normalised by the group's I/g resp. O/g), and
 elementwise tensors (tokens) score like rank-1 ones.
 """
@@ -18,10 +18,10 @@ from typing import Callable, List, Optional, Sequence
 import torch
 
 import widetopo_ext
-from widetopo import topology
-from widetopo.topology import DENSE, UnitLayout, noise_shape
-from widetopo.rng import make_generator
-from widetopo.schedule import _check_density, keep_count
+from widetopo.sparsity import topology
+from widetopo.sparsity.topology import DENSE, UnitLayout, noise_shape
+from widetopo.engine.rng import make_generator
+from widetopo.engine.schedule import _check_density, keep_count
 
 #: make_generator stream of the restoration noise; restoration r uses round index -(r + 1)
 #: and batch index j (scoring rounds are numbered 1, 2, ...), so the draws never collide.
@@ -75,7 +75,7 @@ def restore_masks(
 
     start_step: steps already done (resume); on_step(j, d_j) is called after each step j.
     n_all: number of all model parameters (only for count="official").
-    layouts: one widetopo.topology.UnitLayout per mask (widetopo.topology.unit_layouts), so the
+    layouts: one widetopo.sparsity.topology.UnitLayout per mask (widetopo.sparsity.topology.unit_layouts), so the
     unit densities of grouped/depthwise convs are those of their groups and tokens count as
     elementwise; None reads every rank >= 2 tensor as (out, in, kernel...).
     """

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 import widetopo_ext
-from widetopo.params import EMBEDDING_TYPES, _base, is_torch_layer, parameter_owners
+from widetopo.sparsity.selection import EMBEDDING_TYPES, _base, is_torch_layer, parameter_owners
 
 __all__ = [
     "UnitLayout", "DENSE", "layout_of", "unit_layouts", "unit_counts",
@@ -114,7 +114,7 @@ def _check(masks: Sequence[torch.Tensor], layouts: Optional[Sequence[UnitLayout]
         raise ValueError(f"layouts must have one UnitLayout per mask: got {len(layouts)} vs {len(masks)}")
     for j, (m, lay) in enumerate(zip(masks, layouts)):
         if not isinstance(lay, UnitLayout):
-            raise TypeError(f"layouts[{j}] must be a widetopo.topology.UnitLayout, got {type(lay).__name__}")
+            raise TypeError(f"layouts[{j}] must be a widetopo.sparsity.topology.UnitLayout, got {type(lay).__name__}")
         if lay.groups > 1 and not lay.elementwise:
             if m.dim() < 2 or m.shape[0] % lay.groups:
                 raise ValueError(

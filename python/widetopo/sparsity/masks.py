@@ -17,7 +17,7 @@ class LayerStats:
     rank 1 -> each entry is its own unit. active_* = units with at least one kept weight.
     With a model (Masks.stats(model)): effective = kept weights on an input -> output path of
     kept weights; effective_nodes = output units of a Conv/Linear layer on such a path
-    (widetopo.effective, docs/design.md §6); None otherwise."""
+    (widetopo.sparsity.effective, docs/design.md §6); None otherwise."""
 
     name: str
     shape: Tuple[int, ...]
@@ -35,7 +35,7 @@ class LayerStats:
 class Masks(Mapping):
     """Mapping name -> bool tensor (True = kept), plus `.meta` (method, preset, target
     density, seed, count mode, rounds, package version, ...) and `.layouts` (the unit topology
-    of each tensor, widetopo.topology.UnitLayout, when known: the engine sets it; stats(model)
+    of each tensor, widetopo.sparsity.topology.UnitLayout, when known: the engine sets it; stats(model)
     reads it from the model)."""
 
     def __init__(self, masks: Mapping, meta: Optional[dict] = None, layouts: Optional[Sequence] = None):
@@ -84,7 +84,7 @@ class Masks(Mapping):
         """Per-layer kept counts and active units (one widetopo_ext.mask_stats call).
 
         With `model` (the network the masks are for), also the effective weights and effective
-        nodes of every layer (widetopo.effective.effective_sparsity, one float64 forward and
+        nodes of every layer (widetopo.sparsity.effective.effective_sparsity, one float64 forward and
         backward pass on a copy). input_shape is one sample's shape, e.g. (3, 32, 32); by
         default it comes from the metadata (in_channels, image_size) that `widetopo prune`
         records. For the totals and the node ratio use effective_sparsity directly.
@@ -94,14 +94,14 @@ class Masks(Mapping):
             return []
         effective = None
         if model is not None:
-            from widetopo.effective import effective_sparsity, input_shape_from_meta
+            from widetopo.sparsity.effective import effective_sparsity, input_shape_from_meta
 
             shape = input_shape if input_shape is not None else input_shape_from_meta(self.meta)
             if shape is None:
                 raise ValueError("Masks.stats(model): pass input_shape (one sample's shape, e.g. (3, 32, 32)); "
                                  "the metadata has no in_channels/image_size")
             effective = effective_sparsity(model, self._masks, tuple(shape))["layers"]
-        from widetopo import topology
+        from widetopo.sparsity import topology
 
         layouts = topology.unit_layouts(model, names) if model is not None else self.layouts
         layouts = layouts or [topology.DENSE] * len(names)
@@ -156,15 +156,15 @@ class Masks(Mapping):
         return Masks({n: m.to(device) for n, m in self._masks.items()}, self.meta, self.layouts)
 
     def save(self, path) -> None:
-        """Write a mask file (format: widetopo.maskfile)."""
-        from widetopo.maskfile import save_masks
+        """Write a mask file (format: widetopo.sparsity.maskfile)."""
+        from widetopo.sparsity.maskfile import save_masks
 
         save_masks(self, path)
 
     @classmethod
     def load(cls, path, model: Optional[nn.Module] = None) -> "Masks":
-        """Read a mask file; with `model`, check it fits that model (widetopo.maskfile)."""
-        from widetopo.maskfile import load_masks
+        """Read a mask file; with `model`, check it fits that model (widetopo.sparsity.maskfile)."""
+        from widetopo.sparsity.maskfile import load_masks
 
         loaded = load_masks(path, model=model)
         if not isinstance(loaded, Masks):
@@ -173,7 +173,7 @@ class Masks(Mapping):
             else:
                 loaded = cls(loaded, getattr(loaded, "meta", None))
         if model is not None:  # the unit topology comes from the model (files do not store it)
-            from widetopo.topology import unit_layouts
+            from widetopo.sparsity.topology import unit_layouts
 
             loaded.layouts = unit_layouts(model, list(loaded))
         return loaded

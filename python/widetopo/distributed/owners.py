@@ -2,7 +2,7 @@
 
 Each prunable tensor j has one owner rank. A round then (1) reduces every score tensor to its
 owner instead of all-reducing it to every rank, (2) lets each owner decay and protect its own
-tensors, (3) selects the K highest over all ranks with widetopo.sharded.sharded_global_threshold
+tensors, (3) selects the K highest over all ranks with widetopo.distributed.sharded.sharded_global_threshold
 (histograms and counts cross the wire, never the scores) or, for per-layer quotas, per tensor at
 the owner, and (4) broadcasts each tensor's bool mask from its owner. The masks are the ones an
 unsharded run computes: every step is per tensor, and the sharded threshold has the same cut and

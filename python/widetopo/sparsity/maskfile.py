@@ -193,7 +193,7 @@ def _read_verified(path):
 def _default_prunable(model: nn.Module) -> List[str]:
     """Names the engine prunes by default (weights of Conv*d and Linear layers)."""
     try:
-        from widetopo.params import select_prunable
+        from widetopo.sparsity.selection import select_prunable
     except ImportError:  # pragma: no cover - the engine's module is part of the package
         select_prunable = None
     if select_prunable is not None:
@@ -242,7 +242,7 @@ def load_masks(path, model: Optional[nn.Module] = None, strict: Optional[bool] =
     also requires a mask for every default-prunable parameter of the model.
     `.meta` holds the stored metadata plus "density", "package_version" and "format_version".
     """
-    from widetopo.masks import Masks
+    from widetopo.sparsity.masks import Masks
 
     header, payload = _read_verified(path)
     shapes, tensors = {}, {}

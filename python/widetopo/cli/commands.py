@@ -22,7 +22,7 @@ import sys
 import time
 from typing import List, Optional
 
-logger = logging.getLogger("widetopo.cli")
+logger = logging.getLogger("widetopo.cli.commands")
 
 DEFAULTS = {"model": "cnn", "dataset": "digits", "method": "widetopo-s", "density": 0.05}
 
@@ -394,7 +394,7 @@ def _method_list(text: str) -> List[str]:
 
 
 def _add_compare_parser(sub) -> None:
-    from widetopo.compare import DEFAULT_DENSITIES, DEFAULT_METHODS, DEFAULT_SEEDS
+    from widetopo.experiments.compare import DEFAULT_DENSITIES, DEFAULT_METHODS, DEFAULT_SEEDS
 
     p = sub.add_parser(
         "compare", help="accuracy vs density of several methods over seeds: results table and plots",
@@ -505,7 +505,7 @@ def _prune(args, model, train_ds, quiet: bool):
 
 
 def _collapsed_note(masks) -> str:
-    from widetopo.report import mask_report
+    from widetopo.sparsity.report import mask_report
 
     rep = mask_report(masks)
     return f"{len(rep['collapsed'])} collapsed layer(s)" + (f": {', '.join(rep['collapsed'])}" if rep["collapsed"] else "")
@@ -513,7 +513,7 @@ def _collapsed_note(masks) -> str:
 
 def _train(args, model, masks, train_ds, test_ds, quiet: bool, label: str) -> dict:
     from widetopo.data import data_loader
-    from widetopo.training import fit
+    from widetopo.experiments.training import fit
 
     train_loader = data_loader(train_ds, batch_size=args.batch_size, shuffle=True, seed=int(args.seed))
     test_loader = data_loader(test_ds, batch_size=512)
@@ -536,7 +536,7 @@ def _load_init(args, model) -> None:
     path = getattr(args, "init", None)
     if not path:
         return
-    from widetopo.pretrained import load_init
+    from widetopo.experiments.pretrained import load_init
 
     info = load_init(model, path)
     expected = getattr(args, "_init_expected_sha", None)
@@ -551,7 +551,7 @@ def _init_from_meta(args, meta: dict) -> None:
     recorded = meta.get("init_file")
     if args.init is not None:
         if recorded and meta.get("init_sha256"):
-            from widetopo.pretrained import file_sha256
+            from widetopo.experiments.pretrained import file_sha256
 
             if os.path.isfile(args.init) and file_sha256(args.init) != meta["init_sha256"]:
                 logger.warning("training from --init %s, but the masks were computed from %s (another checksum)",
@@ -613,7 +613,7 @@ def _check_outputs(args) -> None:
 
 
 def cmd_compare(args, quiet: bool) -> int:
-    from widetopo import compare
+    from widetopo.experiments import compare
 
     cells = compare.plan(args.methods, args.densities, args.seeds)
     _out(f"widetopo compare: {', '.join(args.methods)} at densities {', '.join(f'{d:g}' for d in args.densities)}, "
@@ -622,7 +622,7 @@ def cmd_compare(args, quiet: bool) -> int:
     if args.init:
         _out(f"every network starts from --init {args.init}")
     if args.init:  # checks the file and records its checksum in the journal's options before any cell runs
-        from widetopo.pretrained import file_sha256, read_state_dict
+        from widetopo.experiments.pretrained import file_sha256, read_state_dict
 
         read_state_dict(args.init)
         args._init_info = {"init_file": os.path.abspath(args.init), "init_sha256": file_sha256(args.init)}
@@ -678,7 +678,7 @@ def _fill_from_meta(args, meta: dict) -> None:
 
 
 def cmd_train(args, quiet: bool) -> int:
-    from widetopo.maskfile import read_header
+    from widetopo.sparsity.maskfile import read_header
 
     if args.dense == (args.masks is not None):
         raise CLIError("give a mask file, or --dense to train without one (not both)")
@@ -696,7 +696,7 @@ def cmd_train(args, quiet: bool) -> int:
     model = _build(args, train_ds)
     masks = None
     if args.masks:
-        from widetopo.maskfile import load_masks
+        from widetopo.sparsity.maskfile import load_masks
 
         masks = load_masks(args.masks, model=model)
         if meta.get("seed") is not None and int(meta["seed"]) != int(args.seed):
@@ -753,8 +753,8 @@ def cmd_run(args, quiet: bool) -> int:
 
 
 def cmd_report(args, quiet: bool) -> int:
-    from widetopo.maskfile import load_masks, read_header
-    from widetopo.report import format_table, mask_report, plot_report, write_json
+    from widetopo.sparsity.maskfile import load_masks, read_header
+    from widetopo.sparsity.report import format_table, mask_report, plot_report, write_json
 
     if not os.path.isfile(args.masks):
         raise CLIError(f"mask file {args.masks!r} does not exist" if not os.path.exists(args.masks)
@@ -800,7 +800,7 @@ def cmd_bench(args, quiet: bool) -> int:
     import widetopo_ext
     from widetopo.data import data_loader
     from widetopo.models import build_model
-    from widetopo.params import select_prunable
+    from widetopo.sparsity.selection import select_prunable
     from widetopo_ext import reference
 
     _out(f"widetopo bench: torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}")

@@ -1,6 +1,6 @@
-"""The pruning loop (docs/design.md §2): a phase plan (widetopo.plan) of scoring rounds
-(widetopo.rounds: score -> all_reduce -> decay -> threshold -> theta <- theta * m) and mask
-restorations (widetopo.restoration), on private working copies (widetopo.state).
+"""The pruning loop (docs/design.md §2): a phase plan (widetopo.engine.plan) of scoring rounds
+(widetopo.engine.rounds: score -> all_reduce -> decay -> threshold -> theta <- theta * m) and mask
+restorations (widetopo.engine.restoration), on private working copies (widetopo.engine.state).
 
 The engine never modifies the caller's model: it works on detached copies of the parameters
 (passed to the model with torch.func.functional_call) and of the buffers, and keeps theta_init
@@ -19,20 +19,20 @@ from torch import nn
 from torch.func import functional_call
 
 import widetopo_ext
-from widetopo import distributed as dist_utils
-from widetopo.batches import data_digest, materialize_batches
-from widetopo.checkpoint import Checkpoint
-from widetopo.masks import Masks
+from widetopo.distributed import collectives as dist_utils
+from widetopo.engine.batches import data_digest, materialize_batches
+from widetopo.engine.checkpoint import Checkpoint
+from widetopo.sparsity.masks import Masks
 from widetopo.options import as_dict
-from widetopo.params import select_prunable
-from widetopo.plan import Phase, make_plan, steps_before, total_steps
-from widetopo.progress import Progress
-from widetopo.restoration import restore_masks
-from widetopo.rounds import NonFiniteScoresError, ZeroScoresError, compute_scores, select_masks
-from widetopo.schedule import _check_density, density_schedule, keep_count
+from widetopo.sparsity.selection import select_prunable
+from widetopo.engine.plan import Phase, make_plan, steps_before, total_steps
+from widetopo.engine.progress import Progress
+from widetopo.engine.restoration import restore_masks
+from widetopo.engine.rounds import NonFiniteScoresError, ZeroScoresError, compute_scores, select_masks
+from widetopo.engine.schedule import _check_density, density_schedule, keep_count
 from widetopo.scores.base import Batch, Scorer
-from widetopo.settings import EngineOptions
-from widetopo import topology
+from widetopo.engine.options import EngineOptions
+from widetopo.sparsity import topology
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ class Pruner:
 
     Phases: T scoring rounds on the schedule from 1 to d*; then R times: a restoration of J
     steps, theta <- theta_init * m, and T' scoring rounds from the density reached back to d*.
-    Options: the fields of widetopo.settings.EngineOptions.
+    Options: the fields of widetopo.engine.options.EngineOptions.
     """
 
     def __init__(self, model: nn.Module, scorer: Scorer, density: float, names: Optional[Sequence[str]] = None,
@@ -154,7 +154,7 @@ class Pruner:
     def _prepare(self, data: Iterable):
         """Read the data, build the working state, run one probe forward. Returns (state,
         batches, this process's batches)."""
-        from widetopo.state import PruneState
+        from widetopo.engine.state import PruneState
 
         rank, world = dist_utils.rank_world()
         store = self.options.data_device or self.device
@@ -310,7 +310,7 @@ class Pruner:
         """Owner rank of each prunable tensor with shard_scores under torch.distributed, else None."""
         if not (self.options.shard_scores and dist_utils.is_distributed()):
             return None
-        from widetopo.shard_plan import owners
+        from widetopo.distributed.owners import owners
 
         return owners([p.numel() for p in state.working], dist_utils.rank_world()[1])
 

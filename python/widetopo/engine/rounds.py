@@ -10,8 +10,9 @@ from typing import List, Optional, Sequence
 import torch
 
 import widetopo_ext
-from widetopo import distributed as dist_utils
-from widetopo import shard_plan, topology
+from widetopo.distributed import collectives as dist_utils
+from widetopo.distributed import owners as shard_plan
+from widetopo.sparsity import topology
 from widetopo.scores._util import score_dtype, score_zeros
 from widetopo.scores.base import Batch, ScoreContext, Scorer
 
@@ -73,7 +74,7 @@ def compute_scores(scorer: Scorer, ctx: ScoreContext, mine: Sequence[Batch], dev
                    phase: str, owner: Optional[Sequence[int]] = None) -> List[torch.Tensor]:
     """The finalized scores of one round, identical on every process: prepass (summed over
     processes) -> score (summed over processes when data-dependent) -> finalize.
-    owner (sharded scores, widetopo.shard_plan): score j is summed into rank owner[j] only; the
+    owner (sharded scores, widetopo.distributed.owners): score j is summed into rank owner[j] only; the
     other ranks' copies of it are partial sums that select_masks ignores."""
     working = ctx.prunable
     what = f"scoring round {ctx.round} ({phase})"
@@ -153,8 +154,8 @@ def select_masks(scorer: Scorer, ctx: ScoreContext, scores: List[torch.Tensor], 
                  compression_factor: float, kept: int, n_prunable: int, layouts=None,
                  owner: Optional[Sequence[int]] = None) -> None:
     """Write the round's masks into ctx.masks (in place) and apply them to ctx.prunable.
-    layouts: the unit topology of each tensor (widetopo.topology) for the density decay.
-    owner: sharded scores (widetopo.shard_plan): each rank selects its own tensors, the
+    layouts: the unit topology of each tensor (widetopo.sparsity.topology) for the density decay.
+    owner: sharded scores (widetopo.distributed.owners): each rank selects its own tensors, the
     threshold is the sharded global top-k, and owners broadcast the masks."""
     all_masks = ctx.masks
     _check_not_all_zero(scorer, ctx, scores, keep, kept, owner)
@@ -196,7 +197,7 @@ def _checked_quotas(scorer: Scorer, ctx: ScoreContext, keep: int) -> List[int]:
 
 def _select_sharded(scorer: Scorer, ctx: ScoreContext, scores, keep: int, mode: str, owner, rank: int) -> None:
     """Selection on this rank's own tensors; masks of the other tensors are left to their owners."""
-    from widetopo.sharded import sharded_global_threshold
+    from widetopo.distributed.sharded import sharded_global_threshold
 
     own = [j for j, o in enumerate(owner) if o == rank]
     if scorer.selection == "layerwise":
