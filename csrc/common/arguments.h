@@ -87,8 +87,10 @@ inline void writable(const at::Tensor& t, const char* op, const char* name, size
 // One launch covers a whole list on the GPU, so two entries that share memory race there
 // (accumulate_score_([s, s], ...), masks=[m, m]) while the CPU runs them in order. A tensor
 // written in place must therefore share no memory with any tensor of another entry of the call
-// (written or read); tensors of the same entry may (e.g. apply_masks_([m], [m]) reads and
-// writes each element at the same position). Byte ranges are sorted, so a call costs
+// (written or read). Tensors of the same entry may be the very same view (apply_masks_([m], [m])
+// reads and writes each element at the same position), but any other overlap of an output with an
+// input of its entry (x[1:] and x[:-1], x and x.t()) makes the result depend on the order in which
+// elements are visited, so it is refused too. Byte ranges are sorted, so a call costs
 // O(n log n) plus a precise check (at::get_overlap_status) of the pairs whose ranges meet;
 // interleaved strided views that ATen cannot decide are refused too.
 struct ListArg {
@@ -113,6 +115,12 @@ inline ByteRange byte_range(const at::Tensor& t, size_t list, size_t j) {
   return {base + static_cast<uintptr_t>(lo * es), base + static_cast<uintptr_t>((hi + 1) * es), list, j};
 }
 
+// Two tensors address element i at the same byte for every i.
+inline bool same_view(const at::Tensor& a, const at::Tensor& b) {
+  return a.const_data_ptr() == b.const_data_ptr() && a.sizes() == b.sizes() && a.strides() == b.strides() &&
+         a.element_size() == b.element_size();
+}
+
 inline void no_cross_entry_aliasing(const char* op, std::initializer_list<ListArg> lists) {
   const std::vector<ListArg> ls(lists);
   bool any_written = false;
@@ -131,9 +139,19 @@ inline void no_cross_entry_aliasing(const char* op, std::initializer_list<ListAr
   for (size_t x = 0; x < ranges.size(); ++x) {
     for (size_t y = x + 1; y < ranges.size() && ranges[y].lo < ranges[x].hi; ++y) {
       const ByteRange &p = ranges[x], &q = ranges[y];
-      if (p.j == q.j || !(ls[p.list].written || ls[q.list].written)) continue;
+      if (!(ls[p.list].written || ls[q.list].written)) continue;
       const at::Tensor& tp = ls[p.list].tensors[p.j];
       const at::Tensor& tq = ls[q.list].tensors[q.j];
+      if (p.j == q.j) {
+        if (same_view(tp, tq)) continue;
+        if (at::get_overlap_status(tp, tq) == at::MemOverlapStatus::No) continue;
+        const ByteRange& out = ls[p.list].written ? p : q;
+        const ByteRange& in = ls[p.list].written ? q : p;
+        TORCH_CHECK(false, "widetopo::", op, ": ", ls[out.list].name, "[", out.j, "] overlap: it is written in "
+                    "place and shares memory with ", ls[in.list].name, "[", in.j, "] without being the same "
+                    "view (same start, shape and strides), so the result would depend on the order in which "
+                    "elements are visited; pass distinct tensors (e.g. .clone())");
+      }
       if (at::get_overlap_status(tp, tq) == at::MemOverlapStatus::No) continue;
       // Name the later entry first: "masks[1] shares memory with masks[0]".
       const bool p_later = p.j > q.j;

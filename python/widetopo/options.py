@@ -15,7 +15,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 __all__ = [
     "Options", "option", "describe", "parse_assignment", "as_dict",
-    "finite", "positive", "nonnegative", "integer", "any_integer", "one_of", "boolean", "optional", "shape",
+    "finite", "positive", "nonnegative", "between", "integer", "any_integer", "one_of", "boolean", "optional", "shape",
+    "parse_shape", "format_shape", "format_value",
 ]
 
 Check = Callable[[str, Any], Any]
@@ -65,10 +66,32 @@ def _type_name(tp) -> str:
 
 # ------------------------------------------------------------------------------- checks
 
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:20] + "..." + text[-8:] + f" ({len(text)} characters)"
+
+
 def finite(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a finite number, got {_short(value)}")
+    try:
+        out = float(value)
+    except OverflowError:  # an int beyond float range, e.g. 10**400
+        raise ValueError(f"{name} must be a finite number, got {_short(value)} (beyond float range)") from None
+    if not math.isfinite(out):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
-    return float(value)
+    return out
+
+
+def between(low: float, high: float) -> Check:
+    """A finite number in [low, high]: the range in which the option's arithmetic is sound."""
+    def check(name: str, value) -> float:
+        out = finite(name, value)
+        if not low <= out <= high:
+            raise ValueError(f"{name} must be in [{low:g}, {high:g}], got {_short(value)}")
+        return out
+
+    return check
 
 
 def positive(name: str, value) -> float:
@@ -86,15 +109,23 @@ def nonnegative(name: str, value) -> float:
 def integer(minimum: int) -> Check:
     def check(name: str, value) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+            raise ValueError(f"{name} must be an integer >= {minimum}, got {_short(value)}")
+        if value > INT64_MAX:
+            raise ValueError(f"{name} must be an integer >= {minimum} and <= 2**63 - 1 (int64), got {_short(value)}")
         return int(value)
 
     return check
 
 
+INT64_MIN, INT64_MAX = -2 ** 63, 2 ** 63 - 1
+
+
 def any_integer(name: str, value) -> int:
+    """Any integer that fits torch's int64 (targets and seeds are int64 tensors)."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
+        raise ValueError(f"{name} must be an integer, got {_short(value)}")
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise ValueError(f"{name} must be an integer in [-2**63, 2**63 - 1] (int64), got {_short(value)}")
     return int(value)
 
 
@@ -123,14 +154,29 @@ def optional(check: Check) -> Check:
     return wrapped
 
 
-def shape(name: str, value) -> Tuple[int, ...]:
-    try:
-        out = tuple(int(s) for s in value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a sequence of positive sizes, got {value!r}") from None
-    if not out or min(out) < 1:
-        raise ValueError(f"{name} must be a non-empty sequence of positive sizes, got {value!r}")
-    return out
+def parse_shape(name: str, value) -> Tuple[int, ...]:
+    """One sample's shape from a sequence of positive ints or its text form "3x32x32" (also
+    "3,32,32"; a single size "66" is (66,)). Floats, bools and empty shapes are refused."""
+    if isinstance(value, str):
+        parts = [p.strip() for p in value.lower().replace(",", "x").split("x")]
+        if not value.strip() or not all(p.isdigit() for p in parts):
+            raise ValueError(f"{name} must be positive sizes written like 3x32x32, got {value!r}")
+        value = [int(p) for p in parts]
+    if isinstance(value, (bytes, bytearray)) or not isinstance(value, Sequence):
+        raise ValueError(f"{name} must be a sequence of positive sizes such as (3, 32, 32) or the text "
+                         f"3x32x32, got {value!r}")
+    if not value or not all(isinstance(s, int) and not isinstance(s, bool) and 1 <= s <= INT64_MAX for s in value):
+        raise ValueError(f"{name} must be a non-empty sequence of positive integer sizes such as (3, 32, 32), "
+                         f"got {value!r}")
+    return tuple(int(s) for s in value)
+
+
+def format_shape(value: Sequence[int]) -> str:
+    """The printed form of a shape, read back by parse_shape: (1, 8, 8) -> "1x8x8"."""
+    return "x".join(str(int(s)) for s in value)
+
+
+shape = parse_shape  # the option check
 
 
 # ------------------------------------------------------------------------------- CLI parsing
@@ -157,8 +203,19 @@ def _parse_text(tp, text: str):
     if tp is float:
         return float(text)
     if origin in (tuple, Tuple) or tp in (tuple, Tuple):
-        return tuple(int(s) for s in text.replace("x", ",").split(",") if s)
+        return parse_shape("value", text)
     return text
+
+
+def format_value(value) -> str:
+    """The text form of an option value that parse_assignment reads back (None, bools, shapes)."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (tuple, list)):
+        return format_shape(value)
+    return str(value)
 
 
 def parse_assignment(classes: Sequence[type], text: str) -> Tuple[str, Any]:

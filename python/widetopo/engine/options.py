@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
-from widetopo.options import Options, any_integer, as_dict, boolean, finite, integer, one_of, option, optional, positive
+from widetopo.options import Options, any_integer, as_dict, between, boolean, integer, one_of, option, optional
 from widetopo.engine.schedule import COUNTS, schedule_kind
 
 __all__ = ["EngineOptions", "RESULT_NEUTRAL"]
@@ -39,6 +39,8 @@ def _device(name: str, value):
         device = torch.device(value)
     except (RuntimeError, TypeError):
         raise ValueError(f"{name} must be a torch device or its name, got {value!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{name} must be 'cpu' or a CUDA device ('cuda', 'cuda:N'), got {value!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"{name} is {value!r}, but this torch has no usable CUDA device; use 'cpu'")
     return device
@@ -51,11 +53,13 @@ class EngineOptions(Options):
     restore_steps: int = option(50, "J: steps of one restoration", integer(1))
     restore_rounds: Optional[int] = option(None, "T': rounds after each restoration (None: T)", optional(integer(1)))
     schedule: str = option("poly", "density schedule: 'poly' (geometric), 'linear' or 'cosine'", _schedule)
-    compression_factor: float = option(5.0, "gamma of the density-aware decay", positive)
+    compression_factor: float = option(5.0, "gamma of the density-aware decay (below 0.1 its factor underflows)",
+                                      between(0.1, 1e6))
     count: str = option("exact", "'exact' keeps round(d*N_P); 'official' the published code's counting",
                         one_of(*COUNTS))
     seed: int = option(0, "seed of every random draw (with round and batch index)", any_integer)
-    noise_scale: float = option(1e-5, "scale of the restoration noise", finite)
+    noise_scale: float = option(1e-5, "scale of the restoration noise (at most 0.01, so kept entries always stay)",
+                                between(0.0, 0.01))
     verbose: bool = option(True, "progress bar on a terminal", boolean)
     max_samples: Optional[int] = option(None, "read only the first N samples of the data", optional(integer(1)))
     checkpoint: Optional[str] = option(None, "checkpoint file: resume a killed run", _path)

@@ -150,6 +150,29 @@ def _check_not_all_zero(scorer: Scorer, ctx: ScoreContext, scores: List[torch.Te
         )
 
 
+def _nonzero_kept(scores: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], owner) -> int:
+    """Kept entries with a nonzero score, over every rank's own tensors when scores are sharded."""
+    count = sum(int(torch.count_nonzero(s.masked_fill(m.logical_not(), 0))) for s, m in zip(scores, masks))
+    if owner is not None:
+        flag = torch.tensor([count], dtype=torch.int64, device=scores[0].device if scores else "cpu")
+        torch.distributed.all_reduce(flag)
+        count = int(flag)
+    return count
+
+
+def _check_decay_underflow(scorer: Scorer, ctx: ScoreContext, before: int, after: int, keep: int,
+                           compression_factor: float, density: float) -> None:
+    """The decay multiplies by (m / (out_deg * in_deg))^(c / gamma); with a small gamma that factor
+    underflows to 0, and a cut among scores that are all 0 would follow the tie rule, not the method."""
+    if after < min(keep, before):
+        raise ZeroScoresError(
+            f"round {ctx.round} of {scorer.name!r}: the density-aware decay (exponent -log10(density)/"
+            f"compression_factor = {-math.log10(density) / compression_factor:.3g}) underflowed "
+            f"{before - after} kept scores to 0, leaving {after} nonzero for {keep} places; the cut would "
+            f"follow the tie rule. Use a larger compression_factor (got {compression_factor:g}; published: 5)"
+        )
+
+
 def select_masks(scorer: Scorer, ctx: ScoreContext, scores: List[torch.Tensor], keep: int, mode: str,
                  compression_factor: float, kept: int, n_prunable: int, layouts=None,
                  owner: Optional[Sequence[int]] = None) -> None:
@@ -164,7 +187,10 @@ def select_masks(scorer: Scorer, ctx: ScoreContext, scores: List[torch.Tensor], 
     masks, own_layouts = _owned(all_masks, owner, rank), _owned(full_layouts, owner, rank)
     own_scores = _owned(scores, owner, rank)
     if scorer.decay and kept > 0:  # (kept == 0: everything is pruned already)
+        before = _nonzero_kept(own_scores, masks, owner)
         topology.density_decay_(own_scores, masks, own_layouts, -math.log10(kept / n_prunable) / compression_factor)
+        _check_decay_underflow(scorer, ctx, before, _nonzero_kept(own_scores, masks, owner), keep,
+                               compression_factor, kept / n_prunable)
     if kept < n_prunable:
         protect_pruned(own_scores, masks)
     if owner is not None:

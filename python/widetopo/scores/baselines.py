@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import widetopo_ext
-from widetopo.options import Options, any_integer, boolean, one_of, option, optional, shape
+from widetopo.options import Options, any_integer, boolean, format_shape, one_of, option, optional, shape
 from widetopo.scores.base import Batch, ScoreContext, Scorer
 from widetopo.scores.losses import IGNORE_INDEX, task_loss
 from widetopo.scores._util import as_dtypes, score_zeros
@@ -281,7 +281,13 @@ class SynFlowScorer(Scorer):
 
     def score(self, ctx: ScoreContext, batches: Sequence[Batch] = ()) -> List[torch.Tensor]:
         shape = self._sample_shape(batches)
-        scores, r = self._scores(ctx, shape, rescale=False)
+        try:
+            scores, r = self._scores(ctx, shape, rescale=False)
+        except RuntimeError as exc:
+            if self.options.input_shape is None:
+                raise
+            raise ValueError(f"{self.name}: the model cannot take an input of input_shape="
+                             f"{format_shape(shape)} (one sample, no batch dimension): {exc}") from exc
         rescaled = not self._usable(scores, r)
         if rescaled:
             log = logger.debug if self.diagnostics["rescaled"] else logger.warning  # warn once

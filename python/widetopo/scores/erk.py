@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import List, Sequence
 
 import widetopo_ext
-from widetopo.options import Options, nonnegative, option
+from widetopo.options import Options, between, option
 from widetopo.scores.base import ScoreContext
 from widetopo.scores.baselines import MagnitudeScorer, RandomOptions, RandomScorer
 
@@ -98,7 +98,7 @@ def erk_quotas(shapes: Sequence[Sequence[int]], keep: int, power_scale: float = 
 @dataclass(frozen=True)
 class ERKOptions(Options):
     power_scale: float = option(1.0, "exponent of the ERK ratio (sum of dims / product); 0 = uniform",
-                                nonnegative)
+                                between(0.0, 10.0))
 
 
 @dataclass(frozen=True)

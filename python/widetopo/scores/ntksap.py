@@ -45,7 +45,7 @@ from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.instancenorm import _InstanceNorm
 
 import widetopo_ext
-from widetopo.options import Options, boolean, option, positive
+from widetopo.options import Options, between, boolean, option
 from widetopo.sparsity.selection import _base, parameter_owners
 from widetopo.scores.base import Batch, ScoreContext, Scorer
 from widetopo.scores.bn import calibrate_batchnorm, eval_mode
@@ -124,7 +124,7 @@ def reinit_params(params: Dict[str, torch.Tensor], plan: Plan, gen: torch.Genera
 
 @dataclass(frozen=True)
 class NTKSAPOptions(Options):
-    eps: float = option(0.01, "size of the weight perturbation eps * delta", positive)
+    eps: float = option(0.01, "size of the weight perturbation eps * delta", between(1e-7, 10.0))
     noise_input: bool = option(True, "score on Gaussian inputs shaped like the batch (False: the real inputs)",
                                boolean)
     reinit: bool = option(True, "fresh Kaiming re-initialisation per batch (False: the network's own weights)",

@@ -13,7 +13,7 @@ from typing import List, Sequence
 
 import torch
 
-from widetopo.options import Options, boolean, integer, nonnegative, option, positive
+from widetopo.options import Options, between, boolean, integer, option
 from widetopo.scores.base import Batch, ScoreContext, Scorer
 from widetopo.scores._util import score_zeros
 from widetopo.scores.bn import calibrate_batchnorm, eval_mode
@@ -41,9 +41,9 @@ def check_finite(scores: Sequence[torch.Tensor], ctx: ScoreContext, method: str)
 
 @dataclass(frozen=True)
 class WideTopoOptions(Options):
-    mu1: float = option(0.01, "weight of the NTK-trace term S_ntk", nonnegative)
-    mu2: float = option(1.0, "weight of the ITA term S_ita", nonnegative)
-    eps: float = option(5e-4, "finite-difference step of ITA (eps_x = eps_theta)", positive)
+    mu1: float = option(0.01, "weight of the NTK-trace term S_ntk", between(0.0, 1e6))
+    mu2: float = option(1.0, "weight of the ITA term S_ita", between(0.0, 1e6))
+    eps: float = option(5e-4, "finite-difference step of ITA (eps_x = eps_theta)", between(1e-7, 1.0))
     probes: int = option(1, "Hutchinson probes per batch", integer(1))
     ita_batched: bool = option(True, "evaluate x and x + eps*dx as one batch (False: separately, for models "
                                      "whose samples interact in eval mode)", boolean)

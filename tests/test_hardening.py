@@ -1,0 +1,151 @@
+"""Issue #18 items 1-4: extreme option values, the decay's underflow, input_shape parsing and
+overlapping op arguments are refused before any work, naming what to change."""
+import pytest
+import torch
+from torch import nn
+
+import widetopo
+import widetopo_ext
+from widetopo.engine.rounds import ZeroScoresError
+from widetopo.options import format_shape, format_value, parse_assignment, parse_shape
+from widetopo.scores.base import Scorer
+from widetopo.scores.baselines import SynFlowOptions
+
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.needs_kernel("global_threshold", "apply_masks_", "mask_stats", "density_decay_")]
+
+
+def tiny_mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def data(n=1):
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(4, 1, 4, 4, generator=g), torch.randint(0, 3, (4,), generator=g)) for _ in range(n)]
+
+
+def state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_same(model, before):
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+# ------------------------------------------------------------------ 1. decay underflow
+
+class Tiny(Scorer):
+    """Scores of 1e-30 that go through the density-aware decay, like WideTopo's."""
+
+    name = "tiny"
+    data_dependent = False
+    decay = True
+
+    def score(self, ctx, batches):
+        return [torch.full_like(p, 1e-35, dtype=torch.float32) * (1 + torch.arange(p.numel()).view_as(p) / p.numel())
+                for p in ctx.prunable]
+
+
+def test_decay_underflow_is_refused_naming_compression_factor():
+    # Round 2 of 2 at density 0.1 decays with exponent c/gamma = 0.5/0.1 = 5 (c = -log10 0.316);
+    # out_deg * in_deg ~ 20 * 5 on the wide layer, so the factor ~ 1e-10 takes scores of 1e-35 below
+    # float32's smallest denormal (1.4e-45): every kept score is 0 and the cut would be the tie rule.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 3))
+    before = state(model)
+    with pytest.raises(ZeroScoresError, match="compression_factor"):
+        widetopo.prune(model, data(), 0.1, method=Tiny(), rounds=2, compression_factor=0.1, verbose=False)
+    assert_same(model, before)
+    # the published gamma = 5 (exponent 0.1) keeps every score far above float32's smallest
+    masks = widetopo.prune(model, data(), 0.1, method=Tiny(), rounds=2, verbose=False)
+    assert masks.kept == round(0.1 * (16 * 64 + 64 * 3))
+
+
+@pytest.mark.parametrize("gamma", [0.01, 0.0, -1.0, float("inf")])
+def test_compression_factor_below_its_working_range_is_refused(gamma):
+    with pytest.raises(ValueError, match=r"compression_factor must be (in \[0\.1, |a finite number)"):
+        widetopo.prune(tiny_mlp(), data(), 0.5, method="widetopo-s", compression_factor=gamma, verbose=False)
+
+
+# ------------------------------------------------------------------ 2. option ranges
+
+@pytest.mark.parametrize("method, option, value, expected", [
+    ("erk-random", "power_scale", 1000, r"power_scale must be in \[0, 10\]"),
+    ("snip", "ignore_index", 2 ** 70, r"ignore_index must be an integer in \[-2\*\*63, 2\*\*63 - 1\]"),
+    ("widetopo-s", "mu1", 10 ** 400, r"mu1 must be a finite number, got .*beyond float range"),
+    ("widetopo-s", "mu2", 1e300, r"mu2 must be in \[0, 1e\+06\]"),
+    ("widetopo-s", "noise_scale", 1e300, r"noise_scale must be in \[0, 0\.01\]"),
+    ("widetopo-s", "eps", 1e300, r"eps must be in \[1e-07, 1\]"),
+    ("magnitude", "device", "meta", r"device must be 'cpu' or a CUDA device"),
+    ("magnitude", "seed", 2 ** 64, r"seed must be an integer in \[-2\*\*63"),
+])
+def test_extreme_option_values_are_refused_naming_the_option_and_range(method, option, value, expected):
+    model = tiny_mlp()
+    before = state(model)
+    with pytest.raises(ValueError, match=expected):
+        widetopo.prune(model, data(), 0.5, method=method, verbose=False, **{option: value})
+    assert_same(model, before)
+
+
+def test_error_message_of_a_huge_int_stays_short():
+    with pytest.raises(ValueError) as info:
+        widetopo.prune(tiny_mlp(), data(), 0.5, method="widetopo-s", mu1=10 ** 4000, verbose=False)
+    assert len(str(info.value)) < 200
+
+
+# ------------------------------------------------------------------ 3. input_shape
+
+@pytest.mark.parametrize("text, shape", [("66", (66,)), ("1x8x8", (1, 8, 8)), ("3,32,32", (3, 32, 32)),
+                                         (" 2 X 4 ", (2, 4)), ((1, 8, 8), (1, 8, 8)), ([5], (5,))])
+def test_input_shape_parses(text, shape):
+    assert parse_shape("input_shape", text) == shape
+    assert SynFlowOptions(input_shape=text).input_shape == shape
+
+
+@pytest.mark.parametrize("bad", [(6.9,), (6.0,), (True, 2), (), "", "x", "1x-8", "1.5x2", "0x3", (0, 3), 66, b"66"])
+def test_bad_input_shape_is_refused_naming_it(bad):
+    with pytest.raises(ValueError, match="input_shape"):
+        SynFlowOptions(input_shape=bad)
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 8), (66,), (3, 224, 224)])
+def test_printed_shape_parses_back(shape):
+    assert format_shape(shape) == "x".join(map(str, shape))
+    assert parse_assignment([SynFlowOptions], "input_shape=" + format_value(shape)) == ("input_shape", shape)
+    assert parse_assignment([SynFlowOptions], "input_shape=" + format_value(None)) == ("input_shape", None)
+
+
+def test_synflow_with_a_wrong_input_shape_names_it():
+    model = tiny_mlp()
+    before = state(model)
+    with pytest.raises(ValueError, match=r"input_shape=1x8x8"):
+        widetopo.prune(model, data(), 0.5, method="synflow", input_shape=(1, 8, 8), verbose=False)
+    assert_same(model, before)
+
+
+# ------------------------------------------------------------------ 4. overlapping op arguments
+
+def test_partially_overlapping_output_and_input_of_one_entry_are_refused():
+    x = torch.arange(1.0, 9.0)
+    before = x.clone()
+    with pytest.raises(RuntimeError, match="overlap"):
+        widetopo_ext.accumulate_score_([x[1:]], [x[:-1]])
+    assert torch.equal(x, before)  # nothing written
+    sq = torch.randn(4, 4)
+    with pytest.raises(RuntimeError, match="overlap"):
+        widetopo_ext.accumulate_score_([sq], [sq.t()])
+    with pytest.raises(RuntimeError, match="overlap"):
+        widetopo_ext.accumulate_score_([x[:4]], [x[2:6]], [x[4:]])  # output meets the input a
+
+
+def test_the_same_view_as_output_and_input_is_still_accepted():
+    # reads and writes each element at the same position: s <- s + |s * s|, elementwise
+    s = torch.tensor([1.0, -2.0, 3.0])
+    widetopo_ext.accumulate_score_([s], [s], [s])
+    torch.testing.assert_close(s, torch.tensor([1.0 + 1.0, -2.0 + 4.0, 3.0 + 9.0]))
+    m = torch.tensor([True, False, True])
+    p = torch.tensor([1.0, 2.0, 3.0])
+    widetopo_ext.apply_masks_([p], [m])
+    assert p.tolist() == [1.0, 0.0, 3.0]
