@@ -149,3 +149,50 @@ def test_the_same_view_as_output_and_input_is_still_accepted():
     p = torch.tensor([1.0, 2.0, 3.0])
     widetopo_ext.apply_masks_([p], [m])
     assert p.tolist() == [1.0, 0.0, 3.0]
+
+
+# ------------------------------------------------------------------ 7. --init files with code
+
+class _RunsCode:
+    def __reduce__(self):
+        import os
+        return (os.getcwd, ())
+
+
+@pytest.mark.parametrize("payload, names", [({"w": _RunsCode()}, "posix.getcwd"),
+                                            ({"w": __import__("numpy").zeros(3)}, "numpy")])
+def test_init_file_with_python_objects_gets_our_own_message(tmp_path, payload, names):
+    from widetopo.experiments.pretrained import read_state_dict
+
+    path = tmp_path / "init.pt"
+    torch.save(payload, path)
+    with pytest.raises(ValueError) as info:
+        read_state_dict(path)
+    text = str(info.value)
+    assert "weights_only=False" not in text and "\x1b[" not in text  # no advice to run the file's code, no ANSI
+    assert str(path) in text and names in text and "torch.save(model.state_dict(), path)" in text
+
+
+# ------------------------------------------------------------------ 8. masks already applied, save(meta=)
+
+def test_prune_refuses_a_model_in_apply_masks_form_naming_remove_masks():
+    model = tiny_mlp()
+    masks = widetopo.prune(model, data(), 0.5, method="magnitude", verbose=False)
+    widetopo.apply_masks(model, masks)
+    before = state(model)
+    with pytest.raises(ValueError, match=r"1\.weight_orig.*widetopo\.remove_masks\(model\)"):
+        widetopo.prune(model, data(), 0.25, method="magnitude", verbose=False)
+    assert_same(model, before)
+    widetopo.remove_masks(model)
+    again = widetopo.prune(model, data(), 0.25, method="magnitude", verbose=False)
+    assert sorted(again) == ["1.weight", "3.weight"]
+
+
+def test_masks_save_takes_meta(tmp_path):
+    masks = widetopo.prune(tiny_mlp(), data(), 0.5, method="magnitude", verbose=False)
+    path = tmp_path / "m.wtm"
+    masks.save(path, meta={"note": "trial 3", "method": "renamed"})
+    back = widetopo.load_masks(path)
+    assert back.meta["note"] == "trial 3" and back.meta["method"] == "renamed"
+    assert masks.meta["method"] == "magnitude" and "note" not in masks.meta  # the object is unchanged
+    assert all(torch.equal(back[k], masks[k]) for k in masks)

@@ -61,9 +61,22 @@ def _resolve(method: Union[str, Scorer, Method], options: dict):
     return scorer, engine, selection, meta
 
 
+def _refuse_applied_masks(model: nn.Module) -> None:
+    """A model in torch.nn.utils.prune form holds `weight_orig` parameters: masks computed on it
+    would carry those names and fit neither the model after remove_masks nor a fresh one."""
+    masked = [f"{mod}.{n}" if mod else n for mod, module in model.named_modules()
+              for n, _ in module.named_parameters(recurse=False) if n.endswith("_orig")
+              and (n[:-len("_orig")] + "_mask") in module._buffers]
+    if masked:
+        raise ValueError(f"model already has masks applied in torch.nn.utils.prune form ({', '.join(masked[:3])}"
+                         f"{' ...' if len(masked) > 3 else ''}); call widetopo.remove_masks(model) first to make "
+                         f"them permanent, or prune the model before apply_masks")
+
+
 def _pruner(model, density, method, options) -> Pruner:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    _refuse_applied_masks(model)
     scorer, engine, selection, meta = _resolve(method, options)
     density = _check_density("density", density)
     names = select_prunable(model, **selection)

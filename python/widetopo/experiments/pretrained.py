@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import pickle
+import re
 from typing import Mapping
 
 import torch
@@ -37,6 +39,20 @@ def file_sha256(path) -> str:
     return digest.hexdigest()
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+
+
+def _unsafe_message(path: str, torch_message: str) -> str:
+    """Our own words for torch.load's weights_only refusal (whose advice, to load with
+    weights_only=False, would run the file's code): what the file holds and what to save instead."""
+    found = sorted(set(_GLOBAL.findall(_ANSI.sub("", torch_message))))
+    what = f" (it refers to {', '.join(found[:5])})" if found else ""
+    return (f"init file {path!r} holds Python objects beyond tensors{what}, which could run code when loaded; "
+            f"widetopo reads init files with weights_only=True and never executes them. Save the weights "
+            f"as a plain state_dict: torch.save(model.state_dict(), path), with torch tensors (not numpy arrays)")
+
+
 def _is_state_dict(obj) -> bool:
     return isinstance(obj, Mapping) and len(obj) > 0 and all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
@@ -50,8 +66,11 @@ def read_state_dict(path) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ValueError(f"init file {path!r} is not a torch.save file of tensors ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+        if isinstance(exc, pickle.UnpicklingError) and _GLOBAL.search(_ANSI.sub("", str(exc))):
+            raise ValueError(_unsafe_message(path, str(exc))) from None
+        first = _ANSI.sub("", str(exc)).strip().splitlines()
+        raise ValueError(f"init file {path!r} is not a torch.save file of tensors ({type(exc).__name__}"
+                         f"{': ' + first[0] if first else ''})") from None
     if _is_state_dict(obj):
         return dict(obj)
     if isinstance(obj, Mapping):

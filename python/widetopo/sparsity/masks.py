@@ -155,11 +155,12 @@ class Masks(Mapping):
     def to(self, device) -> "Masks":
         return Masks({n: m.to(device) for n, m in self._masks.items()}, self.meta, self.layouts)
 
-    def save(self, path) -> None:
-        """Write a mask file (format: widetopo.sparsity.maskfile)."""
+    def save(self, path, meta: Optional[dict] = None) -> None:
+        """Write a mask file (format: widetopo.sparsity.maskfile); `meta` adds to / overrides
+        the masks' own metadata in the file (self.meta is left as it is)."""
         from widetopo.sparsity.maskfile import save_masks
 
-        save_masks(self, path)
+        save_masks(self, path, meta=meta)
 
     @classmethod
     def load(cls, path, model: Optional[nn.Module] = None) -> "Masks":
