@@ -196,3 +196,76 @@ def test_masks_save_takes_meta(tmp_path):
     assert back.meta["note"] == "trial 3" and back.meta["method"] == "renamed"
     assert masks.meta["method"] == "magnitude" and "note" not in masks.meta  # the object is unchanged
     assert all(torch.equal(back[k], masks[k]) for k in masks)
+
+
+# ------------------------------------------------------------------ 6. a full disk
+
+class _FullDisk:
+    """A file whose writes fail after a few bytes, as on a full disk."""
+
+    def __init__(self, path, mode):
+        self.f = open(path, mode)
+
+    def write(self, data):
+        import errno
+        self.f.write(bytes(data[:7]))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+        return False
+
+
+def test_checkpoint_on_a_full_disk_names_the_path_and_errno_and_leaves_no_temporary(tmp_path, monkeypatch):
+    import errno
+
+    from widetopo.engine import checkpoint as ckpt_mod
+
+    path = tmp_path / "run.ckpt"
+    monkeypatch.setattr(ckpt_mod, "open", _FullDisk, raising=False)
+    with pytest.raises(OSError) as info:
+        widetopo.prune(tiny_mlp(), data(), 0.25, method="magnitude", rounds=2, checkpoint=path, verbose=False)
+    assert info.value.errno == errno.ENOSPC
+    assert str(path) in str(info.value) and "errno 28" in str(info.value)
+    assert list(tmp_path.iterdir()) == []  # neither a checkpoint nor a temporary
+
+
+# ------------------------------------------------------------------ 9. progress off a terminal, plots
+
+def test_progress_logs_lines_when_stderr_is_not_a_terminal(caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="widetopo.progress"):
+        widetopo.prune(tiny_mlp(), data(), 0.1, method="magnitude", rounds=20, verbose=True)
+    lines = [r.getMessage() for r in caplog.records if r.name == "widetopo.progress"]
+    assert len(lines) == 10  # one line per 10 %
+    assert [line.split(" (")[1].split("%")[0] for line in lines] == [str(p) for p in range(10, 101, 10)]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="widetopo.progress"):
+        widetopo.prune(tiny_mlp(), data(), 0.1, method="magnitude", rounds=20, verbose=False)
+    assert not [r for r in caplog.records if r.name == "widetopo.progress"]
+
+
+@pytest.mark.parametrize("fmt", ["png", "pdf", "svg"])
+def test_report_plots_in_each_format_with_labelled_axes(tmp_path, fmt, monkeypatch):
+    pytest.importorskip("matplotlib", reason="plots need matplotlib (pip install matplotlib)")
+    from matplotlib.axes import Axes
+
+    from widetopo.sparsity.report import mask_report, plot_report
+
+    labels = []
+    real = Axes.set_ylabel
+    monkeypatch.setattr(Axes, "set_ylabel", lambda self, text, *a, **k: (labels.append(text), real(self, text, *a, **k))[1])
+    masks = widetopo.prune(tiny_mlp(), data(), 0.5, method="magnitude", verbose=False)
+    paths = plot_report(mask_report(masks), tmp_path, fmt=fmt, dpi=50)
+    assert [p.rsplit(".", 1)[1] for p in paths] == [fmt, fmt]
+    head = open(paths[0], "rb").read(5)
+    assert head == {"png": b"\x89PNG\r", "pdf": b"%PDF-", "svg": b"<?xml"}[fmt]
+    assert len(labels) == 3 and all(labels)  # density axis and both unit axes
+    with pytest.raises(ValueError, match="plot format must be one of png, pdf, svg"):
+        plot_report(mask_report(masks), tmp_path, fmt="jpg")
+    with pytest.raises(ValueError, match=r"dpi must be a number in \[10, 1200\]"):
+        plot_report(mask_report(masks), tmp_path, dpi=0)

@@ -9,6 +9,7 @@ Randomness needs no state: every draw is seeded by (seed, round, batch index).
 """
 from __future__ import annotations
 
+import io
 import logging
 import os
 from typing import Optional
@@ -76,9 +77,15 @@ class Checkpoint:
         full["format"] = FORMAT
         full["fingerprint"] = self.fingerprint
         tmp = f"{self.path}.tmp{os.getpid()}"
+        buffer = io.BytesIO()  # serialise first, so a failed write is a plain OSError with its errno
+        torch.save(full, buffer)
         try:
-            torch.save(full, tmp)
+            with open(tmp, "wb") as f:
+                f.write(buffer.getbuffer())
             os.replace(tmp, self.path)
+        except OSError as exc:
+            raise OSError(exc.errno, f"checkpoint {self.path!r} could not be written ({exc.strerror or exc}, "
+                                     f"errno {exc.errno}); the previous checkpoint, if any, is intact") from None
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)

@@ -191,11 +191,23 @@ def write_json(report: dict, path) -> str:
     return path
 
 
-def plot_report(report: dict, out_dir, prefix: str = "mask") -> List[str]:
-    """Two PNG plots in `out_dir`: <prefix>_density.png (per-layer density bars, log scale) and
-    <prefix>_units.png (active / total output and input units per layer). Needs matplotlib;
-    draws on Agg figures directly, so the caller's pyplot backend and state are left alone.
-    Returns the written paths."""
+PLOT_FORMATS = ("png", "pdf", "svg")
+
+
+def check_plot_format(fmt: str, dpi) -> None:
+    """Refuse an unknown plot format or a dpi outside [10, 1200], naming the argument."""
+    if fmt not in PLOT_FORMATS:
+        raise ValueError(f"plot format must be one of {', '.join(PLOT_FORMATS)}, got {fmt!r}")
+    if isinstance(dpi, bool) or not isinstance(dpi, (int, float)) or not 10 <= dpi <= 1200:
+        raise ValueError(f"dpi must be a number in [10, 1200], got {dpi!r}")
+
+
+def plot_report(report: dict, out_dir, prefix: str = "mask", fmt: str = "png", dpi: float = 100) -> List[str]:
+    """Two plots in `out_dir`: <prefix>_density.<fmt> (per-layer density bars, log scale) and
+    <prefix>_units.<fmt> (active / total output and input units per layer); fmt is png, pdf or
+    svg. Needs matplotlib; draws on Agg figures directly, so the caller's pyplot backend and
+    state are left alone. Returns the written paths."""
+    check_plot_format(fmt, dpi)
     try:
         import matplotlib  # noqa: F401  (the package itself first: a clear error when it is absent)
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -215,8 +227,8 @@ def plot_report(report: dict, out_dir, prefix: str = "mask") -> List[str]:
             ax.set_xticklabels(labels, rotation=90, fontsize=7)
             ax.legend(loc="best", fontsize=8)
         fig.tight_layout()
-        paths.append(os.path.join(os.fspath(out_dir), f"{prefix}_{suffix}.png"))
-        FigureCanvasAgg(fig).print_png(paths[-1])
+        paths.append(os.path.join(os.fspath(out_dir), f"{prefix}_{suffix}.{fmt}"))
+        FigureCanvasAgg(fig).print_figure(paths[-1], format=fmt, dpi=dpi)
 
     fig = Figure(figsize=(width, 4.5))
     ax = fig.add_subplot(1, 1, 1)
@@ -246,6 +258,7 @@ def plot_report(report: dict, out_dir, prefix: str = "mask") -> List[str]:
         if active == "active_out" and "effective_nodes" in report["total"]:
             ax.bar(x, [r["effective_nodes"] or 0 for r in layers], width=0.4, color="tab:orange", label="effective nodes")
         ax.set_title(f"active {title} per layer")
+        ax.set_ylabel(f"{title} (count)")
     finish(fig, axes, "units")
     logger.info("wrote plots %s", ", ".join(paths))
     return paths
