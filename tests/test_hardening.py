@@ -269,3 +269,29 @@ def test_report_plots_in_each_format_with_labelled_axes(tmp_path, fmt, monkeypat
         plot_report(mask_report(masks), tmp_path, fmt="jpg")
     with pytest.raises(ValueError, match=r"dpi must be a number in \[10, 1200\]"):
         plot_report(mask_report(masks), tmp_path, dpi=0)
+
+
+# ------------------------------------------------------------------ (#15 item 5) checkpoints by content
+
+@pytest.mark.parametrize("change", ["bias", "sign", "buffer"])
+def test_checkpoint_of_a_model_differing_in_any_value_is_refused(tmp_path, change):
+    from widetopo.engine.checkpoint import CheckpointMismatch
+
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+
+    path = tmp_path / "run.ckpt"
+    first = widetopo.prune(model(), data(), 0.25, method="magnitude", rounds=2, checkpoint=path, verbose=False)
+    other = model()
+    with torch.no_grad():
+        if change == "bias":
+            other[1].bias.add_(0.5)  # not prunable, not in any score of magnitude
+        elif change == "sign":
+            other[1].weight.neg_()  # same |theta|: magnitude scores and masks are identical
+        else:
+            other[2].running_var.fill_(2.0)
+    with pytest.raises(CheckpointMismatch, match="model_digest"):
+        widetopo.prune(other, data(), 0.25, method="magnitude", rounds=2, checkpoint=path, verbose=False)
+    again = widetopo.prune(model(), data(), 0.25, method="magnitude", rounds=2, checkpoint=path, verbose=False)
+    assert all(torch.equal(again[k], first[k]) for k in first)  # the same model resumes

@@ -103,7 +103,7 @@ def test_checkpoint_of_another_run_is_refused(tmp_path):
     other = make_model()
     with torch.no_grad():
         other[0].weight.mul_(2)
-    with pytest.raises(CheckpointMismatch, match="theta_checksum"):
+    with pytest.raises(CheckpointMismatch, match="model_digest"):
         widetopo.prune(other, DATA, 0.1, method=Scored(), checkpoint=path, **OPTS)
     assert path.read_bytes() == before
 

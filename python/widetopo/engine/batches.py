@@ -92,6 +92,22 @@ def materialize_batches(data: Iterable, store: torch.device, max_samples: Option
     return batches
 
 
+def _hash_tensor(h, label: str, t: torch.Tensor) -> None:
+    h.update(f"{label}:{t.dtype}:{tuple(t.shape)}".encode())
+    h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def model_digest(model: torch.nn.Module) -> str:
+    """A hash of every parameter and buffer of `model` (names, dtypes, shapes and bytes), so a
+    checkpoint is resumed only for a model equal to the one it was written for in every value."""
+    h = hashlib.blake2b(digest_size=16)
+    for kind, items in (("p", model.named_parameters()), ("b", model.named_buffers())):
+        for name, t in items:
+            if t is not None:
+                _hash_tensor(h, f"{kind}:{name}", t)
+    return h.hexdigest()
+
+
 def data_digest(batches: List[Batch]) -> str:
     """A hash of the pruning set's contents (inputs and targets, in order), so a checkpoint
     is never resumed with different data of the same shapes."""
@@ -101,6 +117,5 @@ def data_digest(batches: List[Batch]) -> str:
             if t is None:
                 h.update(b"-")
                 continue
-            h.update(f"{b.index}:{t.dtype}:{tuple(t.shape)}".encode())
-            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            _hash_tensor(h, str(b.index), t)
     return h.hexdigest()

@@ -3,7 +3,8 @@
 After every scoring round and every restoration step the engine writes {phase index, step
 within the phase, the phase's start density, masks, working prunable weights} atomically
 (temporary file + os.replace), together with a fingerprint of everything that determines the
-result (method, options, parameter names/shapes, a checksum of theta_init, the batches' shapes).
+result (method, options, parameter names/shapes, a digest of every parameter and buffer of the model,
+the pruning data's digest and the batches' shapes).
 A run started with the same path resumes if the fingerprint matches; otherwise it refuses.
 Randomness needs no state: every draw is seeded by (seed, round, batch index).
 """

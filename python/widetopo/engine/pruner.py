@@ -20,7 +20,7 @@ from torch.func import functional_call
 
 import widetopo_ext
 from widetopo.distributed import collectives as dist_utils
-from widetopo.engine.batches import data_digest, materialize_batches
+from widetopo.engine.batches import data_digest, materialize_batches, model_digest
 from widetopo.engine.checkpoint import Checkpoint
 from widetopo.sparsity.masks import Masks
 from widetopo.options import as_dict
@@ -205,7 +205,6 @@ class Pruner:
 
     # ------------------------------------------------------------------ checkpoint
     def _fingerprint(self, state, batches: List[Batch], world: int) -> dict:
-        checksum = sum(float(p.double().abs().sum()) for p in state.working)
         return {
             "scorer": f"{type(self.scorer).__module__}.{type(self.scorer).__qualname__}",
             "method": self.scorer.name,
@@ -216,7 +215,7 @@ class Pruner:
             "names": list(self.names),
             "shapes": [list(p.shape) for p in state.working],
             "layouts": [repr(layout) for layout in self.layouts],
-            "theta_checksum": repr(checksum),
+            "model_digest": model_digest(self.model),
             "batches": [[b.index, list(b.x.shape)] for b in batches],
             "data_digest": data_digest(batches),
             "world": world,
