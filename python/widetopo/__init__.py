@@ -41,6 +41,10 @@ _EXPORTS = {
     "mask_report": "widetopo.sparsity.report",
     "effective_sparsity": "widetopo.sparsity.effective",
 }
+# every exception class a user may catch (widetopo.errors; all derive from WidetopoError)
+_EXPORTS.update(dict.fromkeys((
+    "WidetopoError", "NonFiniteScoresError", "ZeroScoresError", "DoubleBackwardError", "CheckpointMismatch",
+    "MaskFileError", "MaskMismatchError", "DatasetNotFoundError", "InitMismatchError"), "widetopo.errors"))
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
