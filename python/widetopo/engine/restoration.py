@@ -65,15 +65,16 @@ def restore_masks(
     restoration: int = 0,
     steps: int = EngineOptions.restore_steps,
     *,
-    seed: int = 0,
+    seed: int = EngineOptions.seed,
     noise_scale: float = EngineOptions.noise_scale,
-    count: str = "exact",
+    count: str = EngineOptions.count,
     n_all: Optional[int] = None,
     start_step: int = 0,
     on_step: Optional[Callable[[int, float], None]] = None,
     layouts: Optional[Sequence[UnitLayout]] = None,
 ) -> List[float]:
     """Run restoration `restoration` on the bool `masks` in place; returns the step densities.
+    steps, seed, noise_scale and count default to the engine's options (EngineOptions).
 
     start_step: steps already done (resume); on_step(j, d_j) is called after each step j.
     n_all: number of all model parameters (only for count="official").
