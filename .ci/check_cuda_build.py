@@ -1,7 +1,7 @@
 """CI check of a CUDA build of widetopo_ext (runs without a GPU).
 
 Asserts, from three independent sources, that the installed extension was built with CUDA:
-  1. build_info(): with_cuda, a CUDA (and CPU) kernel for each of the seven ops, the archs;
+  1. build_info(): with_cuda, a CUDA (and CPU) kernel for each op of widetopo_ext.OPS, the archs;
   2. the torch dispatcher itself: a CUDA kernel registered for every widetopo::<op>;
   3. the library file: its .nv_fatbin section embeds SASS for each requested architecture.
 Exits 1 listing every problem found.
@@ -12,17 +12,6 @@ import argparse
 import os
 import struct
 import sys
-
-# The op list of issue 2 / csrc/ops.cpp, written out here rather than read from the library.
-EXPECTED_OPS = (
-    "global_threshold",
-    "density_decay_",
-    "restoration_scores",
-    "accumulate_score_",
-    "masked_sq_norm",
-    "apply_masks_",
-    "mask_stats",
-)
 
 FATBIN_MAGIC = 0xBA55ED50
 FATBIN_KIND_PTX, FATBIN_KIND_ELF = 1, 2
@@ -94,6 +83,9 @@ def main(argv=None):
     import widetopo_ext
     from widetopo_ext import _C
 
+    # The ops the Python side declares (widetopo_ext.OPS), not the library's own build_info list.
+    expected_ops = widetopo_ext.OPS
+
     problems = []
     print("torch", torch.__version__, "CUDA", torch.version.cuda)
     print("widetopo_ext", os.path.realpath(widetopo_ext.__file__))
@@ -104,17 +96,17 @@ def main(argv=None):
     info = _C.build_info()
     for key in ("ops", "cpu_kernels", "cuda_kernels", "with_cuda", "cuda_archs"):
         print(f"  build_info[{key!r}] = {info.get(key)!r}")
-    if sorted(info.get("ops", [])) != sorted(EXPECTED_OPS):
-        problems.append(f"build_info ops {info.get('ops')} != expected {list(EXPECTED_OPS)}")
+    if sorted(info.get("ops", [])) != sorted(expected_ops):
+        problems.append(f"build_info ops {info.get('ops')} != expected {list(expected_ops)}")
     if info.get("with_cuda") is not True:
         problems.append("build_info()['with_cuda'] is not True")
     for backend in ("cpu_kernels", "cuda_kernels"):
-        missing = [op for op in EXPECTED_OPS if info.get(backend, {}).get(op) is not True]
+        missing = [op for op in expected_ops if info.get(backend, {}).get(op) is not True]
         if missing:
             problems.append(f"no {backend.split('_')[0].upper()} kernel (build_info) for: {missing}")
 
     for key in ("CPU", "CUDA"):
-        missing = [op for op in EXPECTED_OPS
+        missing = [op for op in expected_ops
                    if not torch._C._dispatch_has_kernel_for_dispatch_key(f"widetopo::{op}", key)]
         if missing:
             problems.append(f"dispatcher has no {key} kernel for: {missing}")
@@ -136,7 +128,7 @@ def main(argv=None):
         for p in problems:
             print("  -", p)
         return 1
-    print(f"CUDA build check passed: {len(EXPECTED_OPS)} ops with CPU and CUDA kernels, "
+    print(f"CUDA build check passed: {len(expected_ops)} ops with CPU and CUDA kernels, "
           f"SASS for {', '.join(required)}")
     return 0
 

@@ -14,8 +14,7 @@ import widetopo_ext as W
 from widetopo_ext import reference as R
 
 ops = torch.ops.widetopo
-OPS = ["global_threshold", "density_decay_", "restoration_scores", "accumulate_score_",
-       "masked_sq_norm", "apply_masks_", "mask_stats"]
+OPS = W.OPS
 
 
 def _cuda_skip_reason():

@@ -8,8 +8,7 @@ import torch
 
 import widetopo_ext as W
 
-OP_NAMES = ["global_threshold", "density_decay_", "restoration_scores", "accumulate_score_",
-            "masked_sq_norm", "apply_masks_", "mask_stats"]
+OP_NAMES = list(W.OPS)  # the Python side's declaration; build_info() is the compiled library's
 
 
 def test_build_info_forwards_extension():
@@ -29,6 +28,15 @@ def test_exports_and_schemas():
         assert schema.name == f"widetopo::{name}"
     assert str(torch.ops.widetopo.global_threshold.default._schema).startswith(
         "widetopo::global_threshold(Tensor[] scores, Tensor(a!)[] masks, int keep, str rule=\"exact\")")
+
+
+def test_noise_scale_default_is_one_value_in_schema_wrapper_and_engine():
+    """The C++ schema repeats widetopo_ext.DEFAULT_NOISE_SCALE; the paper's value is 1e-5."""
+    from widetopo.engine.options import EngineOptions
+
+    arg = torch.ops.widetopo.restoration_scores.default._schema.arguments[2]
+    assert arg.name == "noise_scale" and arg.default_value == W.DEFAULT_NOISE_SCALE == 1e-5
+    assert EngineOptions().noise_scale == W.DEFAULT_NOISE_SCALE
 
 
 def test_missing_extension_error_says_how_to_build(monkeypatch):

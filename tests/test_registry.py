@@ -173,15 +173,108 @@ def test_layerwise_selection_keeps_the_quota_of_each_layer():
         assert torch.equal(masks[name].flatten(), expect)
 
 
-def test_a_registered_method_is_one_entry(monkeypatch):
-    from widetopo import methods
+# ---------------------------------------------------------------------------------- register_method
 
-    extra = Method("half", HalfPerLayer, Schedule(rounds=1), "test method")
-    monkeypatch.setattr(methods, "_METHODS", {**methods._table(), "half": extra})
-    masks = widetopo.prune(tiny_mlp(), data(), 0.5, method="half", scale=2.0, verbose=False)
-    assert masks.meta["method"] == "half" and masks.meta["scale"] == 2.0
+@pytest.fixture
+def registered():
+    """Names registered by a test, unregistered afterwards even when it fails."""
+    names = []
+    yield names
+    for name in names:
+        widetopo.unregister_method(name)
+
+
+def test_a_registered_method_is_one_entry(registered):
+    extra = widetopo.register_method("half", HalfPerLayer, Schedule(rounds=1), "test method", aliases=("half_layer",))
+    registered.append("half")
+    assert get_method("half") is extra and get_method("HALF_LAYER") is extra
+    assert "half" in method_names() and extra in all_methods()
+    masks = widetopo.prune(tiny_mlp(), data(), 0.5, method="half_layer", scale=2.0, verbose=False)
+    assert masks.meta["method"] == "half" and masks.meta["scale"] == 2.0 and masks.meta["rounds"] == 1
+    assert [int(m.sum()) for m in masks.values()] == [5, 5]
     with pytest.raises(ValueError, match="scale must be a finite number > 0"):
         widetopo.prune(tiny_mlp(), data(), 0.5, method="half", scale=0.0)
+
+
+class TinyScorer(Scorer):
+    """score = |theta| * x.abs().sum() over the pruning set: keeps the largest |theta| globally."""
+
+    name = "tiny"
+    data_dependent = True
+
+    def score(self, ctx, batches):
+        total = sum(float(b.x.abs().sum()) for b in batches)
+        return [p.detach().abs() * total for p in ctx.prunable]
+
+
+def test_register_method_prunes_by_name_with_its_schedule(registered):
+    widetopo.register_method("tiny", TinyScorer, Schedule(rounds=2), "|theta| times the input mass")
+    registered.append("tiny")
+    model = tiny_mlp()
+    masks = widetopo.prune(model, data(), 0.25, method="tiny", verbose=False)  # K = round(0.25 * 20) = 5
+    assert masks.meta["method"] == "tiny" and masks.meta["rounds"] == 2 and masks.meta["restorations"] == 0
+    w = torch.cat([model[0].weight.detach().abs().flatten(), model[2].weight.detach().abs().flatten()])
+    expect = torch.zeros_like(w, dtype=torch.bool)
+    expect[w.argsort(descending=True)[:5]] = True  # a positive factor never changes the order
+    assert torch.equal(torch.cat([masks["0.weight"].flatten(), masks["2.weight"].flatten()]), expect)
+    assert cli.main(["methods"]) == 0  # the CLI lists it like a built-in one
+
+
+def test_register_method_refuses_a_clash_naming_it(registered):
+    widetopo.register_method("tiny", TinyScorer, aliases=("tiny-alias",))
+    registered.append("tiny")
+    before = method_names(aliases=True)
+    with pytest.raises(ValueError, match="method name 'snip' is already taken by method 'snip'"):
+        widetopo.register_method("snip", TinyScorer)
+    with pytest.raises(ValueError, match="method name 'widetopo_s' is already taken by method 'widetopo-s'"):
+        widetopo.register_method("other", TinyScorer, aliases=("widetopo_s",))
+    with pytest.raises(ValueError, match="method name 'tiny-alias' is already taken by method 'tiny'"):
+        widetopo.register_method("tiny-alias", TinyScorer)
+    with pytest.raises(ValueError, match="its name and aliases must all differ"):
+        widetopo.register_method("other", TinyScorer, aliases=("x", "x"))
+    assert method_names(aliases=True) == before  # nothing was added by a refused call
+
+
+@pytest.mark.parametrize("args, kwargs, error, message", [
+    (("Tiny", TinyScorer), {}, ValueError, "name must be a non-empty lower-case name.*'Tiny'"),
+    (("", TinyScorer), {}, ValueError, "name must be a non-empty lower-case name"),
+    (("tiny", TinyScorer()), {}, TypeError, "scorer must be a Scorer subclass .*instance of TinyScorer"),
+    (("tiny", nn.Linear), {}, TypeError, "scorer must be a Scorer subclass"),
+    (("tiny", TinyScorer), {"aliases": "t"}, TypeError, "aliases must be a list or tuple"),
+    (("tiny", TinyScorer), {"aliases": ("ok", "Bad Name")}, ValueError, r"aliases\[1\] must be"),
+    (("tiny", TinyScorer), {"schedule": {"rounds": 2}}, TypeError, "schedule must be a widetopo.Schedule"),
+    (("tiny", TinyScorer), {"schedule": Schedule(rounds=0)}, ValueError, "rounds must be an integer >= 1"),
+])
+def test_register_method_checks_its_arguments_first(args, kwargs, error, message):
+    before = method_names(aliases=True)
+    with pytest.raises(error, match=message):
+        widetopo.register_method(*args, **kwargs)
+    assert method_names(aliases=True) == before
+
+
+def test_register_method_refuses_options_shadowing_engine_options():
+    @dataclasses.dataclass(frozen=True)
+    class RoundsOptions(Options):
+        rounds: int = option(1, "clashes with the engine's rounds")
+
+    class Shadowing(TinyScorer):
+        Options = RoundsOptions
+
+    with pytest.raises(ValueError, match=r"option\(s\) \['rounds'\] have the name of an engine or selection option"):
+        widetopo.register_method("shadowing", Shadowing)
+
+
+def test_unregister_method_removes_only_added_methods():
+    widetopo.register_method("tiny", TinyScorer, aliases=("tiny2",))
+    assert widetopo.unregister_method("tiny").name == "tiny"
+    for name in ("tiny", "tiny2"):
+        with pytest.raises(ValueError, match="unknown method"):
+            get_method(name)
+    with pytest.raises(ValueError, match="no registered method named 'tiny'; added by register_method: none"):
+        widetopo.unregister_method("tiny")
+    with pytest.raises(ValueError, match="method 'snip' is built in and cannot be unregistered"):
+        widetopo.unregister_method("snip")
+    assert get_method("snip").name == "snip"
 
 
 # ---------------------------------------------------------------------------------- CLI

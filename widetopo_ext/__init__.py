@@ -92,6 +92,8 @@ else:
     from . import _meta  # noqa: E402,F401  (register_fake / register_autograd; needs the schemas)
     from . import reference  # noqa: E402,F401
     from ._ops import (  # noqa: E402
+        DEFAULT_NOISE_SCALE,
+        OPS,
         SCORE_DTYPES,
         THRESHOLD_MODES,
         accumulate_score_,
@@ -104,20 +106,8 @@ else:
         restoration_scores,
     )
 
-    __all__ = [
-        "build_info",
-        "global_threshold",
-        "density_decay_",
-        "restoration_scores",
-        "accumulate_score_",
-        "masked_sq_norm",
-        "apply_masks_",
-        "apply_masks_to_grads_",
-        "mask_stats",
-        "reference",
-        "SCORE_DTYPES",
-        "THRESHOLD_MODES",
-    ]
+    __all__ = ["build_info", *OPS, "apply_masks_to_grads_", "reference", "OPS", "DEFAULT_NOISE_SCALE",
+               "SCORE_DTYPES", "THRESHOLD_MODES"]
 
     def build_info() -> dict:
         """What was compiled: {'ops', 'cpu_kernels': {op: bool}, 'cuda_kernels': {op: bool},

@@ -6,6 +6,8 @@ after the schemas have been registered by widetopo_ext._C.
 """
 import torch
 
+from ._ops import DEFAULT_NOISE_SCALE
+
 _HALF_TYPES = (torch.float16, torch.bfloat16)
 
 
@@ -25,7 +27,7 @@ def _density_decay_fake(scores, masks, exponent):
 
 
 @torch.library.register_fake("widetopo::restoration_scores")
-def _restoration_scores_fake(masks, noise, noise_scale=1e-5):
+def _restoration_scores_fake(masks, noise, noise_scale=DEFAULT_NOISE_SCALE):
     # One contiguous float32 tensor per mask, same shape and device.
     return [torch.empty(m.shape, dtype=torch.float32, device=m.device) for m in masks]
 

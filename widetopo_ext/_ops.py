@@ -19,16 +19,22 @@ from typing import List, Optional, Sequence
 
 import torch
 
-__all__ = [
+#: The compiled ops (torch.ops.widetopo.<op>), in the order csrc/ops.cpp registers them and
+#: build_info() lists them; each has a wrapper here and a statement in widetopo_ext.reference.
+OPS = (
     "global_threshold",
     "density_decay_",
     "restoration_scores",
     "accumulate_score_",
     "masked_sq_norm",
     "apply_masks_",
-    "apply_masks_to_grads_",
     "mask_stats",
-]
+)
+#: Default scale of the restoration noise (docs/design.md §2.3; the engine option noise_scale).
+#: The op schema in csrc/ops.cpp repeats it (tests/test_ops_loading.py checks the two agree).
+DEFAULT_NOISE_SCALE = 1e-5
+
+__all__ = [*OPS, "apply_masks_to_grads_"]
 
 SCORE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 THRESHOLD_MODES = ("exact", "official")
@@ -187,7 +193,7 @@ def density_decay_(scores, masks, exponent: float) -> None:
     return None
 
 
-def restoration_scores(masks, noise, noise_scale: float = 1e-5) -> List[torch.Tensor]:
+def restoration_scores(masks, noise, noise_scale: float = DEFAULT_NOISE_SCALE) -> List[torch.Tensor]:
     """float32 restoration scores, one contiguous tensor per mask (docs/design.md §2.3).
 
     Kept entries 2; pruned entries of rank >= 2 masks (1 - out_density[o]) * (1 - in_density[i])

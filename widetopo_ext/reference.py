@@ -17,16 +17,9 @@ from typing import List, Optional, Sequence
 
 import torch
 
-__all__ = [
-    "global_threshold",
-    "density_decay_",
-    "restoration_scores",
-    "accumulate_score_",
-    "masked_sq_norm",
-    "apply_masks_",
-    "apply_masks_to_grads_",
-    "mask_stats",
-]
+from ._ops import DEFAULT_NOISE_SCALE, OPS
+
+__all__ = [*OPS, "apply_masks_to_grads_"]
 
 _HALF_TYPES = (torch.float16, torch.bfloat16)
 
@@ -119,7 +112,7 @@ def density_decay_(scores: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]
 # 3. restoration scores
 # ---------------------------------------------------------------------------------------------
 def restoration_scores(masks: Sequence[torch.Tensor], noise: Sequence[Optional[torch.Tensor]],
-                       noise_scale: float = 1e-5) -> List[torch.Tensor]:
+                       noise_scale: float = DEFAULT_NOISE_SCALE) -> List[torch.Tensor]:
     """Scores for mask restoration (docs/design.md §2.3), float32, one contiguous tensor per mask.
 
     kept entries: 2. Pruned entries of rank >= 2 tensors:

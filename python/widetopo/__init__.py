@@ -40,7 +40,15 @@ _EXPORTS = {
     "load_dataset": "widetopo.data",
     "mask_report": "widetopo.sparsity.report",
     "effective_sparsity": "widetopo.sparsity.effective",
+    "register_method": "widetopo.methods",
+    "unregister_method": "widetopo.methods",
+    "Method": "widetopo.methods",
+    "Schedule": "widetopo.methods",
 }
+# every exception class a user may catch (widetopo.errors; all derive from WidetopoError)
+_EXPORTS.update(dict.fromkeys((
+    "WidetopoError", "NonFiniteScoresError", "ZeroScoresError", "DoubleBackwardError", "CheckpointMismatch",
+    "MaskFileError", "MaskMismatchError", "DatasetNotFoundError", "InitMismatchError"), "widetopo.errors"))
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
 

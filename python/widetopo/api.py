@@ -31,7 +31,6 @@ __all__ = ["prune", "saliency", "ENGINE_OPTIONS", "SELECTION_OPTIONS"]
 ENGINE_OPTIONS: Tuple[str, ...] = tuple(f.name for f in dataclasses.fields(EngineOptions))
 #: keyword options of the prunable selection (widetopo.sparsity.selection.select_prunable)
 SELECTION_OPTIONS: Tuple[str, ...] = tuple(n for n in inspect.signature(select_prunable).parameters if n != "model")
-_SCHEDULE_OPTIONS = ("rounds", "restorations", "restore_steps", "restore_rounds")
 
 
 def _resolve(method: Union[str, Scorer, Method], options: dict):
@@ -46,7 +45,7 @@ def _resolve(method: Union[str, Scorer, Method], options: dict):
     if unknown:
         who = spec.name if spec is not None else type(method).__name__
         raise ValueError(f"unknown option(s) {unknown} for method {who!r}; allowed: {allowed}")
-    engine = {} if spec is None else {k: getattr(spec.schedule, k) for k in _SCHEDULE_OPTIONS}
+    engine = {} if spec is None else spec.schedule.options()
     engine.update({k: v for k, v in options.items() if k in ENGINE_OPTIONS})
     selection = {k: v for k, v in options.items() if k in SELECTION_OPTIONS}
     if spec is None:

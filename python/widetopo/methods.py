@@ -6,30 +6,48 @@ schedule defaults of the published configuration. `widetopo.prune`, `widetopo.sa
 CLI (`widetopo methods`, `--method`, `--option key=value`), the mask metadata, the checkpoint
 fingerprint and the README's method table all read this table.
 
-Adding a method: a scorer module (a Scorer subclass with an Options dataclass), one entry in
-`_REGISTRY` below, and one test file.
+Adding a method to widetopo: a scorer module (a Scorer subclass with an Options dataclass), one
+entry in `_registry()` below, and one test file.
+
+Adding a method from outside (a plug-in, an experiment, a test):
+
+    widetopo.register_method("half", HalfScorer, widetopo.Schedule(rounds=1), "keeps |theta| per layer")
+    masks = widetopo.prune(model, loader, 0.1, method="half", scale=2.0)
+    widetopo.unregister_method("half")
+
+`register_method` validates the entry (a Scorer subclass with an Options dataclass, a new name
+and new aliases, a valid schedule) before anything is added; `unregister_method` removes a
+method added that way (the built-in ones cannot be removed).
 """
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple, Type
+from typing import Dict, List, Optional, Sequence, Tuple, Type
 
+from widetopo.engine.options import EngineOptions
 from widetopo.options import Options, as_dict, describe
 from widetopo.scores.base import Scorer
 
-__all__ = ["Method", "Schedule", "get_method", "method_names", "all_methods", "methods_markdown"]
+__all__ = ["Method", "Schedule", "get_method", "method_names", "all_methods", "methods_markdown",
+           "register_method", "unregister_method"]
 
 
 @dataclass(frozen=True)
 class Schedule:
-    """Schedule defaults of a method (each overridable by the option of the same name):
-    T rounds from density 1 to d*, then R restorations of J steps, each followed by T' rounds."""
+    """Schedule defaults of a method (each overridable by the engine option of the same name):
+    T rounds from density 1 to d*, then R restorations of J steps, each followed by T' rounds.
+    A field left out takes the engine's default (EngineOptions, where they are declared)."""
 
-    rounds: int = 1
-    restorations: int = 0
-    restore_steps: int = 50
-    restore_rounds: Optional[int] = None  # None: T' = T
+    rounds: int = EngineOptions.rounds
+    restorations: int = EngineOptions.restorations
+    restore_steps: int = EngineOptions.restore_steps
+    restore_rounds: Optional[int] = EngineOptions.restore_rounds  # None: T' = T
+
+    def options(self) -> Dict[str, object]:
+        """The schedule as engine option keywords."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
 @dataclass(frozen=True)
@@ -110,23 +128,99 @@ def _registry() -> List[Method]:
     ]
 
 
-_METHODS: Optional[Dict[str, Method]] = None
-_ALIASES: Dict[str, str] = {}
+_METHODS: Optional[Dict[str, Method]] = None  # name -> Method, registry order (built lazily)
+_ALIASES: Dict[str, str] = {}  # alias -> name
+_BUILTIN: Tuple[str, ...] = ()  # the names of _registry(), which cannot be unregistered
 
 
 def _table() -> Dict[str, Method]:
-    global _METHODS
+    global _METHODS, _BUILTIN
     if _METHODS is None:
         table: Dict[str, Method] = {}
         for m in _registry():
-            for key in (m.name,) + m.aliases:
-                if key in table or key in _ALIASES:
-                    raise RuntimeError(f"method name {key!r} is registered twice")
-                if key != m.name:
-                    _ALIASES[key] = m.name
-            table[m.name] = m
-        _METHODS = table
+            _add(table, _ALIASES, m)
+        _METHODS, _BUILTIN = table, tuple(table)
     return _METHODS
+
+
+def _add(table: Dict[str, Method], aliases: Dict[str, str], method: Method) -> None:
+    """Put `method` into `table`/`aliases`, refusing a name or alias already taken (nothing is
+    changed then)."""
+    keys = (method.name,) + tuple(method.aliases)
+    for key in keys:
+        owner = table.get(key) or table.get(aliases.get(key, ""))
+        if owner is not None:
+            raise ValueError(f"method name {key!r} is already taken by method {owner.name!r}")
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"method {method.name!r}: its name and aliases must all differ, got {list(keys)}")
+    table[method.name] = method
+    aliases.update(dict.fromkeys(method.aliases, method.name))
+
+
+_NAME = re.compile(r"[a-z0-9][a-z0-9_.+-]*")
+
+
+def _check_name(what: str, value) -> str:
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
+        raise ValueError(f"{what} must be a non-empty lower-case name of letters, digits and _ . + - "
+                         f"(lookups are case-insensitive), got {value!r}")
+    return value
+
+
+def register_method(name: str, scorer: Type[Scorer], schedule: Optional[Schedule] = None, summary: str = "",
+                    aliases: Sequence[str] = ()) -> Method:
+    """Add a method to the registry, so `prune(..., method=name)`, `saliency`, the CLI's
+    `--method` and the mask metadata know it, exactly like a built-in one.
+
+    name, aliases: new lower-case names (a clash with any registered name or alias is an error).
+    scorer:   a Scorer subclass (the class; its Options dataclass declares the method's options).
+    schedule: its schedule defaults (Schedule; None: the engine's defaults, one round).
+    summary:  one line for `widetopo methods`.
+    Everything is checked before the registry changes. Returns the new Method; remove it with
+    unregister_method(name).
+    """
+    _check_name("name", name)
+    if isinstance(aliases, str) or not isinstance(aliases, (list, tuple)):
+        raise TypeError(f"aliases must be a list or tuple of names, got {type(aliases).__name__}")
+    aliases = tuple(_check_name(f"aliases[{i}]", a) for i, a in enumerate(aliases))
+    if not (isinstance(scorer, type) and issubclass(scorer, Scorer)):
+        got = f"an instance of {type(scorer).__name__}" if isinstance(scorer, Scorer) else repr(scorer)
+        raise TypeError(f"scorer must be a Scorer subclass (the class, not an instance), got {got}")
+    if not (isinstance(scorer.Options, type) and issubclass(scorer.Options, Options)
+            and dataclasses.is_dataclass(scorer.Options)):
+        raise TypeError(f"scorer {scorer.__name__}.Options must be a dataclass deriving from "
+                        f"widetopo.options.Options, got {scorer.Options!r}")
+    scorer.Options()  # its defaults must validate
+    from widetopo.api import ENGINE_OPTIONS, SELECTION_OPTIONS  # (api imports this module)
+
+    shadowed = sorted({f.name for f in dataclasses.fields(scorer.Options)} & set(ENGINE_OPTIONS + SELECTION_OPTIONS))
+    if shadowed:
+        raise ValueError(f"scorer {scorer.__name__}: option(s) {shadowed} have the name of an engine or selection "
+                         f"option of widetopo.prune; rename them")
+    schedule = Schedule() if schedule is None else schedule
+    if not isinstance(schedule, Schedule):
+        raise TypeError(f"schedule must be a widetopo.Schedule or None, got {type(schedule).__name__}")
+    EngineOptions(**schedule.options())  # the same checks as at run time, before registering
+    if not isinstance(summary, str):
+        raise TypeError(f"summary must be a string, got {type(summary).__name__}")
+    method = Method(name, scorer, schedule, summary, aliases)
+    _add(_table(), _ALIASES, method)
+    return method
+
+
+def unregister_method(name: str) -> Method:
+    """Remove a method added by register_method (by its name, not an alias); returns it."""
+    table = _table()
+    if isinstance(name, str) and name in _BUILTIN:
+        raise ValueError(f"method {name!r} is built in and cannot be unregistered")
+    if not isinstance(name, str) or name not in table:
+        added = [n for n in table if n not in _BUILTIN]
+        raise ValueError(f"no registered method named {name!r}; added by register_method: "
+                         f"{', '.join(added) if added else 'none'}")
+    method = table.pop(name)
+    for alias in method.aliases:
+        _ALIASES.pop(alias, None)
+    return method
 
 
 def all_methods() -> List[Method]:

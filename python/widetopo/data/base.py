@@ -13,15 +13,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from widetopo.errors import DatasetNotFoundError  # noqa: F401  (re-exported)
+
 logger = logging.getLogger(__name__)
 
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
-
-
-class DatasetNotFoundError(FileNotFoundError):
-    """The data files of a dataset are not present; the message says how to get them."""
 
 
 @dataclass(frozen=True)

@@ -9,11 +9,11 @@ import torch
 
 logger = logging.getLogger(__name__)
 
+from widetopo.constants import IGNORE_INDEX
 from widetopo.data.base import DatasetInfo, SegmentationDataset, _square
 
 
 SHAPE_CLASSES = ("background", "rectangle", "disc", "triangle")
-IGNORE_INDEX = -100  # F.cross_entropy's default ignore_index
 _SHAPES_SIZES = {"train": 512, "test": 128}
 _SHAPES_MEAN, _SHAPES_STD = (0.5031, 0.4979, 0.4997), (0.2292, 0.2331, 0.2343)  # of the 32 px train split
 

@@ -17,13 +17,11 @@ from typing import Optional
 
 import torch
 
+from widetopo.errors import CheckpointMismatch  # noqa: F401  (re-exported)
+
 logger = logging.getLogger(__name__)
 
 FORMAT = 1
-
-
-class CheckpointMismatch(ValueError):
-    """The checkpoint file belongs to a different run."""
 
 
 class Checkpoint:

@@ -1,12 +1,14 @@
 """The engine's run options, declared once (widetopo.options): the API, the CLI, the mask
 metadata and the checkpoint fingerprint read this dataclass. A method's Schedule
-(widetopo.methods) supplies the defaults of rounds/restorations/restore_steps/restore_rounds.
+(widetopo.methods) overrides the defaults of rounds/restorations/restore_steps/restore_rounds,
+which are declared here (a Schedule field left out takes them).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
+import widetopo_ext
 from widetopo.options import Options, any_integer, as_dict, between, boolean, integer, one_of, option, optional
 from widetopo.engine.schedule import COUNTS, schedule_kind
 
@@ -58,7 +60,8 @@ class EngineOptions(Options):
     count: str = option("exact", "'exact' keeps round(d*N_P); 'official' the published code's counting",
                         one_of(*COUNTS))
     seed: int = option(0, "seed of every random draw (with round and batch index)", any_integer)
-    noise_scale: float = option(1e-5, "scale of the restoration noise (at most 0.01, so kept entries always stay)",
+    noise_scale: float = option(widetopo_ext.DEFAULT_NOISE_SCALE,
+                                "scale of the restoration noise (at most 0.01, so kept entries always stay)",
                                 between(0.0, 0.01))
     verbose: bool = option(True, "progress bar on a terminal", boolean)
     max_samples: Optional[int] = option(None, "read only the first N samples of the data", optional(integer(1)))

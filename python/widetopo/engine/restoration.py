@@ -3,10 +3,11 @@
 Restoration r (r = 0..R-1) raises the density from d* to d_r = d*^((2^(r+1)-1)/2^(r+1))
 (d*^1/2, then d*^3/4) in J steps d_j = d* + (d_r - d*) j/J. Each step scores
   kept entries                   2.0 (always stay),
-  pruned entries, rank >= 2      (1 - out_density[o]) (1 - in_density[i]) + 1e-5 n[o, i],
+  pruned entries, rank >= 2      (1 - out_density[o]) (1 - in_density[i]) + noise_scale n[o, i],
   pruned entries, rank 1         1.0,
-with n ~ N(0, 1) per (output, input) unit pair, and thresholds globally at d_j. The engine then
-resets theta <- theta_init * m and runs T' scoring rounds back down to d*.
+with n ~ N(0, 1) per (output, input) unit pair and noise_scale the engine option (1e-5 by
+default), and thresholds globally at d_j. The engine then resets theta <- theta_init * m and
+runs T' scoring rounds back down to d*.
 With `layouts` (widetopo.sparsity.topology) the unit densities are those of each tensor's true unit
 graph: per group for grouped/depthwise convs (normalised by the group's I/g resp. O/g), and
 elementwise tensors (tokens) score like rank-1 ones.
@@ -21,6 +22,7 @@ import widetopo_ext
 from widetopo.sparsity import topology
 from widetopo.sparsity.topology import DENSE, UnitLayout, noise_shape
 from widetopo.engine.rng import make_generator
+from widetopo.engine.options import EngineOptions
 from widetopo.engine.schedule import _check_density, keep_count
 
 #: make_generator stream of the restoration noise; restoration r uses round index -(r + 1)
@@ -61,17 +63,18 @@ def restore_masks(
     masks: List[torch.Tensor],
     target: float,
     restoration: int = 0,
-    steps: int = 50,
+    steps: int = EngineOptions.restore_steps,
     *,
-    seed: int = 0,
-    noise_scale: float = 1e-5,
-    count: str = "exact",
+    seed: int = EngineOptions.seed,
+    noise_scale: float = EngineOptions.noise_scale,
+    count: str = EngineOptions.count,
     n_all: Optional[int] = None,
     start_step: int = 0,
     on_step: Optional[Callable[[int, float], None]] = None,
     layouts: Optional[Sequence[UnitLayout]] = None,
 ) -> List[float]:
     """Run restoration `restoration` on the bool `masks` in place; returns the step densities.
+    steps, seed, noise_scale and count default to the engine's options (EngineOptions).
 
     start_step: steps already done (resume); on_step(j, d_j) is called after each step j.
     n_all: number of all model parameters (only for count="official").

@@ -10,6 +10,7 @@ from typing import List, Optional, Sequence
 import torch
 
 import widetopo_ext
+from widetopo.errors import NonFiniteScoresError, ZeroScoresError  # noqa: F401  (re-exported)
 from widetopo.distributed import collectives as dist_utils
 from widetopo.distributed import owners as shard_plan
 from widetopo.sparsity import topology
@@ -17,14 +18,6 @@ from widetopo.scores._util import score_dtype, score_zeros
 from widetopo.scores.base import Batch, ScoreContext, Scorer
 
 __all__ = ["NonFiniteScoresError", "ZeroScoresError", "compute_scores", "select_masks"]
-
-
-class NonFiniteScoresError(RuntimeError):
-    """A scorer produced NaN or inf scores."""
-
-
-class ZeroScoresError(RuntimeError):
-    """Every kept weight scored 0: any mask would be an arbitrary choice."""
 
 
 def _check_list(scorer: Scorer, what: str, scores, names: Sequence[str], working: Sequence[torch.Tensor]):

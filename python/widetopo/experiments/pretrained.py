@@ -18,16 +18,14 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from widetopo.errors import InitMismatchError  # noqa: F401  (re-exported)
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["load_init", "file_sha256", "InitMismatchError", "STATE_KEYS"]
 
 #: Keys under which checkpoint dicts commonly hold the model's state_dict, tried in order.
 STATE_KEYS = ("state_dict", "model_state_dict", "model", "net", "network")
-
-
-class InitMismatchError(ValueError):
-    """The state_dict in an init file does not fit the model (missing/unexpected keys, shapes)."""
 
 
 def file_sha256(path) -> str:

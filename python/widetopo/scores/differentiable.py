@@ -36,6 +36,8 @@ from torch import nn
 from torch.func import functional_call
 from torch.overrides import TorchFunctionMode
 
+from widetopo.errors import DoubleBackwardError  # noqa: F401  (re-exported)
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -187,10 +189,6 @@ def _active_modes() -> List[object]:
 
 # ---------------------------------------------------------------------------------------------
 # pre-flight
-
-
-class DoubleBackwardError(RuntimeError):
-    """A module of the model has no second derivative, which the scoring method needs."""
 
 
 def needs_double_backward(scorer) -> bool:

@@ -11,10 +11,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["task_loss", "IGNORE_INDEX"]
+from widetopo.constants import IGNORE_INDEX
 
-#: default ignored target (torch's own default)
-IGNORE_INDEX = -100
+__all__ = ["task_loss", "IGNORE_INDEX"]
 
 
 def task_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = IGNORE_INDEX,

@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from widetopo.errors import MaskFileError, MaskMismatchError  # noqa: F401  (re-exported)
+
 logger = logging.getLogger(__name__)
 
 MAGIC = b"\x89WTMASK\n"
@@ -34,19 +36,6 @@ FORMAT_VERSION = 1
 _PREFIX = struct.Struct("<8sIQ")  # magic, format version, header length
 _CHECKSUM_BYTES = 32
 _MAX_HEADER_BYTES = 64 * 1024 * 1024
-
-
-class MaskFileError(ValueError):
-    """The file is not a valid widetopo mask file (wrong magic, unsupported version, truncated,
-    corrupted)."""
-
-
-class MaskMismatchError(ValueError):
-    """The masks in a file do not fit the model they are loaded onto."""
-
-    def __init__(self, message: str, differences: List[str]):
-        super().__init__(message)
-        self.differences = differences
 
 
 def _package_version() -> str:

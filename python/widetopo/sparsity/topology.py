@@ -197,7 +197,7 @@ def density_decay_(scores: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]
 
 
 def restoration_scores(masks: Sequence[torch.Tensor], noise: Sequence[Optional[torch.Tensor]],
-                       noise_scale: float = 1e-5,
+                       noise_scale: float = widetopo_ext.DEFAULT_NOISE_SCALE,
                        layouts: Optional[Sequence[UnitLayout]] = None) -> List[torch.Tensor]:
     """widetopo_ext.restoration_scores per group block: kept 2; pruned entries of a unit graph
     (1 - out_density[o]) (1 - in_density[i]) + noise_scale * noise[o, i] with the densities of

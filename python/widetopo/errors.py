@@ -1,0 +1,72 @@
+"""Every exception a user of widetopo may want to catch, in one place.
+
+Each derives from `WidetopoError`, so `except widetopo.WidetopoError` catches anything the
+library raises on purpose, and also keeps the builtin base it always had (ValueError,
+RuntimeError, FileNotFoundError), so existing `except ValueError:` code keeps working.
+Bad arguments raise plain TypeError/ValueError naming the argument (see the design's
+"bad input" rule); the classes here are the conditions a caller can act on.
+
+The modules that raise them re-export them under their old names (widetopo.engine.rounds,
+widetopo.sparsity.maskfile, ...), and `widetopo` exports them all.
+"""
+from __future__ import annotations
+
+from typing import List
+
+__all__ = [
+    "WidetopoError",
+    "NonFiniteScoresError",
+    "ZeroScoresError",
+    "DoubleBackwardError",
+    "CheckpointMismatch",
+    "MaskFileError",
+    "MaskMismatchError",
+    "DatasetNotFoundError",
+    "InitMismatchError",
+]
+
+
+class WidetopoError(Exception):
+    """Base of every exception widetopo defines."""
+
+
+# ------------------------------------------------------------------------------ pruning
+
+class NonFiniteScoresError(WidetopoError, RuntimeError):
+    """A scorer produced NaN or inf scores."""
+
+
+class ZeroScoresError(WidetopoError, RuntimeError):
+    """Every kept weight scored 0: any mask would be an arbitrary choice."""
+
+
+class DoubleBackwardError(WidetopoError, RuntimeError):
+    """A module of the model has no second derivative, which the scoring method needs."""
+
+
+class CheckpointMismatch(WidetopoError, ValueError):
+    """The checkpoint file belongs to a different run."""
+
+
+# ------------------------------------------------------------------------------ files
+
+class MaskFileError(WidetopoError, ValueError):
+    """The file is not a valid widetopo mask file (wrong magic, unsupported version, truncated,
+    corrupted)."""
+
+
+class MaskMismatchError(WidetopoError, ValueError):
+    """The masks in a file do not fit the model they are loaded onto; `differences` lists
+    each mismatch."""
+
+    def __init__(self, message: str, differences: List[str]):
+        super().__init__(message)
+        self.differences = differences
+
+
+class DatasetNotFoundError(WidetopoError, FileNotFoundError):
+    """The data files of a dataset are not present; the message says how to get them."""
+
+
+class InitMismatchError(WidetopoError, ValueError):
+    """The state_dict in an init file does not fit the model (missing/unexpected keys, shapes)."""
