@@ -1,13 +1,17 @@
-"""Properties every registered method must have, shared by the tests/test_method_*.py files:
-exact K kept, same seed -> same masks, the caller's model and the global RNG untouched, resume
-after a kill equals an uninterrupted run, and two gloo processes give the masks of one.
+"""The properties every registered method must have, checked through the public widetopo.prune
+on tiny models (shared by the tests/test_method_*.py files): exact K kept, same seed -> identical
+masks, the caller's model and the global RNG untouched, a run killed after a checkpoint resumes to
+the masks of an uninterrupted run, and two gloo processes give the masks of one.
 
-Only plain PyTorch and the public widetopo.prune entry point are used here.
+Only plain PyTorch and the public widetopo.prune entry point are used here (the float64 reference
+implementations live in tests/references.py).
 """
 import datetime
+import math
 import os
 import tempfile
 
+import pytest
 import torch
 from torch import nn
 
@@ -17,6 +21,7 @@ from widetopo.engine import checkpoint as ckpt_mod
 from gloo import spawn
 
 
+# ------------------------------------------------------------------------------- models and data
 def bn_net(classes=3):
     """Conv -> BatchNorm -> ReLU -> Linear in float64, seeded, with non-trivial BN state."""
     torch.manual_seed(0)
@@ -37,73 +42,98 @@ def labelled(n, batch=3, classes=3, seed=2):
              torch.randint(0, classes, (batch,), generator=g)) for _ in range(n)]
 
 
-def state_of(model):
-    """Everything of a model that pruning must leave alone."""
-    return ({n: p.detach().clone() for n, p in model.named_parameters()},
-            {n: b.detach().clone() for n, b in model.named_buffers()},
-            [m.training for m in model.modules()],
-            [dict(m._forward_hooks) for m in model.modules()],
-            [getattr(m, "momentum", None) for m in model.modules()])
+# ------------------------------------------------------------------------------- run properties
+def model_state(model):
+    """Everything of a model a run could touch: parameters and buffers (state dict), every
+    module's mode, BatchNorm momenta, hook dictionaries, attribute names."""
+    return {
+        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "modes": [m.training for m in model.modules()],
+        "momenta": [getattr(m, "momentum", None) for m in model.modules()],
+        "hooks": [[list(getattr(m, d)) for d in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
+                                                  "_backward_pre_hooks")] for m in model.modules()],
+        "keys": [sorted(vars(m)) for m in model.modules()],
+    }
 
 
-def assert_same_state(a, b):
-    for da, db in zip(a[:2], b[:2]):
-        assert list(da) == list(db)
-        for k in da:
-            assert torch.equal(da[k], db[k]), k
-    assert a[2] == b[2], "module training flags changed"
-    assert [list(h) for h in a[3]] == [list(h) for h in b[3]], "hooks left behind"
-    assert a[4] == b[4], "BatchNorm momentum changed"
+def assert_same_state(before, after):
+    assert before["state"].keys() == after["state"].keys()
+    for k in before["state"]:
+        assert torch.equal(before["state"][k], after["state"][k]), k
+    for key in ("modes", "momenta", "hooks", "keys"):
+        assert before[key] == after[key], key
 
 
-def check_basic_properties(method, make_model, data, density, **opts):
-    """Exact K, same seed -> identical masks, model / RNG untouched; returns the masks."""
+def prunable_count(model):
+    """N_P of the default prunable set: the weights of the convolutions and linear layers."""
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)))
+
+
+def check_run_properties(method, make_model, data, density, **opts):
+    """Exact K = round(d * N_P), same seed -> identical masks, the model (with mixed training
+    flags) and the global RNG untouched, the registry name in the metadata. Returns the masks."""
     model = make_model()
     model.train()
-    if isinstance(model, nn.Sequential):
-        model[1].eval()  # mixed training flags must come back as they were
-    before = state_of(model)
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if bns:
+        bns[0].eval()  # mixed training flags must come back as they were
+    before = model_state(model)
     rng = torch.random.get_rng_state()
     masks = widetopo.prune(model, data, density, method=method, verbose=False, **opts)
-    assert torch.equal(rng, torch.random.get_rng_state()), "global RNG state changed"
-    assert_same_state(before, state_of(model))
-    n = sum(m.numel() for m in masks.values())
-    assert sum(int(m.sum()) for m in masks.values()) == int(density * n + 0.5)
+    assert torch.equal(rng, torch.random.get_rng_state()), "the global RNG was touched"
+    assert_same_state(before, model_state(model))
+    n_p = prunable_count(model)
+    assert sum(m.numel() for m in masks.values()) == n_p
+    assert sum(int(m.sum()) for m in masks.values()) == int(math.floor(density * n_p + 0.5))
     again = widetopo.prune(make_model(), data, density, method=method, verbose=False, **opts)
-    assert all(torch.equal(masks[k], again[k]) for k in masks)
+    assert list(again) == list(masks)
+    for name in masks:
+        assert torch.equal(masks[name], again[name]), name
     assert masks.meta["method"] == widetopo.methods.get_method(method).name
     return masks
 
 
+# ------------------------------------------------------------------------------- kill and resume
 class Killed(Exception):
-    pass
+    """Stands in for the process dying right after a checkpoint was written."""
 
 
-def check_resume(tmp_path, monkeypatch, method, make_model, data, density, kill_after, **opts):
-    """A run killed after `kill_after` checkpoint saves and resumed gives the masks of an
-    uninterrupted run."""
-    path = tmp_path / "run.ckpt"
-    reference = widetopo.prune(make_model(), data, density, method=method, verbose=False, **opts)
+def run_killed(monkeypatch, kill_after, run):
+    """Call run() with Checkpoint.save patched to die (raise Killed) right after its
+    `kill_after`-th save was written, and assert that it died there. Returns the (phase, step)
+    of every save made; Checkpoint.save is restored afterwards."""
     real_save = ckpt_mod.Checkpoint.save
-    calls = []
+    saves = []
 
     def save_then_die(self, state):
         real_save(self, state)
-        calls.append(1)
-        if len(calls) == kill_after:
+        saves.append((state["phase"], state["step"]))
+        if len(saves) == kill_after:
             raise Killed
 
     monkeypatch.setattr(ckpt_mod.Checkpoint, "save", save_then_die)
     try:
-        widetopo.prune(make_model(), data, density, method=method, verbose=False, checkpoint=path, **opts)
-    except Killed:
-        pass
-    else:
-        raise AssertionError("the run was not killed")
-    monkeypatch.setattr(ckpt_mod.Checkpoint, "save", real_save)
+        with pytest.raises(Killed):
+            run()
+    finally:
+        monkeypatch.setattr(ckpt_mod.Checkpoint, "save", real_save)
+    assert len(saves) == kill_after
+    return saves
+
+
+def check_resume(tmp_path, monkeypatch, method, make_model, data, density, kill_after, **opts):
+    """A run killed after `kill_after` checkpoint saves and started again with the same path ends
+    with the masks of an uninterrupted run. Returns those masks."""
+    reference = widetopo.prune(make_model(), data, density, method=method, verbose=False, **opts)
+    path = tmp_path / "run.ckpt"
+    run_killed(monkeypatch, kill_after, lambda: widetopo.prune(make_model(), data, density, method=method,
+                                                               verbose=False, checkpoint=path, **opts))
+    assert path.exists()
     resumed = widetopo.prune(make_model(), data, density, method=method, verbose=False, checkpoint=path, **opts)
+    assert list(resumed) == list(reference)
     for name in reference:
         assert torch.equal(resumed[name], reference[name]), name
+    return reference
 
 
 # ------------------------------------------------------------------------------- distributed
@@ -169,16 +199,3 @@ def segmentation_pairs():
         y[torch.rand(y.shape, generator=g) < 0.3] = 255
         pairs.append((x, y))
     return pairs
-
-
-def per_pixel_loss(logits, y):
-    """Mean cross entropy over the pixels whose target is not 255, by an explicit loop."""
-    total, count = 0.0, 0
-    for n in range(y.shape[0]):
-        for i in range(y.shape[1]):
-            for j in range(y.shape[2]):
-                if int(y[n, i, j]) != 255:
-                    z = logits[n, :, i, j]
-                    total = total + torch.logsumexp(z, 0) - z[int(y[n, i, j])]
-                    count += 1
-    return total / count

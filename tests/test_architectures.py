@@ -7,8 +7,6 @@ train/eval mode of every module, no gradients left behind).
 Known failures are listed in KNOWN_FAILURES (strict xfail: a cell that starts to work fails
 the run, so the entry has to be removed with the fix).
 """
-import copy
-
 import pytest
 import torch
 from torch import nn
@@ -17,6 +15,7 @@ import widetopo
 from widetopo.sparsity.selection import select_prunable
 
 from arch_models import ARCHITECTURES, mobilenet_v3_small, resnet18, tiny_case
+from references import reference_snip_ignore_index
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -106,25 +105,6 @@ def test_segmentation_batches_carry_ignored_pixels():
     assert y.dim() == 3 and (y == -100).any() and (y >= 0).any()
 
 
-def _snip_reference(model, batches, ignore_index):
-    """SNIP by hand in float64: |sum_b dL_b/dtheta * theta| over the default prunable weights,
-    L_b = per-pixel cross entropy of the eval-mode logits, averaged over the pixels whose target
-    is not ignore_index (written out: -log softmax at the target, masked mean)."""
-    net = copy.deepcopy(model).double().eval()
-    names = select_prunable(net)
-    params = dict(net.named_parameters())
-    total = {n: torch.zeros_like(params[n]) for n in names}
-    for x, y in batches:
-        logp = torch.log_softmax(net(x.double()), dim=1)
-        keep = y != ignore_index
-        picked = logp.gather(1, torch.where(keep, y, 0)[:, None])[:, 0]
-        loss = -(picked * keep).sum() / keep.sum()
-        grads = torch.autograd.grad(loss, [params[n] for n in names])
-        for n, g in zip(names, grads):
-            total[n] += g
-    return {n: (total[n] * params[n]).abs().detach() for n in names}
-
-
 def test_snip_on_segmentation_ignores_border_pixels():
     """The U-Net x SNIP cell keeps the top-K of per-pixel cross-entropy saliencies that leave out
     the ignore_index pixels; counting those pixels as background picks a different mask."""
@@ -132,7 +112,7 @@ def test_snip_on_segmentation_ignores_border_pixels():
     masks = widetopo.prune(model, batches, DENSITY, method="snip", verbose=False)
     for ignore, should_match in ((-100, True), (None, False)):
         data = batches if ignore is not None else [(x, torch.where(y == -100, 0, y)) for x, y in batches]
-        ref = _snip_reference(model, data, -100)
+        ref = reference_snip_ignore_index(model, data, -100)
         flat = torch.cat([ref[n].flatten() for n in masks])
         k = sum(int(m.sum()) for m in masks.values())
         threshold = flat.topk(k).values[-1]

@@ -7,9 +7,8 @@ import torch
 from torch import nn
 
 import widetopo
+from references import reference_run
 from widetopo.engine.pruner import Pruner
-from widetopo.engine.restoration import RESTORE_STREAM
-from widetopo.engine.rng import make_generator
 from widetopo.scores.base import Scorer
 
 pytestmark = pytest.mark.needs_kernel(
@@ -30,7 +29,8 @@ def batches(n=2, gen_seed=1):
 
 
 class RandScorer(Scorer):
-    """Per-round uniform scores times (|theta| + 0.1), drawn from the run's generator."""
+    """Per-round uniform scores times (|theta| + 0.1), drawn from the run's generator (the scores
+    references.reference_run draws)."""
 
     name = "testrand"
     data_dependent = False
@@ -52,91 +52,6 @@ class RandScorer(Scorer):
             )
         gen = ctx.generator(0)
         return [torch.rand(p.shape, generator=gen) * (p.abs() + 0.1) for p in ctx.prunable]
-
-
-# ---------------------------------------------------------------------------------------------
-# a straightforward reference of docs/design.md §2 (full sorts, explicit formulas)
-# ---------------------------------------------------------------------------------------------
-def _ref_threshold(scores, masks, keep):
-    flat = torch.cat([torch.where(m, s.double(), -math.inf).reshape(-1) for s, m in zip(scores, masks)])
-    order = torch.sort(-flat, stable=True).indices[:keep]
-    new = torch.zeros(flat.numel(), dtype=torch.bool)
-    new[order] = True
-    out, off = [], 0
-    for m in masks:
-        out.append(new[off:off + m.numel()].view_as(m))
-        off += m.numel()
-    return out
-
-
-def _ref_decay(s, m, exponent):
-    if m.dim() < 2:
-        return s
-    o, i = m.shape[0], m.shape[1]
-    mm = m.reshape(o, i, -1).double()
-    den = (mm.sum((1, 2))[:, None] * mm.sum((0, 2))[None, :]).clamp_min(1.0)
-    f = mm * (den ** -exponent)[:, :, None]
-    return (s.double().reshape(o, i, -1) * f).reshape(s.shape)
-
-
-def reference_run(model, density, seed, T, R, J, Tp, gamma=5.0, decay=True, scale=1e-5, norm=False):
-    names = [n for n, p in model.named_parameters() if n.endswith("weight") and (norm or p.dim() >= 2)]
-    theta0 = [dict(model.named_parameters())[n].detach().clone() for n in names]
-    theta = [t.clone() for t in theta0]
-    masks = [torch.ones(t.shape, dtype=torch.bool) for t in theta]
-    n = sum(t.numel() for t in theta)
-    rnd = 0
-    counts = []
-
-    def score_rounds(start, rounds):
-        nonlocal rnd, masks, theta
-        for t in range(1, rounds + 1):
-            rnd += 1
-            kept = sum(int(m.sum()) for m in masks)
-            d_t = start * (density / start) ** (t / rounds) if t < rounds else density
-            gen = make_generator(seed, rnd, 0, "cpu", 0)
-            scores = [torch.rand(p.shape, generator=gen) * (p.abs() + 0.1) for p in theta]
-            if decay:
-                c = -math.log10(kept / n)
-                scores = [_ref_decay(s, m, c / gamma) for s, m in zip(scores, masks)]
-            keep = min(int(math.floor(d_t * n + 0.5)), kept)
-            masks = _ref_threshold(scores, masks, keep)
-            theta = [p * m for p, m in zip(theta, masks)]
-            counts.append(sum(int(m.sum()) for m in masks))
-
-    score_rounds(1.0, T)
-    for r in range(R):
-        d_r = density ** ((2 ** (r + 1) - 1) / 2 ** (r + 1))
-        for j in range(1, J + 1):
-            d_j = density + (d_r - density) * j / J
-            gen = make_generator(seed, -(r + 1), j, "cpu", RESTORE_STREAM)
-            scores = []
-            for m in masks:
-                if m.dim() < 2:
-                    scores.append(torch.where(m, 2.0, 1.0))
-                    continue
-                o, i = m.shape[0], m.shape[1]
-                noise = torch.randn((o, i), generator=gen)
-                mm = m.reshape(o, i, -1).double()
-                k = mm.shape[2]
-                od, idn = mm.sum((1, 2)) / (i * k), mm.sum((0, 2)) / (o * k)
-                s = ((1 - od)[:, None] * (1 - idn)[None, :]).float() + scale * noise
-                s = s[:, :, None].expand(o, i, k).reshape(m.shape)
-                scores.append(torch.where(m, 2.0, s))
-            flat = torch.cat([s.reshape(-1).double() for s in scores])
-            keep = int(math.floor(d_j * n + 0.5))
-            order = torch.sort(-flat, stable=True).indices[:keep]
-            new = torch.zeros(n, dtype=torch.bool)
-            new[order] = True
-            off, out = 0, []
-            for m in masks:
-                out.append(new[off:off + m.numel()].view_as(m))
-                off += m.numel()
-            masks = out
-            counts.append(sum(int(m.sum()) for m in masks))
-        theta = [p * m for p, m in zip(theta0, masks)]
-        score_rounds(max(sum(int(m.sum()) for m in masks) / n, density), Tp)
-    return dict(zip(names, masks)), counts
 
 
 @pytest.mark.parametrize("decay, norm", [(True, False), (False, False), (True, True)])

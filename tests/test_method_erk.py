@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import widetopo
-from method_properties import check_resume, check_run_properties
+from method_checks import check_resume, check_run_properties
 from widetopo.engine.rng import make_generator
 from widetopo.scores.base import ScoreContext
 from widetopo.scores.erk import ERKMagnitudeScorer, ERKRandomScorer, erk_quotas
@@ -149,7 +149,7 @@ DATA = [torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(1)) for 
 
 @pytest.mark.parametrize("method", ["erk-random", "erk-magnitude"])
 def test_run_properties(method):
-    masks = check_run_properties(small_model, DATA, method, density=0.2)
+    masks = check_run_properties(method, small_model, DATA, 0.2)
     # shapes (4, 2, 3, 3) and (3, 64), K = round(0.2 * 264) = 53: p*N = 12, 67; eps = 53/79 = 0.671,
     # counts 8.05 and 44.95 -> 8 + 44 = 52, one more to the larger remainder (the linear layer)
     assert [int(m.sum()) for m in masks.values()] == [8, 45]
@@ -157,4 +157,4 @@ def test_run_properties(method):
 
 @pytest.mark.parametrize("method", ["erk-random", "erk-magnitude"])
 def test_resume_after_kill(tmp_path, monkeypatch, method):
-    check_resume(tmp_path, monkeypatch, small_model, DATA, method, 1, rounds=3)
+    check_resume(tmp_path, monkeypatch, method, small_model, DATA, 0.1, 1, rounds=3)

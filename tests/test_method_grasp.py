@@ -1,17 +1,14 @@
 """GraSP (docs/design.md §5.3): Hg against a central finite difference of the gradient in float64, the
 kept set against a hand-written double backward (also when sum theta * Hg < 0), the prepass
 sum over two processes, and the generic method properties."""
-import copy
-
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 
 import widetopo
-from method_checks import (bn_net, check_basic_properties, check_resume, check_two_processes, labelled,
-                           per_pixel_loss, segmentation_pairs)
+from method_checks import (bn_net, check_resume, check_run_properties, check_two_processes, labelled,
+                           segmentation_pairs)
+from references import grad_at, per_pixel_loss, reference_grasp
 from scoring_nets import make_ctx
 from widetopo.methods import get_method
 from widetopo.scores import Batch
@@ -44,43 +41,6 @@ def smooth_net():
 
 def batches_of(pairs):
     return [Batch(i, x, y) for i, (x, y) in enumerate(pairs)]
-
-
-def bn_train_copy(model):
-    net = copy.deepcopy(model).eval()
-    for m in net.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.train()
-    return net
-
-
-def loss_at(model, w, names, x, y, temperature, loss_fn=F.cross_entropy):
-    """loss_fn(f(x; w) / T, y) on a fresh deep copy with BatchNorm in train mode."""
-    net = bn_train_copy(model)
-    params = {n: p.detach() for n, p in net.named_parameters()}
-    params.update(zip(names, w))
-    return loss_fn(functional_call(net, params, (x,)) / temperature, y)
-
-
-def grad_at(model, w, names, pairs, temperature, create_graph=False, loss_fn=F.cross_entropy):
-    """[sum_b dL_b/dw per tensor] (w: list of leaves)."""
-    total = None
-    for x, y in pairs:
-        gs = torch.autograd.grad(loss_at(model, w, names, x, y, temperature, loss_fn), w, create_graph=create_graph)
-        total = list(gs) if total is None else [a + b for a, b in zip(total, gs)]
-    return total
-
-
-def reference_grasp(model, w, masks, names, pairs, temperature=200.0, loss_fn=F.cross_entropy):
-    """theta * Hg * m by an explicit double backward per batch (g = sum_b grad L_b * m)."""
-    leaves = [t.detach().clone().requires_grad_(True) for t in w]
-    g = [a.detach() * m for a, m in zip(grad_at(model, leaves, names, pairs, temperature, loss_fn=loss_fn), masks)]
-    hg = [torch.zeros_like(t) for t in w]
-    for x, y in pairs:
-        gs = torch.autograd.grad(loss_at(model, leaves, names, x, y, temperature, loss_fn), leaves, create_graph=True)
-        z = sum((a * b).sum() for a, b in zip(gs, g))
-        hg = [h + d for h, d in zip(hg, torch.autograd.grad(z, leaves))]
-    return [t.detach() * h * m for t, h, m in zip(w, hg, masks)], g
 
 
 def test_registry_entry():
@@ -181,7 +141,7 @@ def test_segmentation_ignore_index_against_per_pixel_loop():
 
 
 def test_basic_properties():
-    check_basic_properties("grasp", bn_net, labelled(3), 0.2)
+    check_run_properties("grasp", bn_net, labelled(3), 0.2)
 
 
 @pytest.mark.parametrize("kill_after", [1, 2])

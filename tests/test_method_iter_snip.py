@@ -1,13 +1,12 @@
 """Iterative SNIP (docs/design.md §5.4) against a hand-written SNIP through the mask in float64."""
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 
 import widetopo
-from method_checks import (bn_net, check_basic_properties, check_resume, check_two_processes, labelled,
-                           per_pixel_loss, segmentation_pairs)
+from method_checks import (bn_net, check_resume, check_run_properties, check_two_processes, labelled,
+                           segmentation_pairs)
+from references import per_pixel_loss, reference_iter_snip
 from scoring_nets import TinyCNN, make_ctx, make_model
 from widetopo.methods import get_method
 from widetopo.scores import Batch
@@ -19,32 +18,6 @@ pytestmark = [pytest.mark.needs_kernel("accumulate_score_", "global_threshold", 
 
 def batches_of(pairs):
     return [Batch(i, x, y) for i, (x, y) in enumerate(pairs)]
-
-
-def train_bn_only(net):
-    """BatchNorm layers in train mode, everything else in eval mode."""
-    net.eval()
-    for m in net.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.train()
-    return net
-
-
-def reference_iter_snip(model, theta, masks, names, pairs, loss_fn=None):
-    """|theta * dL/dtheta| with L = sum_b mean CE_b(f(x_b; theta * m)), the gradient taken with
-    respect to the raw theta through the product (pruned entries get 0 from the chain rule),
-    BatchNorm with batch statistics; a fresh deep copy of the model per batch."""
-    import copy
-
-    loss_fn = loss_fn or F.cross_entropy
-    leaves = {n: theta[n].detach().clone().requires_grad_(True) for n in names}
-    for x, y in pairs:
-        net = train_bn_only(copy.deepcopy(model))
-        params = {n: p.detach() for n, p in net.named_parameters()}
-        for n, m in zip(names, masks):
-            params[n] = leaves[n] * m.to(leaves[n].dtype)
-        loss_fn(functional_call(net, params, (x,)), y).backward()
-    return [(leaves[n] * leaves[n].grad).abs().detach() for n in names]
 
 
 def test_registry_entry():
@@ -142,7 +115,7 @@ def test_needs_targets():
 
 
 def test_basic_properties():
-    check_basic_properties("iter-snip", bn_net, labelled(3), 0.1, rounds=3)
+    check_run_properties("iter-snip", bn_net, labelled(3), 0.1, rounds=3)
 
 
 @pytest.mark.parametrize("kill_after", [1, 2])

@@ -1,75 +1,22 @@
 """NTK-SAP (docs/design.md §5.2) against a hand-written float64 implementation (deep copies, explicit
 per-layer re-initialisation, BatchNorm calibrated by hand), the Monte-Carlo expectation on one
 linear layer, and the generic method properties."""
-import copy
 import math
 
 import pytest
 import torch
 from torch import nn
-from torch.func import functional_call
 
 import widetopo
-from method_checks import bn_net, check_basic_properties, check_resume, check_two_processes, labelled
+from method_checks import bn_net, check_resume, check_run_properties, check_two_processes, labelled
+from references import reference_ntksap
 from scoring_nets import TinyCNN, make_ctx, make_model
 from widetopo.methods import get_method
-from widetopo.engine.rng import make_generator
 from widetopo.scores import Batch
 from widetopo.scores.ntksap import NTKSAPScorer, reinit_params, reinit_plan
 
 pytestmark = [pytest.mark.needs_kernel("accumulate_score_", "global_threshold", "apply_masks_", "mask_stats"),
               pytest.mark.usefixtures("one_thread")]
-
-INPUT, REINIT, PERTURB = 31, 32, 33  # the documented generator streams
-
-
-def tiny_cnn_reinit(gen):
-    """Fresh weights of TinyCNN written out by hand, in named_parameters order: Kaiming normal
-    (fan_in, ReLU gain) conv/linear weights, zero biases, BatchNorm weight 1 / bias 0."""
-    d = torch.float64
-    return {
-        "conv1.weight": torch.randn(4, 1, 3, 3, generator=gen, dtype=d) * math.sqrt(2 / 9),
-        "conv1.bias": torch.zeros(4, dtype=d),
-        "bn1.weight": torch.ones(4, dtype=d), "bn1.bias": torch.zeros(4, dtype=d),
-        "conv2.weight": torch.randn(6, 4, 3, 3, generator=gen, dtype=d) * math.sqrt(2 / 36),
-        "bn2.weight": torch.ones(6, dtype=d), "bn2.bias": torch.zeros(6, dtype=d),
-        "fc.weight": torch.randn(5, 96, generator=gen, dtype=d) * math.sqrt(2 / 96),
-        "fc.bias": torch.zeros(5, dtype=d),
-    }
-
-
-def reference_ntksap(model, ctx, batches, eps=0.01, noise_input=True, reinit=True):
-    """|sum_b dF_b/dm| * m, F_b = sum_n ||f(xi; w * m) - f(xi; (w + eps delta) * m)||^2, by hand."""
-    total = [torch.zeros_like(ctx.params[n]) for n in ctx.names]
-    for b in batches:
-        xi = (torch.randn(b.x.shape, generator=make_generator(ctx.seed, ctx.round, b.index, "cpu", INPUT),
-                          dtype=torch.float64) if noise_input else b.x)
-        w = (tiny_cnn_reinit(make_generator(ctx.seed, ctx.round, b.index, "cpu", REINIT)) if reinit
-             else {n: p.clone() for n, p in ctx.params.items()})
-        gen = make_generator(ctx.seed, ctx.round, b.index, "cpu", PERTURB)
-        delta = {n: torch.randn(w[n].shape, generator=gen, dtype=torch.float64) for n in ctx.names}
-        m = {n: mk.double().requires_grad_(True) for n, mk in zip(ctx.names, ctx.masks)}
-
-        net = copy.deepcopy(model)  # BatchNorm statistics of f(xi; w * m), by hand
-        with torch.no_grad():
-            for n, p in net.named_parameters():
-                p.copy_(w[n] * m[n] if n in m else w[n])
-        net.eval()
-        for mod in net.modules():
-            if isinstance(mod, nn.BatchNorm2d):
-                mod.reset_running_stats()
-                mod.momentum = 1.0
-                mod.train()
-        with torch.no_grad():
-            net(xi)
-        net.eval()
-        a = {n: (w[n] * m[n] if n in m else w[n]) for n in w}
-        p = {n: ((w[n] + eps * delta[n]) * m[n] if n in m else w[n]) for n in w}
-        f = (functional_call(net, a, (xi,)) - functional_call(net, p, (xi,))).pow(2).sum()
-        f.backward()
-        total = [t + m[n].grad for t, n in zip(total, ctx.names)]
-    return [t.abs() * mk for t, mk in zip(total, ctx.masks)]
-
 
 def noise_batches(n=2):
     g = torch.Generator().manual_seed(8)
@@ -201,7 +148,7 @@ def test_integer_inputs_need_real_input_mode():
 
 
 def test_basic_properties():
-    masks = check_basic_properties("ntk-sap", bn_net, labelled(3), 0.1, rounds=3)
+    masks = check_run_properties("ntk-sap", bn_net, labelled(3), 0.1, rounds=3)
     other = widetopo.prune(bn_net(), labelled(3), 0.1, method="ntk-sap", rounds=3, seed=1, verbose=False)
     assert not all(torch.equal(masks[k], other[k]) for k in masks)  # the seed matters
 

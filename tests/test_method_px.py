@@ -11,7 +11,8 @@ from torch import nn
 
 import widetopo
 from gloo import spawn
-from method_properties import check_resume, check_run_properties
+from method_checks import check_resume, check_run_properties
+from references import px_closed_form, reference_px, reference_px_R
 from scoring_nets import make_ctx, make_model
 from widetopo.scores.base import Batch, ScoreContext
 from widetopo.scores.px import PXScorer
@@ -71,27 +72,6 @@ def px(ctx, batches, **options):
     return [s / scorer.diagnostics["scale"] for s in out], scorer.diagnostics
 
 
-def closed_form(W1, W2, M1, M2, x, gate):
-    """docs/design.md §5.1, explicit loops: G_k = sum_n sum_j M2_kj a_j(x_n) sum_s M1_js x_ns^2,
-    S(W1_js) = W1_js^2 sum_k W2_kj^2 G_k, S(W2_kj) = W2_kj^2 G_k sum_s W1_js^2."""
-    K, J = W2.shape
-    S_ = W1.shape[1]
-    G = torch.zeros(K, dtype=torch.float64)
-    for k in range(K):
-        for n in range(x.shape[0]):
-            z = [sum(float(W1[j, s]) * float(x[n, s]) for s in range(S_)) for j in range(J)]
-            for j in range(J):
-                G[k] += float(M2[k, j]) * gate(z[j]) * sum(float(M1[j, s]) * float(x[n, s]) ** 2 for s in range(S_))
-    S1 = torch.zeros_like(W1)
-    S2 = torch.zeros_like(W2)
-    for j in range(J):
-        for s in range(S_):
-            S1[j, s] = W1[j, s] ** 2 * sum(W2[k, j] ** 2 * G[k] for k in range(K))
-        for k in range(K):
-            S2[k, j] = W2[k, j] ** 2 * G[k] * sum(W1[j, s] ** 2 for s in range(S_))
-    return S1, S2
-
-
 @pytest.mark.parametrize("style", list(ACTIVATIONS))
 def test_two_layer_closed_form_for_every_way_of_writing_relu(style):
     torch.manual_seed(0)
@@ -101,12 +81,12 @@ def test_two_layer_closed_form_for_every_way_of_writing_relu(style):
     (S1, S2), diag = px(ctx, batches)
     W1, W2 = ctx.params["layers.0.weight"], ctx.params["layers.1.weight"]
     M1, M2 = ctx.masks
-    R1, R2 = closed_form(W1, W2, M1, M2, x, lambda z: 1.0 if z > 0 else 0.0)
+    R1, R2 = px_closed_form(W1, W2, M1, M2, x, lambda z: 1.0 if z > 0 else 0.0)
     torch.testing.assert_close(S1, R1, rtol=1e-10, atol=1e-14)
     torch.testing.assert_close(S2, R2, rtol=1e-10, atol=1e-14)
     assert torch.all(S1[~M1] == 0) and torch.all(S2[~M2] == 0)
     # a g-net that were dense at pruned positions (all weights 1) would give other scores
-    D1, D2 = closed_form(W1, W2, torch.ones_like(M1), torch.ones_like(M2), x, lambda z: 1.0 if z > 0 else 0.0)
+    D1, D2 = px_closed_form(W1, W2, torch.ones_like(M1), torch.ones_like(M2), x, lambda z: 1.0 if z > 0 else 0.0)
     assert not torch.allclose(S2, D2)
 
 
@@ -121,7 +101,7 @@ def test_other_activations_use_the_slope_as_gate(name, act, gate):
     ctx = mlp_ctx(model)
     batches, x = data()
     (S1, S2), _ = px(ctx, batches)
-    R1, R2 = closed_form(ctx.params["layers.0.weight"], ctx.params["layers.1.weight"], *ctx.masks, x, gate)
+    R1, R2 = px_closed_form(ctx.params["layers.0.weight"], ctx.params["layers.1.weight"], *ctx.masks, x, gate)
     torch.testing.assert_close(S1, R1, rtol=1e-10, atol=1e-14)
     torch.testing.assert_close(S2, R2, rtol=1e-10, atol=1e-14)
 
@@ -134,29 +114,13 @@ def test_activations_without_a_gate_are_an_error(act):
         PXScorer().score(ctx, data()[0])
 
 
-def reference_R(model, ctx, x):
-    """R = sum_n sum_k z1[n,k] z2[k] of a bias-free ReLU MLP by explicit layer loops."""
-    Ws = [ctx.params[n] for n in ctx.names]
-    Ms = [m.double() for m in ctx.masks]
-    a, g = x, x ** 2
-    for W, M in zip(Ws[:-1], Ms[:-1]):
-        z = a @ W.T
-        gate = (z > 0).double()
-        a, g = torch.relu(z), (g @ M.T) * gate
-    z1 = g @ Ms[-1].T
-    h = torch.ones(x.shape[1], dtype=torch.float64)
-    for W in Ws:
-        h = (W ** 2) @ h
-    return float((z1 * h).sum())
-
-
 def test_per_layer_conservation_on_a_deeper_mlp():
     torch.manual_seed(3)
     model = TwoLayer(n_in=6, hidden=9, n_out=4, depth=4).double()
     ctx = mlp_ctx(model, keep=0.6)
     batches, x = data(8, 6)
     scores, diag = px(ctx, batches)
-    r = reference_R(model, ctx, x)
+    r = reference_px_R(model, ctx, x)
     assert diag["R"] == pytest.approx(r, rel=1e-12)
     for name, s in zip(ctx.names, scores):
         assert float(s.sum()) == pytest.approx(r, rel=1e-10), name
@@ -195,46 +159,6 @@ class ActCNN(nn.Module):
         x = self.act(self.bn1(self.conv1(x)))
         x = F.max_pool2d(self.act(self.bn2(self.conv2(x))), 2)
         return self.fc(x.flatten(1))
-
-
-def reference_px(model, ctx, batches, bn_train=True):
-    """Straightforward PX: three deep copies per batch, activations replaced by hand, the h-net
-    on a full all-ones batch, one backward per batch, |summed gradient| * theta^2."""
-    total = {n: torch.zeros_like(ctx.params[n], dtype=torch.float64) for n in ctx.names}
-    masks = dict(zip(ctx.names, ctx.masks))
-
-    def copy_with(values, bn_train):
-        net = copy.deepcopy(model).double().eval()
-        with torch.no_grad():
-            for n, p in net.named_parameters():
-                p.copy_(values(n))
-            for n, b in net.named_buffers():
-                b.copy_(ctx.buffers[n])
-        for m in net.modules():
-            if isinstance(m, nn.BatchNorm2d) and bn_train:
-                m.train()
-        return net
-
-    for b in batches:
-        gates = []
-        act_net = copy_with(lambda n: ctx.params[n], bn_train=False)
-        act_net.act = lambda z: (gates.append((z > 0).double()), torch.relu(z))[1]
-        with torch.no_grad():
-            act_net(b.x)
-        g_net = copy_with(lambda n: masks[n].double() if n in masks else ctx.params[n], bn_train=bn_train)
-        queue = list(gates)
-        g_net.act = lambda z: z * queue.pop(0)
-        with torch.no_grad():
-            z1 = g_net(b.x ** 2)
-        assert not queue
-        h_net = copy_with(lambda n: ctx.params[n] ** 2 if n in masks else ctx.params[n], bn_train=bn_train)
-        h_net.act = lambda z: z
-        z2 = h_net(torch.ones_like(b.x))
-        (z1 * z2).sum().backward()
-        named = dict(h_net.named_parameters())
-        for n in ctx.names:
-            total[n] += named[n].grad
-    return [total[n].abs() * ctx.params[n] ** 2 for n in ctx.names]
 
 
 @pytest.mark.parametrize("bn", ["train", "eval"])
@@ -345,13 +269,13 @@ def small_data(n=3, dtype=torch.float32):
 
 
 def test_run_properties():
-    masks = check_run_properties(small_model, small_data(), "px", rounds=3, seed=2)
+    masks = check_run_properties("px", small_model, small_data(), 0.1, rounds=3, seed=2)
     assert masks.meta["method"] == "px"
 
 
 @pytest.mark.parametrize("kill_after", [1, 2])
 def test_resume_after_kill(tmp_path, monkeypatch, kill_after):
-    check_resume(tmp_path, monkeypatch, small_model, small_data(), "px", kill_after, rounds=3)
+    check_resume(tmp_path, monkeypatch, "px", small_model, small_data(), 0.1, kill_after, rounds=3)
 
 
 # ----------------------------------------------------------------------- two gloo processes

@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from method_properties import check_resume, check_run_properties, deep_copy_masked
+from method_checks import check_resume, check_run_properties
+from references import reference_synflow_l2, synflow_l2_closed_form
 from scoring_nets import TinyCNN, make_ctx, make_model
 from widetopo.scores.base import Batch, ScoreContext
 from widetopo.scores.baselines import synflow_scores
@@ -26,17 +27,6 @@ def linear_ctx(n_in=4, hidden=6, n_out=3, keep=0.7):
     return model, ScoreContext(model=model, names=names, params=params, buffers={}, masks=masks)
 
 
-def closed_form(W1, W2, q):
-    """S(W1_js) = |W1_js|^q sum_k W2_kj^2, S(W2_kj) = |W2_kj|^q sum_s W1_js^2 (explicit loops)."""
-    S1, S2 = torch.zeros_like(W1), torch.zeros_like(W2)
-    for j in range(W1.shape[0]):
-        for s in range(W1.shape[1]):
-            S1[j, s] = abs(float(W1[j, s])) ** q * sum(float(W2[k, j]) ** 2 for k in range(W2.shape[0]))
-        for k in range(W2.shape[0]):
-            S2[k, j] = abs(float(W2[k, j])) ** q * sum(float(W1[j, s]) ** 2 for s in range(W1.shape[1]))
-    return S1, S2
-
-
 def normalised(scores):
     peak = max(float(s.max()) for s in scores)
     return [s / peak for s in scores]
@@ -46,7 +36,7 @@ def normalised(scores):
 def test_linear_two_layer_closed_form(form, q):
     model, ctx = linear_ctx()
     W1, W2 = ctx.params["0.weight"], ctx.params["1.weight"]
-    R1, R2 = closed_form(W1, W2, q)
+    R1, R2 = synflow_l2_closed_form(W1, W2, q)
     raw, _ = synflow_scores(ctx, (4,), power=2, multiplier_power=q)
     torch.testing.assert_close(raw[0], R1, rtol=1e-12, atol=0)
     torch.testing.assert_close(raw[1], R2, rtol=1e-12, atol=0)
@@ -61,21 +51,6 @@ def test_the_two_forms_rank_differently():
     a = torch.cat([s.flatten() for s in SynFlowL2Scorer(input_shape=(4,)).score(ctx, [])])
     b = torch.cat([s.flatten() for s in SynFlowL2Scorer(input_shape=(4,), score_form="square").score(ctx, [])])
     assert not torch.equal(a.argsort(), b.argsort())
-
-
-def reference_synflow_l2(model, ctx, sample_shape, q=1):
-    """Float64 deep copy, every floating state-dict entry squared, eval mode, h = sum f(1),
-    S = |theta|^q * dh/d(theta^2)."""
-    net = deep_copy_masked(model, ctx.params).eval()
-    with torch.no_grad():
-        for n, b in net.named_buffers():
-            b.copy_(ctx.buffers[n])
-        for v in net.state_dict().values():
-            if v.is_floating_point():
-                v.pow_(2)
-    net(torch.ones((1, *sample_shape), dtype=torch.float64)).sum().backward()
-    named = dict(net.named_parameters())
-    return [(named[n].grad * ctx.params[n].double().abs() ** q).abs() for n in ctx.names]
 
 
 @pytest.mark.parametrize("form,q", [("abs", 1), ("square", 2)])
@@ -139,9 +114,9 @@ DATA = [torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(1)) for 
 
 
 def test_run_properties():
-    masks = check_run_properties(small_model, DATA, "synflow-l2", rounds=3, seed=1, score_form="square")
+    masks = check_run_properties("synflow-l2", small_model, DATA, 0.1, rounds=3, seed=1, score_form="square")
     assert masks.meta["method"] == "synflow-l2"
 
 
 def test_resume_after_kill(tmp_path, monkeypatch):
-    check_resume(tmp_path, monkeypatch, small_model, DATA, "synflow_l2", 2, rounds=3)
+    check_resume(tmp_path, monkeypatch, "synflow_l2", small_model, DATA, 0.1, 2, rounds=3)

@@ -5,13 +5,9 @@ import math
 import pytest
 import torch
 
-from widetopo.engine.restoration import (
-    RESTORE_STREAM,
-    restoration_path,
-    restoration_target,
-    restore_masks,
-)
-from widetopo.engine.rng import make_generator
+from widetopo.engine.restoration import restoration_path, restoration_target, restore_masks
+
+from references import reference_restore
 
 pytestmark = pytest.mark.needs_kernel("restoration_scores", "global_threshold")
 
@@ -67,47 +63,13 @@ def test_kernel_dims_count_in_unit_densities():
     assert torch.equal(m, expected)
 
 
-def _reference_restore(masks, target, r, steps, seed, scale):
-    """Straight statement of docs/design.md §2.3 with a full sort (ties -> first in list/flat order)."""
-    masks = [m.clone() for m in masks]
-    n = sum(m.numel() for m in masks)
-    d_r = target ** ((2 ** (r + 1) - 1) / 2 ** (r + 1))
-    for j in range(1, steps + 1):
-        d_j = target + (d_r - target) * j / steps
-        gen = make_generator(seed, -(r + 1), j, "cpu", RESTORE_STREAM)
-        scores = []
-        for m in masks:
-            if m.dim() >= 2:
-                o, i = m.shape[0], m.shape[1]
-                noise = torch.randn((o, i), generator=gen)
-                mm = m.reshape(o, i, -1).double()
-                k = mm.shape[2]
-                out_d = mm.sum((1, 2)) / (i * k)
-                in_d = mm.sum((0, 2)) / (o * k)
-                s = (1 - out_d)[:, None] * (1 - in_d)[None, :] + scale * noise.double()
-                s = s[:, :, None].expand(o, i, k).reshape(m.shape)
-                scores.append(torch.where(m, 2.0, s.float().double()).reshape(-1))
-            else:
-                scores.append(torch.where(m, 2.0, 1.0).double().reshape(-1))
-        flat = torch.cat(scores)
-        keep = int(math.floor(d_j * n + 0.5))
-        order = torch.sort(-flat, stable=True).indices[:keep]
-        new = torch.zeros(n, dtype=torch.bool)
-        new[order] = True
-        off = 0
-        for m in masks:
-            m.copy_(new[off:off + m.numel()].view_as(m))
-            off += m.numel()
-    return masks
-
-
 def test_multi_step_matches_reference_and_only_grows():
     gen = torch.Generator().manual_seed(3)
     shapes = [(6, 3, 3, 3), (5, 6), (5,)]
     masks = [torch.rand(s, generator=gen) < 0.05 for s in shapes]
     n = sum(m.numel() for m in masks)
     start = [m.clone() for m in masks]
-    expected = _reference_restore(masks, 0.04, 0, 5, seed=11, scale=1e-5)
+    expected = reference_restore(masks, 0.04, 0, 5, seed=11, scale=1e-5)
     seen = []
 
     def on_step(j, d_j):

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import widetopo
-from widetopo.engine import checkpoint as ckpt_mod
+from method_checks import run_killed
 from widetopo.engine.checkpoint import CheckpointMismatch
 from widetopo.scores.base import Scorer
 
@@ -47,10 +47,6 @@ class Scored(Scorer):
         return out
 
 
-class Killed(Exception):
-    pass
-
-
 def uninterrupted():
     return widetopo.prune(make_model(), DATA, 0.1, method=Scored(), **OPTS)
 
@@ -59,20 +55,9 @@ def uninterrupted():
 def test_killed_and_resumed_equals_uninterrupted(tmp_path, monkeypatch, kill_after):
     path = tmp_path / "run.ckpt"
     reference = uninterrupted()
-    real_save = ckpt_mod.Checkpoint.save
-    calls = []
-
-    def save_then_die(self, state):
-        real_save(self, state)
-        calls.append((state["phase"], state["step"]))
-        if len(calls) == kill_after:
-            raise Killed
-
-    monkeypatch.setattr(ckpt_mod.Checkpoint, "save", save_then_die)
     first = Scored()
-    with pytest.raises(Killed):
-        widetopo.prune(make_model(), DATA, 0.1, method=first, checkpoint=path, **OPTS)
-    monkeypatch.setattr(ckpt_mod.Checkpoint, "save", real_save)
+    run_killed(monkeypatch, kill_after, lambda: widetopo.prune(make_model(), DATA, 0.1, method=first,
+                                                               checkpoint=path, **OPTS))
     assert path.exists()
     second = Scored()
     resumed = widetopo.prune(make_model(), DATA, 0.1, method=second, checkpoint=path, **OPTS)

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from references import reference_snip, reference_synflow
 from scoring_nets import MLP, TinyCNN, make_ctx, make_model, masked_copy
 from widetopo.engine.rng import make_generator
 from widetopo.scores import Batch, MagnitudeScorer, RandomScorer, SNIPScorer, SynFlowScorer
@@ -62,21 +62,6 @@ def test_random_rejects_unknown_distribution():
 
 
 # -------------------------------------------------------------------------------------- SNIP
-def reference_snip(model, ctx, batches, buffers_per_batch=None, per_batch_abs=False):
-    """|sum_b grad L_b * theta| with the gradient accumulated over the batches (per_batch_abs:
-    sum_b |grad L_b * theta| instead, only to show that the two differ on the test data)."""
-    total = None
-    for k, b in enumerate(batches):
-        net = masked_copy(model, ctx, buffers_per_batch[k] if buffers_per_batch else None).eval()
-        loss = F.cross_entropy(net(b.x), b.y)
-        loss.backward()
-        named = dict(net.named_parameters())
-        s = [(named[n].grad * named[n]).detach() for n in ctx.names]
-        s = [t.abs() for t in s] if per_batch_abs else s
-        total = s if total is None else [a + c for a, c in zip(total, s)]
-    return [t.abs() for t in total]
-
-
 @needs_acc
 def test_snip_matches_hand_autograd():
     model = make_model(TinyCNN)
@@ -121,19 +106,6 @@ def test_snip_requires_targets():
 
 
 # ----------------------------------------------------------------------------------- SynFlow
-def reference_synflow(model, ctx, sample_shape):
-    """Straightforward float64 SynFlow: |theta| everywhere (state dict), eval, all-ones input."""
-    net = masked_copy(model, ctx).double().eval()
-    with torch.no_grad():
-        for v in net.state_dict().values():
-            if v.is_floating_point():
-                v.abs_()
-    r = net(torch.ones((1, *sample_shape), dtype=torch.float64)).sum()
-    r.backward()
-    named = dict(net.named_parameters())
-    return [(named[n].grad * named[n]).abs().detach() for n in ctx.names], r.detach()
-
-
 def _normalised(scores):
     peak = max(float(s.max()) for s in scores)
     return [s / peak for s in scores]

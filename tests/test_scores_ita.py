@@ -4,51 +4,13 @@ import copy
 import pytest
 import torch
 
-from widetopo.engine.rng import make_generator
+from references import reference_ita
 from scoring_nets import MLP1 as MLP
-from scoring_nets import TinyCNN, make_ctx, make_model, masked_copy
+from scoring_nets import TinyCNN, make_ctx, make_model
 from widetopo.scores import Batch, ita_score
-from widetopo.scores.ita import ITA_STREAM, no_tf32
+from widetopo.scores.ita import no_tf32
 
 needs_ops = pytest.mark.needs_kernel("accumulate_score_")
-
-
-def _set_tensor(net, name, value):
-    """Replace parameter `name` of `net` by a plain (graph-carrying) tensor."""
-    *path, attr = name.split(".")
-    mod = net
-    for p in path:
-        mod = getattr(mod, p)
-    del mod._parameters[attr]
-    setattr(mod, attr, value)
-
-
-def reference_ita(model, ctx, batch, eps_x=5e-4, eps_theta=5e-4, draw_dtype=None):
-    """Four separate forwards through deep copies; gradient w.r.t. an explicit mask tensor.
-    draw_dtype: dtype in which the random draws are made (default: the data's)."""
-    gen = make_generator(ctx.seed, ctx.round, batch.index, "cpu", ITA_STREAM)
-    x = batch.x
-    dd = draw_dtype or x.dtype
-    dx = torch.randn(x.shape, generator=gen, dtype=dd).to(x.dtype)
-    dtheta = [torch.randn(ctx.params[n].shape, generator=gen, dtype=dd).to(x.dtype) for n in ctx.names]
-    masks = [m.to(x.dtype).requires_grad_(True) for m in ctx.masks]
-    nets = []
-    for perturbed in (False, True):
-        net = masked_copy(model, ctx).eval()
-        for n, m, mb, d in zip(ctx.names, masks, ctx.masks, dtheta):
-            theta_m = ctx.params[n] * mb.to(x.dtype)  # theta * m, a constant
-            c = theta_m + eps_theta * d if perturbed else theta_m
-            _set_tensor(net, n, c * m)
-        for p in net.parameters():
-            p.requires_grad_(False)
-        nets.append(net)
-    src, tgt = nets
-    xp = x + eps_x * dx
-    o_s, p_s, o_t, p_t = src(x), src(xp), tgt(x), tgt(xp)
-    delta = (p_t - o_t) - (p_s - o_s)
-    a = (delta ** 2).sum() / (eps_x * eps_theta)
-    grads = torch.autograd.grad(a, masks)
-    return [(g * (mk != 0)).abs() for g, mk in zip(grads, ctx.masks)]
 
 
 def make_batch(index=3, shape=(4, 1, 8, 8), dtype=torch.float64, seed=1):

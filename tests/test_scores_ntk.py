@@ -4,33 +4,12 @@ import pytest
 import torch
 
 from widetopo.engine.rng import make_generator
+from references import reference_ntk
 from scoring_nets import MLP, TinyCNN, make_ctx, make_model, masked_copy
 from widetopo.scores import Batch, ntk_score
 from widetopo.scores.ntk import NTK_STREAM
 
 needs_ops = pytest.mark.needs_kernel("accumulate_score_", "masked_sq_norm")
-
-
-def reference_ntk(model, ctx, batch, probes=1):
-    """|sum_probes h * theta * m| with h = grad ||m * grad <v, f>||^2, plain autograd."""
-    net = masked_copy(model, ctx).eval()
-    named = dict(net.named_parameters())
-    all_params = list(named.values())
-    pr = [named[n] for n in ctx.names]
-    mask_of = {n: m.to(torch.float64) for n, m in zip(ctx.names, ctx.masks)}
-    gen = make_generator(ctx.seed, ctx.round, batch.index, "cpu", NTK_STREAM)
-    out = net(batch.x)
-    total = [torch.zeros_like(p) for p in pr]
-    for _ in range(probes):
-        v = torch.randn(out.shape, generator=gen, dtype=out.dtype)
-        g = torch.autograd.grad((v * out).sum(), all_params, create_graph=True)
-        t = 0
-        for (n, _), gi in zip(named.items(), g):
-            gi = gi * mask_of[n] if n in mask_of else gi
-            t = t + (gi * gi).sum()
-        h = torch.autograd.grad(t, pr, retain_graph=True)
-        total = [a + b for a, b in zip(total, h)]
-    return [(hs * ctx.params[n] * mask_of[n]).abs().detach() for hs, n in zip(total, ctx.names)]
 
 
 def batches(n=2, shape=(4, 1, 8, 8), dtype=torch.float64):

@@ -1,13 +1,12 @@
 """WideTopoScorer (mu1 * S_ntk + mu2 * S_ita with per-batch BN calibration), the factory,
-determinism and error handling. The references are the hand-written ones of the NTK / ITA tests."""
+determinism and error handling. The references are the hand-written NTK / ITA ones of tests/references.py."""
 import copy
 
 import pytest
 import torch
 
-from test_scores_ita import reference_ita
+from references import reference_ita, reference_ntk
 from scoring_nets import MLP, TinyCNN, calibrated_buffers, make_ctx, make_model
-from test_scores_ntk import reference_ntk
 from widetopo.methods import method_names
 from widetopo.scores import (Batch, MagnitudeScorer, RandomScorer, SNIPScorer,
                              SynFlowScorer, WideTopoScorer, make_scorer, scorer_options)

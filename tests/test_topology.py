@@ -1,7 +1,5 @@
 """Unit topology: grouped, depthwise and transposed convolutions against hand-built dense
 equivalents; layouts read from models; restoration with layouts."""
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,6 +11,8 @@ from widetopo_ext import reference as ref
 from widetopo.sparsity import topology
 from widetopo.engine.restoration import restore_masks, restoration_noise
 from widetopo.sparsity.topology import DENSE, UnitLayout, unit_counts, unit_layouts
+
+from references import reference_group_restoration_scores
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -122,24 +122,6 @@ def test_mask_stats_equal_dense_equivalent(case, gen):
     assert unit_counts(shape, layout) == (dense_m.shape[0], dense_m.shape[1])
 
 
-def _restoration_loops(dense_m, dense_noise, group_of_out, group_of_in, scale):
-    """Restoration scores on the dense equivalent with the docs/design.md §2.3 formula, unit densities
-    normalised by the connections a unit *has* (its group's size), float64 loops."""
-    o_n, i_n = dense_m.shape[0], dense_m.shape[1]
-    k = math.prod(dense_m.shape[2:])
-    m3 = dense_m.reshape(o_n, i_n, k)
-    ins_of = [[i for i in range(i_n) if group_of_in[i] == group_of_out[o]] for o in range(o_n)]
-    outs_of = [[o for o in range(o_n) if group_of_out[o] == group_of_in[i]] for i in range(i_n)]
-    out = torch.zeros(o_n, i_n, k, dtype=torch.float64)
-    for o in range(o_n):
-        dout = sum(int(m3[o, i].sum()) for i in ins_of[o]) / (len(ins_of[o]) * k)
-        for i in ins_of[o]:
-            din = sum(int(m3[oo, i].sum()) for oo in outs_of[i]) / (len(outs_of[i]) * k)
-            for kk in range(k):
-                out[o, i, kk] = 2.0 if m3[o, i, kk] else (1 - dout) * (1 - din) + scale * float(dense_noise[o, i])
-    return out.reshape(dense_m.shape)
-
-
 @pytest.mark.parametrize("case", list(CASES))
 def test_restoration_scores_match_the_group_formula(case, gen):
     shape, layout, to_dense, from_dense = CASES[case]
@@ -155,7 +137,7 @@ def test_restoration_scores_match_the_group_formula(case, gen):
         dense_noise = dense_of_grouped(noise, g)
     group_of_out = [o // og for o in range(og * g)]
     group_of_in = [i // ig for i in range(ig * g)]
-    want = _restoration_loops(to_dense(mask.double()).bool(), dense_noise, group_of_out, group_of_in, scale)
+    want = reference_group_restoration_scores(to_dense(mask.double()).bool(), dense_noise, group_of_out, group_of_in, scale)
     got = topology.restoration_scores([mask], [noise], scale, [layout])[0]
     assert got.dtype == torch.float32 and got.shape == mask.shape
     torch.testing.assert_close(got.double(), from_dense(want), rtol=1e-6, atol=1e-6)
