@@ -23,9 +23,9 @@ def make_model():
                          nn.Linear(4 * 4 * 4, 3))
 
 
-def make_data(n):
+def make_data(n, dtype=torch.float32):
     g = torch.Generator().manual_seed(1)
-    return [torch.randn(3, 2, 4, 4, generator=g) for _ in range(n)]
+    return [torch.randn(3, 2, 4, 4, generator=g, dtype=dtype) for _ in range(n)]
 
 
 def make_labelled(n):
@@ -101,12 +101,12 @@ def _worker(rank, world, port, outdir):
         log = []
         masks = widetopo.prune(make_model(), make_data(5), 0.1, method=make_scorer(log), **OPTS)
         one = widetopo.prune(make_model(), make_data(1), 0.1, method=make_scorer(), **OPTS)
-        wt = widetopo.prune(make_model(), make_data(4), 0.1, method="widetopo-s", **WT_OPTS)
+        wt = widetopo.prune(make_model().double(), make_data(4, torch.float64), 0.1, method="widetopo-s", **WT_OPTS)
         snip = widetopo.prune(make_model().double(), make_labelled(4), 0.1, method="snip", verbose=False)
         # sharded scores: each rank sums and selects only the tensors it owns (same masks)
         sharded = widetopo.prune(make_model(), make_data(5), 0.1, method=make_scorer(), shard_scores=True, **OPTS)
-        wt_sharded = widetopo.prune(make_model(), make_data(4), 0.1, method="widetopo-s", shard_scores=True,
-                                    **WT_OPTS)
+        wt_sharded = widetopo.prune(make_model().double(), make_data(4, torch.float64), 0.1, method="widetopo-s",
+                                    shard_scores=True, **WT_OPTS)
         errors = {
             # rank 1's scorer raises in round 2; rank 1 gets no data at all
             "scorer": _failure(lambda: widetopo.prune(make_model(), make_data(4), 0.1,
@@ -168,19 +168,18 @@ def test_helpers_without_process_group():
 
 
 def test_widetopo_scorer_two_ranks(spawned, one_thread):
-    """The real WideTopo scorer: both ranks identical; equal to one process up to the float
-    summation order of the per-batch scores (nearly all kept weights shared)."""
+    """The real WideTopo scorer in float64 (model and data; scores accumulate in float64): both
+    ranks derive the masks of one process over all four batches. The order in which the two
+    ranks' per-batch scores are summed moves a score by ~1e-16 relative, far below the gaps
+    between neighbouring scores at the cut, so the masks must be equal, not merely close."""
     import widetopo
 
     r0, r1 = spawned[0]["wt"], spawned[1]["wt"]
-    single = widetopo.prune(make_model(), make_data(4), 0.1, method="widetopo-s", **WT_OPTS)
-    shared = total = 0
+    single = widetopo.prune(make_model().double(), make_data(4, torch.float64), 0.1, method="widetopo-s", **WT_OPTS)
+    assert list(r0) == list(single)
     for name in single:
         assert torch.equal(r0[name], r1[name]), name
-        shared += int((r0[name] & single[name]).sum())
-        total += int(single[name].sum())
-    assert sum(int(m.sum()) for m in r0.values()) == total
-    assert shared / total >= 0.95, f"only {shared}/{total} kept weights shared with the single-process run"
+        assert torch.equal(r0[name], single[name]), name
 
 
 def test_a_failing_rank_stops_every_rank_without_waiting_for_the_timeout(spawned):
