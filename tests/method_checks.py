@@ -12,6 +12,7 @@ import os
 import tempfile
 
 import pytest
+import scipy.stats
 import torch
 from torch import nn
 
@@ -91,6 +92,41 @@ def check_run_properties(method, make_model, data, density, **opts):
         assert torch.equal(masks[name], again[name]), name
     assert masks.meta["method"] == widetopo.methods.get_method(method).name
     return masks
+
+
+# ------------------------------------------------------------------------------- random subsets
+#: significance level of the uniformity checks: a correct sampler fails one with probability 1e-6
+#: (over the choice of the fixed seed set), so a failure means a biased sampler
+ALPHA = 1e-6
+
+
+def uniform_keep_pvalue(runs, groups):
+    """p-value of "every run keeps a uniformly random subset of each group's entries", from the
+    number of runs c_i that kept entry i.
+
+    runs: mask dicts of N runs (different seeds); groups: lists of names whose entries are pooled
+    (all prunable tensors for a global selection, one layer for a layerwise one); each run must
+    keep the same number k of a group's n entries. For uniform k-subsets, c_i has mean N p
+    (p = k/n) and covariance N p (1 - p) n/(n - 1) (I - 11^T/n), so
+        X^2 = (n - 1) / (n N p (1 - p)) * sum_i (c_i - N p)^2  ~  chi^2(n - 1)
+    (asymptotically); independent groups add their X^2 and degrees of freedom. A group kept
+    whole (or not at all) carries no information and must be kept whole in every run.
+    """
+    n_runs = len(runs)
+    stat, dof = 0.0, 0
+    for names in groups:
+        counts = torch.cat([sum(run[name].double() for run in runs).flatten() for name in names])
+        kept = {sum(int(run[name].sum()) for name in names) for run in runs}
+        assert len(kept) == 1, f"the runs keep different numbers of entries of {names}: {sorted(kept)}"
+        k, n = kept.pop(), counts.numel()
+        if k in (0, n):
+            assert bool((counts == (n_runs if k else 0)).all())
+            continue
+        p = k / n
+        stat += float((n - 1) / (n * n_runs * p * (1 - p)) * ((counts - n_runs * p) ** 2).sum())
+        dof += n - 1
+    assert dof > 0, "no group with a random choice"
+    return float(scipy.stats.chi2.sf(stat, dof))
 
 
 # ------------------------------------------------------------------------------- kill and resume

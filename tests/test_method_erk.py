@@ -1,13 +1,13 @@
 """ERK allocations (docs/design.md §5.6): per-layer counts against a hand computation with saturated
-layers, exact totals, the scores inside a layer (random draws, |theta| keeping large negative
-weights), and the run-level properties of every method."""
+layers, exact totals, the choice inside a layer (a uniformly random subset: chi-square of the keep
+counts over many seeds; |theta| keeping large negative weights), and the run-level properties of
+every method."""
 import pytest
 import torch
 from torch import nn
 
 import widetopo
-from method_checks import check_resume, check_run_properties
-from widetopo.engine.rng import make_generator
+from method_checks import ALPHA, check_resume, check_run_properties, uniform_keep_pvalue
 from widetopo.scores.base import ScoreContext
 from widetopo.scores.erk import ERKMagnitudeScorer, ERKRandomScorer, erk_quotas
 
@@ -93,15 +93,50 @@ def test_quotas_are_capped_by_what_a_layer_still_keeps():
         erk_quotas(SHAPES, sum(caps) + 1, caps=caps)
 
 
-def test_random_erk_draws_uniformly_from_the_round_generator():
+def test_random_erk_scores_depend_on_seed_and_round_only():
     model = FourLayers()
     ctx = ctx_of(model)
     rng = torch.random.get_rng_state()
     out = ERKRandomScorer().score(ctx, [])
     assert torch.equal(rng, torch.random.get_rng_state())
-    gen = make_generator(3, 1, 0, "cpu", 0)
-    for o, n in zip(out, ctx.names):
-        torch.testing.assert_close(o, 1 - torch.rand(ctx.params[n].shape, generator=gen), rtol=0, atol=0)
+    assert all(bool(((o > 0) & (o <= 1)).all()) for o in out)
+    again = ERKRandomScorer().score(ctx_of(model), [])
+    assert all(torch.equal(a, b) for a, b in zip(out, again))
+    other = ctx_of(model)
+    other.round = 2
+    assert not any(torch.equal(a, b) for a, b in zip(out, ERKRandomScorer().score(other, [])))
+
+
+class _FirstRowsHeavy(ERKRandomScorer):
+    """Deliberately biased: inside every layer the draws of the first half of the output units
+    are scaled by 1.1 (in the conv layer, at its 14.5 % quota, they are kept with probability
+    0.186 instead of 0.145, the other half with 0.104)."""
+
+    def score(self, ctx, batches=()):
+        out = super().score(ctx, batches)
+        for o in out:
+            o[: o.shape[0] // 2] *= 1.1
+        return out
+
+
+def _erk_runs(method, seeds=range(300)):
+    model = FourLayers()
+    data = [torch.randn(4, 3, generator=torch.Generator().manual_seed(0))]
+    return [widetopo.prune(model, data, 400 / 1400, method=method, seed=s, verbose=False) for s in seeds]
+
+
+def test_random_erk_keeps_a_uniform_subset_of_each_layer():
+    """Over 300 seeds every weight of a layer is kept equally often (chi-square of the keep
+    counts per layer, the ERK quota fixed per layer; fc1 and fc2 are kept whole)."""
+    runs = _erk_runs("erk-random")
+    assert [[int(m.sum()) for m in run.values()] for run in runs[:2]] == [HAND_400] * 2
+    assert uniform_keep_pvalue(runs, [[name] for name in runs[0]]) > ALPHA
+
+
+def test_the_per_layer_keep_frequency_check_fails_a_biased_sampler():
+    runs = _erk_runs(_FirstRowsHeavy())
+    assert [int(m.sum()) for m in runs[0].values()] == HAND_400
+    assert uniform_keep_pvalue(runs, [[name] for name in runs[0]]) < ALPHA
 
 
 def test_magnitude_erk_keeps_large_negative_weights():

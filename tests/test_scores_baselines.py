@@ -1,12 +1,15 @@
-"""Random, Magnitude, SNIP and SynFlow scorers against straightforward implementations."""
+"""Random, Magnitude, SNIP and SynFlow scorers against straightforward implementations; random
+pruning against the uniform distribution (chi-square and Kolmogorov-Smirnov tests)."""
 
 import pytest
+import scipy.stats
 import torch
 from torch import nn
 
+import widetopo
+from method_checks import ALPHA, uniform_keep_pvalue
 from references import reference_snip, reference_synflow
 from scoring_nets import MLP, TinyCNN, make_ctx, make_model, masked_copy
-from widetopo.engine.rng import make_generator
 from widetopo.scores import Batch, MagnitudeScorer, RandomScorer, SNIPScorer, SynFlowScorer
 from widetopo.scores.baselines import synflow_scores
 
@@ -35,25 +38,82 @@ def test_magnitude_is_abs_of_masked_weights():
 # ------------------------------------------------------------------------------------ random
 @needs_acc
 @pytest.mark.parametrize("distribution", ["uniform", "normal"])
-def test_random_draws_from_round_generator(distribution):
+def test_random_scores_depend_on_seed_and_round_only(distribution):
     model = make_model(MLP, dtype=torch.float32)
     ctx = make_ctx(model, seed=5, round_index=9)
     rng = torch.random.get_rng_state()
     out = RandomScorer(distribution).score(ctx, [])
     assert torch.equal(rng, torch.random.get_rng_state())
-    gen = make_generator(5, 9, 0, "cpu", 0)
-    for o, n, m in zip(out, ctx.names, ctx.masks):
-        shape = ctx.params[n].shape
-        draw = 1 - torch.rand(shape, generator=gen) if distribution == "uniform" else torch.randn(shape, generator=gen).abs()
-        torch.testing.assert_close(o, draw * m, rtol=0, atol=0)
+    for o, m in zip(out, ctx.masks):
         assert torch.all(o[m] > 0) and torch.all(o[~m] == 0)
         if distribution == "uniform":
             assert float(o.max()) <= 1.0
     again = RandomScorer(distribution).score(make_ctx(model, seed=5, round_index=9), [])
-    other = RandomScorer(distribution).score(make_ctx(model, seed=5, round_index=10), [])
+    other_round = RandomScorer(distribution).score(make_ctx(model, seed=5, round_index=10), [])
+    other_seed = RandomScorer(distribution).score(make_ctx(model, seed=6, round_index=9), [])
     assert all(torch.equal(a, b) for a, b in zip(out, again))
-    assert not any(torch.equal(a, b) for a, b in zip(out, other))
+    assert not any(torch.equal(a, b) for a, b in zip(out, other_round))
+    assert not any(torch.equal(a, b) for a, b in zip(out, other_seed))
     assert not RandomScorer().data_dependent
+
+
+@needs_acc
+def test_random_score_values_follow_the_chosen_distribution():
+    """The scores of the kept weights, pooled over 10 rounds: U(0, 1] for "uniform", |z| with
+    z ~ N(0, 1) (half-normal) for "normal" (Kolmogorov-Smirnov at ALPHA); each sample fails the
+    other distribution's test, so the option is not ignored."""
+    model = make_model(MLP, dtype=torch.float32)
+    ctxs = [make_ctx(model, seed=5, round_index=r) for r in range(10)]
+    values = {}
+    for distribution in ("uniform", "normal"):
+        values[distribution] = torch.cat([o[m].double() for ctx in ctxs
+                                          for o, m in zip(RandomScorer(distribution).score(ctx, []), ctx.masks)])
+    assert values["uniform"].numel() > 2000
+    assert scipy.stats.kstest(values["uniform"].numpy(), "uniform").pvalue > ALPHA
+    assert scipy.stats.kstest(values["normal"].numpy(), "halfnorm").pvalue > ALPHA
+    assert scipy.stats.kstest(values["uniform"].numpy(), "halfnorm").pvalue < ALPHA
+    assert scipy.stats.kstest(values["normal"].numpy(), "uniform").pvalue < ALPHA
+
+
+class _FirstLayerHeavy(RandomScorer):
+    """Deliberately biased: the first tensor's draws scaled by 1.1 (at density 0.25 its weights
+    are kept with probability 0.29 instead of 0.25, the others' with 0.22)."""
+
+    def score(self, ctx, batches=()):
+        out = super().score(ctx, batches)
+        out[0] = out[0] * 1.1
+        return out
+
+
+class _SeedBlind(RandomScorer):
+    """Deliberately biased: draws that ignore the seed (the same subset for every seed)."""
+
+    def score(self, ctx, batches=()):
+        gen = torch.Generator().manual_seed(ctx.round)
+        return [(1 - torch.rand(p.shape, generator=gen)) * m for p, m in zip(ctx.prunable, ctx.masks)]
+
+
+def _random_runs(method, seeds=range(500), **options):
+    """Masks of MLP (10-16-12-3, 388 prunable weights) pruned to density 0.25 once per seed."""
+    model = make_model(MLP, dtype=torch.float32)
+    data = [torch.zeros(2, 10)]
+    return [widetopo.prune(model, data, 0.25, method=method, seed=s, verbose=False, **options) for s in seeds]
+
+
+@pytest.mark.needs_kernel("accumulate_score_", "global_threshold", "apply_masks_", "mask_stats")
+@pytest.mark.parametrize("distribution", ["uniform", "normal"])
+def test_random_pruning_keeps_every_weight_equally_often(distribution):
+    """Over 500 seeds each weight is kept equally often (chi-square of the keep counts): the
+    97 kept weights are a uniformly random subset of the 388, across layers."""
+    runs = _random_runs("random", distribution=distribution)
+    assert uniform_keep_pvalue(runs, [list(runs[0])]) > ALPHA
+
+
+@pytest.mark.needs_kernel("accumulate_score_", "global_threshold", "apply_masks_", "mask_stats")
+@pytest.mark.parametrize("biased", [_FirstLayerHeavy, _SeedBlind])
+def test_the_keep_frequency_check_fails_a_biased_sampler(biased):
+    runs = _random_runs(biased())
+    assert uniform_keep_pvalue(runs, [list(runs[0])]) < ALPHA
 
 
 def test_random_rejects_unknown_distribution():
