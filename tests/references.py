@@ -3,10 +3,11 @@ instead of the radix-select kernel, explicit formulas and loops, deep copies and
 instead of the scorers' hooks and functional calls. Each states its formula (docs/design.md);
 the tests compare widetopo's results against these, never widetopo against itself.
 
-Nothing here calls widetopo's selection, decay, restoration or scoring code; only the seeded
-generators (widetopo.engine.rng.make_generator and the documented stream numbers), so that a
-reference draws the same random numbers as the run it checks. (widetopo_ext/reference.py is the
-op library's own pure-PyTorch reference of its kernels, a separate thing.)
+Nothing here calls widetopo's threshold, decay, restoration or scoring code. Taken from widetopo
+are only the seeded generators (widetopo.engine.rng.make_generator and the stream numbers), so
+that a reference draws the random numbers of the run it checks, and the default prunable set
+(select_prunable) for the SNIP-on-segmentation reference. (widetopo_ext/reference.py is the op
+library's own pure-PyTorch reference of its kernels, a separate thing.)
 """
 import copy
 import math
@@ -519,3 +520,100 @@ def reference_ita(model, ctx, batch, eps_x=5e-4, eps_theta=5e-4, draw_dtype=None
     a = (delta ** 2).sum() / (eps_x * eps_theta)
     grads = torch.autograd.grad(a, masks)
     return [(g * (mk != 0)).abs() for g, mk in zip(grads, ctx.masks)]
+
+
+# ----------------------------------------------------------------------------- multi-head attention
+def reference_attention(q, k, v, mask=None, causal=False, scale=None):
+    """Explicit loops over batch, head and query position, float64."""
+    q, k, v = q.double(), k.double(), v.double()
+    out = torch.zeros(q.shape[:-1] + (v.shape[-1],), dtype=torch.float64)
+    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
+    for b in range(q.shape[0]):
+        for h in range(q.shape[1]):
+            for i in range(q.shape[2]):
+                logits = []
+                for j in range(k.shape[2]):
+                    allowed = not (causal and j > i)
+                    add = 0.0
+                    if mask is not None:
+                        mij = mask[..., i, j].reshape(-1)[0] if mask.dim() == 2 else mask[b, h, i, j]
+                        if mask.dtype == torch.bool:
+                            allowed = allowed and bool(mij)
+                        else:
+                            add = float(mij)
+                    logits.append(float(q[b, h, i] @ k[b, h, j]) * scale + add if allowed else -math.inf)
+                w = torch.tensor(logits, dtype=torch.float64)
+                w = torch.zeros_like(w) if torch.isinf(w).all() else torch.softmax(w, 0)
+                out[b, h, i] = w @ v[b, h]
+    return out
+
+
+# ----------------------------------------------------------------- batch normalisation in eval mode
+def reference_eval_batchnorm(x, mean, var, weight, bias, eps):
+    """(x - mean) / sqrt(var + eps) * weight + bias over dim 1."""
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    y = (x - mean.view(shape)) / torch.sqrt(var.view(shape) + eps)
+    if weight is not None:
+        y = y * weight.view(shape) + bias.view(shape)
+    return y
+
+
+# ------------------------------------------------------------------------- models (widetopo.models)
+def reference_vit(model, x):
+    """The ViT forward written out in float64 with an explicit softmax, head by head."""
+    m = model
+    d = m.cls_token.shape[-1]
+    p = m.patch_size
+    n, c, h, w = x.shape
+    x = x.double()
+    # patches as flattened (c, p, p) vectors in row-major patch order, times the conv weight
+    rows = []
+    for i in range(h // p):
+        for j in range(w // p):
+            rows.append(x[:, :, i * p:(i + 1) * p, j * p:(j + 1) * p].reshape(n, -1))
+    patches = torch.stack(rows, 1)
+    tokens = patches @ m.patch_embed.weight.double().reshape(d, -1).T + m.patch_embed.bias.double()
+    tokens = torch.cat([m.cls_token.double().expand(n, 1, d), tokens], 1) + m.pos_embed.double()
+
+    def ln(t, mod):
+        mu = t.mean(-1, keepdim=True)
+        var = ((t - mu) ** 2).mean(-1, keepdim=True)
+        return (t - mu) / torch.sqrt(var + mod.eps) * mod.weight.double() + mod.bias.double()
+
+    def lin(t, mod):
+        out = t @ mod.weight.double().T
+        return out + mod.bias.double() if mod.bias is not None else out
+
+    for blk in m.blocks:
+        a = ln(tokens, blk.norm1)
+        qkv = lin(a, blk.attn.qkv)
+        q, k, v = qkv[..., :d], qkv[..., d:2 * d], qkv[..., 2 * d:]
+        heads = blk.attn.heads
+        hd = d // heads
+        outs = []
+        for hh in range(heads):
+            sl = slice(hh * hd, (hh + 1) * hd)
+            att = torch.softmax(q[..., sl] @ k[..., sl].transpose(1, 2) / math.sqrt(hd), dim=-1)
+            outs.append(att @ v[..., sl])
+        tokens = tokens + lin(torch.cat(outs, -1), blk.attn.proj)
+        b = ln(tokens, blk.norm2)
+        tokens = tokens + lin(F.gelu(lin(b, blk.fc1)), blk.fc2)
+    return lin(ln(tokens, m.norm)[:, 0], m.head)
+
+
+# ------------------------------------------------- effective sparsity (widetopo.sparsity.effective)
+def reference_effective_mlp(masks_list):
+    """Effective weights and nodes of an MLP (masks of its layers in order) by explicit boolean
+    path counting: forward reachability, backward co-reachability."""
+    reach = [torch.ones(masks_list[0].shape[1], dtype=torch.bool)]
+    for m in masks_list:
+        reach.append((m & reach[-1][None, :]).any(1))
+    feeds = [torch.ones(masks_list[-1].shape[0], dtype=torch.bool)]
+    for m in reversed(masks_list):
+        feeds.insert(0, (m & feeds[0][:, None]).any(0))
+    eff, nodes = [], []
+    for k, m in enumerate(masks_list):
+        e = m & reach[k][None, :] & feeds[k + 1][:, None]
+        eff.append(int(e.sum()))
+        nodes.append(int((reach[k + 1] & feeds[k + 1]).sum()))
+    return eff, nodes

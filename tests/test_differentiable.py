@@ -11,6 +11,7 @@ from torch import nn
 from torch.func import functional_call
 
 import widetopo
+from references import reference_attention
 from widetopo.scores.base import ScoreContext
 from widetopo.scores.differentiable import (
     DoubleBackwardError,
@@ -21,31 +22,6 @@ from widetopo.scores.differentiable import (
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def attention_reference(q, k, v, mask=None, causal=False, scale=None):
-    """Explicit loops over batch, head and query position, float64."""
-    q, k, v = q.double(), k.double(), v.double()
-    out = torch.zeros(q.shape[:-1] + (v.shape[-1],), dtype=torch.float64)
-    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
-    for b in range(q.shape[0]):
-        for h in range(q.shape[1]):
-            for i in range(q.shape[2]):
-                logits = []
-                for j in range(k.shape[2]):
-                    allowed = not (causal and j > i)
-                    add = 0.0
-                    if mask is not None:
-                        mij = mask[..., i, j].reshape(-1)[0] if mask.dim() == 2 else mask[b, h, i, j]
-                        if mask.dtype == torch.bool:
-                            allowed = allowed and bool(mij)
-                        else:
-                            add = float(mij)
-                    logits.append(float(q[b, h, i] @ k[b, h, j]) * scale + add if allowed else -math.inf)
-                w = torch.tensor(logits, dtype=torch.float64)
-                w = torch.zeros_like(w) if torch.isinf(w).all() else torch.softmax(w, 0)
-                out[b, h, i] = w @ v[b, h]
-    return out
 
 
 @pytest.mark.parametrize("case", ["plain", "bool", "float", "causal", "scale", "cross"])
@@ -66,7 +42,7 @@ def test_sdpa_math_matches_loops_and_torch(case, gen):
         kw, ref_kw = dict(is_causal=True), dict(causal=True)
     elif case == "scale":
         kw, ref_kw = dict(scale=0.3), dict(scale=0.3)
-    ref = attention_reference(q, k, v, **ref_kw)
+    ref = reference_attention(q, k, v, **ref_kw)
     got = sdpa_math(q, k, v, **kw)
     torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got, F.scaled_dot_product_attention(q, k, v, **kw), rtol=1e-5, atol=1e-6)
@@ -76,7 +52,7 @@ def test_sdpa_math_gqa_and_fully_masked_rows(gen):
     q = torch.randn(1, 4, 3, 5, generator=gen)
     k = torch.randn(1, 2, 3, 5, generator=gen)
     v = torch.randn(1, 2, 3, 5, generator=gen)
-    ref = attention_reference(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1))
+    ref = reference_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1))
     torch.testing.assert_close(sdpa_math(q, k, v, enable_gqa=True).double(), ref, rtol=1e-5, atol=1e-6)
     mask = torch.ones(3, 3, dtype=torch.bool)
     mask[1] = False  # query 1 sees nothing

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from references import reference_effective_mlp
 from widetopo.sparsity.effective import effective_sparsity, input_shape_from_meta
 from widetopo.sparsity.masks import Masks
 
@@ -48,22 +49,6 @@ def test_mlp_by_hand():
     assert t["node_ratio"] == pytest.approx(6 / 8)
 
 
-def reference_mlp(masks_list):
-    """Explicit boolean path counting: forward reachability, backward co-reachability."""
-    reach = [torch.ones(masks_list[0].shape[1], dtype=torch.bool)]
-    for m in masks_list:
-        reach.append((m & reach[-1][None, :]).any(1))
-    feeds = [torch.ones(masks_list[-1].shape[0], dtype=torch.bool)]
-    for m in reversed(masks_list):
-        feeds.insert(0, (m & feeds[0][:, None]).any(0))
-    eff, nodes = [], []
-    for k, m in enumerate(masks_list):
-        e = m & reach[k][None, :] & feeds[k + 1][:, None]
-        eff.append(int(e.sum()))
-        nodes.append(int((reach[k + 1] & feeds[k + 1]).sum()))
-    return eff, nodes
-
-
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_random_mlp_against_explicit_path_counting(seed):
     gen = torch.Generator().manual_seed(seed)
@@ -72,7 +57,7 @@ def test_random_mlp_against_explicit_path_counting(seed):
     names = [f"{2 * k + 1}.weight" for k in range(len(widths) - 1)]
     ms = [torch.rand(b, a, generator=gen) < 0.25 for a, b in zip(widths[:-1], widths[1:])]
     res = effective_sparsity(net, dict(zip(names, ms)), (12,))
-    eff, nodes = reference_mlp(ms)
+    eff, nodes = reference_effective_mlp(ms)
     assert [res["layers"][n]["effective"] for n in names] == eff
     assert [res["layers"][n]["effective_nodes"] for n in names] == nodes
     # magnitudes give the same zero pattern

@@ -5,8 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-import torch.nn.functional as F
-
+from references import reference_vit
 from widetopo.models import MODEL_TASKS, MODELS, build_model
 
 ALL = sorted(MODELS)
@@ -212,48 +211,6 @@ def test_vit_options():
     assert model(torch.randn(2, 1, 12, 20)).shape == (2, 5)
 
 
-def _vit_reference(model, x):
-    """The ViT forward written out in float64 with an explicit softmax, head by head."""
-    m = model
-    d = m.cls_token.shape[-1]
-    p = m.patch_size
-    n, c, h, w = x.shape
-    x = x.double()
-    # patches as flattened (c, p, p) vectors in row-major patch order, times the conv weight
-    rows = []
-    for i in range(h // p):
-        for j in range(w // p):
-            rows.append(x[:, :, i * p:(i + 1) * p, j * p:(j + 1) * p].reshape(n, -1))
-    patches = torch.stack(rows, 1)
-    tokens = patches @ m.patch_embed.weight.double().reshape(d, -1).T + m.patch_embed.bias.double()
-    tokens = torch.cat([m.cls_token.double().expand(n, 1, d), tokens], 1) + m.pos_embed.double()
-
-    def ln(t, mod):
-        mu = t.mean(-1, keepdim=True)
-        var = ((t - mu) ** 2).mean(-1, keepdim=True)
-        return (t - mu) / torch.sqrt(var + mod.eps) * mod.weight.double() + mod.bias.double()
-
-    def lin(t, mod):
-        out = t @ mod.weight.double().T
-        return out + mod.bias.double() if mod.bias is not None else out
-
-    for blk in m.blocks:
-        a = ln(tokens, blk.norm1)
-        qkv = lin(a, blk.attn.qkv)
-        q, k, v = qkv[..., :d], qkv[..., d:2 * d], qkv[..., 2 * d:]
-        heads = blk.attn.heads
-        hd = d // heads
-        outs = []
-        for hh in range(heads):
-            sl = slice(hh * hd, (hh + 1) * hd)
-            att = torch.softmax(q[..., sl] @ k[..., sl].transpose(1, 2) / math.sqrt(hd), dim=-1)
-            outs.append(att @ v[..., sl])
-        tokens = tokens + lin(torch.cat(outs, -1), blk.attn.proj)
-        b = ln(tokens, blk.norm2)
-        tokens = tokens + lin(F.gelu(lin(b, blk.fc1)), blk.fc2)
-    return lin(ln(tokens, m.norm)[:, 0], m.head)
-
-
 def test_vit_forward_matches_explicit_attention_reference():
     torch.manual_seed(0)
     model = build_model("vit", 2, 6, (8, 12), dim=12, depth=2, heads=3, patch_size=2)
@@ -262,7 +219,7 @@ def test_vit_forward_matches_explicit_attention_reference():
             prm.add_(0.3 * torch.randn_like(prm))
     x = torch.randn(3, 2, 8, 12)
     with torch.no_grad():
-        torch.testing.assert_close(model(x).double(), _vit_reference(model, x), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(model(x).double(), reference_vit(model, x), rtol=1e-4, atol=1e-5)
 
 
 def test_vit_init_statistics():

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from references import reference_eval_batchnorm
 from scoring_nets import calibrated_copy
 from scoring_nets import make_ctx as _make_ctx
 from widetopo.scores import calibrate_batchnorm
@@ -144,15 +145,6 @@ def _stats_bn(cls, channels, affine=True):
     return bn
 
 
-def _hand_eval_bn(x, mean, var, weight, bias, eps):
-    """(x - mean) / sqrt(var + eps) * weight + bias over dim 1."""
-    shape = (1, -1) + (1,) * (x.dim() - 2)
-    y = (x - mean.view(shape)) / torch.sqrt(var.view(shape) + eps)
-    if weight is not None:
-        y = y * weight.view(shape) + bias.view(shape)
-    return y
-
-
 @pytest.mark.parametrize(
     "cls,shape,affine",
     [
@@ -177,7 +169,7 @@ def test_affine_batchnorm_values_gradients_and_hvp_match_hand_formula(cls, shape
         h = torch.autograd.grad(sum((gi * gi).sum() for gi in g), leaves)
         return [y.detach()] + [gi.detach() for gi in g] + list(h)
 
-    ref = trace_grad(lambda: _hand_eval_bn(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps))
+    ref = trace_grad(lambda: reference_eval_batchnorm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps))
     with affine_batchnorm(bn):
         assert "forward" in vars(bn)
         got = trace_grad(lambda: bn(x))
