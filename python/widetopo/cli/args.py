@@ -1,6 +1,7 @@
-"""Argument types and the flag groups the commands share, and their translation into the recipe's
-dataclasses (widetopo.experiments.recipe). Engine flags and method options are generated from
-their option dataclasses (widetopo.engine.options.EngineOptions, each method's Options)."""
+"""What the commands share: argument types, flag groups, their translation into the recipe's
+dataclasses (widetopo.experiments.recipe), output checks, CLIError and out(). The engine flags
+and method options are generated from their option dataclasses (EngineOptions, each method's
+Options), so their types, checks and help texts are declared once."""
 from __future__ import annotations
 
 import argparse

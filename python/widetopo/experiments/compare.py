@@ -29,9 +29,10 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from widetopo.experiments import recipe as recipe_steps
-from widetopo.experiments.recipe import (ENGINE_OVERRIDES, Datasets, PruneConfig, Setup, TrainConfig, configs,
-                                         load_datasets, method_options, with_init_checksum)
+from widetopo.experiments.recipe import (ENGINE_OVERRIDES, Datasets, PruneConfig, Recipe, Setup, TrainConfig, build,
+                                         configs, load_datasets, method_options, with_init_checksum)
+from widetopo.experiments.recipe import prune as prune_network
+from widetopo.experiments.recipe import train as train_network
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +117,7 @@ def _jsonable(value):
     return repr(value)
 
 
-def result_options(recipe) -> dict:
+def result_options(recipe: Recipe) -> dict:
     """The result-affecting settings of an experiment (the journal's fingerprint)."""
     values = {**dataclasses.asdict(recipe.setup), **dataclasses.asdict(recipe.train),
               **{k: v for k, v in dataclasses.asdict(recipe.prune).items() if k not in ("engine", "options")},
@@ -201,16 +202,6 @@ def write_journal(out_dir, options: dict, rows: List[dict], failed: Optional[Lis
 
 # ------------------------------------------------------------------------------ one cell
 
-@dataclass(frozen=True)
-class Recipe:
-    """What every cell shares: the network and data (its seed is the cell's), the pruning settings
-    (method and density are the cell's) and the training recipe."""
-
-    setup: Setup = dataclasses.field(default_factory=Setup)
-    prune: PruneConfig = dataclasses.field(default_factory=PruneConfig)
-    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
-
-
 def parse_variant(spec: str) -> Tuple[str, dict]:
     """NAME[:KEY=VALUE...] (a method, or a method with some options set) -> (registered name,
     {option: value}), validated; ValueError naming the method or option otherwise."""
@@ -249,7 +240,7 @@ def run_cell(recipe: Recipe, cell: Cell, data: Datasets, out_dir: str, options: 
     setup = dataclasses.replace(recipe.setup, seed=cell.seed)
     train_ds, test_ds = data.train, data.test
     shape = input_shape_from_meta({"in_channels": train_ds.in_channels, "image_size": train_ds.image_size})
-    model = recipe_steps.build(setup, train_ds)
+    model = build(setup, train_ds)
     row = {"method": cell.method, "density_target": cell.density, "seed": cell.seed}
     if cell.method == "dense":
         masks, prune_seconds, mask_file = None, 0.0, None
@@ -262,14 +253,14 @@ def run_cell(recipe: Recipe, cell: Cell, data: Datasets, out_dir: str, options: 
         method, method_opts = parse_variant(cell.method)
         cfg = dataclasses.replace(recipe.prune, method=method, options=method_opts, density=cell.density)
         phase("prune")
-        masks, prune_seconds = recipe_steps.prune(setup, cfg, model, train_ds, quiet=True)
+        masks, prune_seconds = prune_network(setup, cfg, model, train_ds, quiet=True)
         mask_file = os.path.join("masks", cell.mask_name)
         masks.save(os.path.join(out_dir, mask_file))
         phase("effective sparsity")
         eff = effective_sparsity(model, masks, shape)["total"]
     phase("train")
-    net = recipe_steps.build(setup, train_ds)  # the same initialisation the masks were computed for
-    out = recipe_steps.train(setup, recipe.train, net, masks, data.train_aug, test_ds, quiet=True, label=cell.label)
+    net = build(setup, train_ds)  # the same initialisation the masks were computed for
+    out = train_network(setup, recipe.train, net, masks, data.train_aug, test_ds, quiet=True, label=cell.label)
     if masks is not None:
         from widetopo.sparsity.report import mask_report
 

@@ -5,6 +5,7 @@ masks. Every step takes its settings as explicit frozen dataclasses:
     Setup        what is built and from which data (model, dataset, seed, device, init file)
     PruneConfig  how it is pruned (method and its options, density, pruning set, schedule overrides)
     TrainConfig  how it is trained (SGD epochs, learning rate, schedule, mask mode, augmentation)
+    Recipe       the three together (one per `compare` experiment)
 
 Field names equal the CLI's option names (dashes -> underscores), so `configs(**values)` routes
 keywords such as epochs=1 or model="mlp" to the right dataclass.
@@ -20,7 +21,7 @@ from typing import Any, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Setup", "PruneConfig", "TrainConfig", "Datasets", "RecipeError", "PRESETS", "ENGINE_OVERRIDES",
+__all__ = ["Setup", "PruneConfig", "TrainConfig", "Recipe", "Datasets", "RecipeError", "PRESETS", "ENGINE_OVERRIDES",
            "configs", "from_values", "method_options", "with_init_checksum", "init_record", "load_data",
            "load_datasets", "build", "prune", "train"]
 
@@ -85,6 +86,16 @@ class TrainConfig:
     schedule: str = "cosine"
     mask_mode: str = "enforcer"
     augment: bool = False
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The three together: what `compare` runs for every cell (whose seed, method and density
+    replace setup.seed, prune.method and prune.density)."""
+
+    setup: Setup = field(default_factory=Setup)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 class Datasets(NamedTuple):
