@@ -23,8 +23,12 @@ import os
 import sys
 from typing import List, Optional
 
+import torch
+
+from widetopo import __version__
 from widetopo.cli import args as cli_args
 from widetopo.cli import bench, compare, methods, prune, report, run, train
+from widetopo.experiments.recipe import method_options
 
 __all__ = ["main", "build_parser", "COMMANDS"]
 
@@ -36,8 +40,6 @@ COMMANDS = {"prune": prune, "train": train, "run": run, "report": report, "metho
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from widetopo import __version__
-
     parser = argparse.ArgumentParser(
         prog="widetopo",
         description="Foresight pruning with WideTopo: prune a network at initialization, train it sparse, report.",
@@ -69,8 +71,6 @@ def _setup_logging(quiet: bool, verbose: bool) -> None:
 
 def _set_threads(choice) -> int:
     """Apply --threads; auto -> 1 when the 1-minute load average says the cores are taken."""
-    import torch
-
     if choice == "auto":
         cores = os.cpu_count() or 1
         try:
@@ -105,8 +105,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.quiet and args.verbose:
         return _usage_error(parser, "widetopo: error: -q/--quiet and -v/--verbose exclude each other")
     if getattr(args, "option", None):
-        from widetopo.experiments.recipe import method_options
-
         try:
             method_options(args.method, args.option)  # checked here so a bad --option is a usage error
         except (ValueError, TypeError) as exc:

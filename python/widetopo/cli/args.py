@@ -6,10 +6,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 from typing import List
 
+import torch
+
+from widetopo import methods as registry
+from widetopo.data import DATASETS
+from widetopo.engine.options import EngineOptions
+from widetopo.models import MODELS
+from widetopo.options import parse_field
 from widetopo.experiments import recipe
 
 DEFAULTS = {"model": "cnn", "dataset": "digits", "method": "widetopo-s", "density": 0.05}
@@ -63,8 +71,6 @@ def nonneg_float(text: str) -> float:
 
 
 def device(text: str) -> str:
-    import torch
-
     if text == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -95,8 +101,6 @@ def choices(names):
 def option_type(cls, name: str):
     """The argparse type of field `name` of an options dataclass: its type hint reads the text,
     its check validates the value (the message names the option and what is allowed)."""
-    from widetopo.options import parse_field
-
     def parse(text: str):
         try:
             return parse_field(cls, name, text)
@@ -108,29 +112,21 @@ def option_type(cls, name: str):
 
 
 def model_names():
-    from widetopo.models import MODELS
-
     return sorted(MODELS)
 
 
 def dataset_names():
-    from widetopo.data import DATASETS
-
     return sorted(DATASETS)
 
 
 def method_names():
-    from widetopo.methods import method_names as names
-
-    return names()
+    return registry.method_names()
 
 
 def method(text: str) -> str:
     """A registered method name or alias -> its registered name."""
-    from widetopo.methods import get_method
-
     try:
-        return get_method(text.strip()).name
+        return registry.get_method(text.strip()).name
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"invalid choice {text!r} (choose from {', '.join(method_names())}; `widetopo methods` lists them)"
@@ -173,8 +169,6 @@ def add_model_data(p, required_defaults: bool = True, seed: bool = True) -> None
 def add_engine_flags(p) -> None:
     """--rounds, --restorations, --restore-rounds, --restore-steps, --count: generated from the
     EngineOptions fields named in recipe.ENGINE_OVERRIDES (type, check and help text)."""
-    from widetopo.engine.options import EngineOptions
-
     fields = {f.name: f for f in dataclasses.fields(EngineOptions)}
     for name in recipe.ENGINE_OVERRIDES:
         p.add_argument("--" + name.replace("_", "-"), type=option_type(EngineOptions, name), default=None,
@@ -246,8 +240,6 @@ def train_from(args) -> recipe.TrainConfig:
 
 
 def write_json(path, obj) -> None:
-    import json
-
     with open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, default=lambda o: repr(o))
         f.write("\n")

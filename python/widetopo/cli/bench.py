@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import time
 
+import torch
+
+import widetopo
+import widetopo_ext
 from widetopo.cli import args as cli_args
 from widetopo.cli.args import out
+from widetopo.data import data_loader
 from widetopo.experiments import recipe
+from widetopo.models import build_model
+from widetopo.sparsity.selection import select_prunable
+from widetopo_ext import reference
 
 OUTPUTS = []
 
@@ -35,14 +43,6 @@ def _best_time(fn, repeat: int) -> float:
 
 
 def run(args, quiet: bool) -> int:
-    import torch
-    import widetopo
-    import widetopo_ext
-    from widetopo.data import data_loader
-    from widetopo.models import build_model
-    from widetopo.sparsity.selection import select_prunable
-    from widetopo_ext import reference
-
     out(f"widetopo bench: torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}")
     kernels = widetopo_ext.build_info()["cpu_kernels" if args.device == "cpu" else "cuda_kernels"]
 

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 from widetopo.cli.args import out
+from widetopo.methods import all_methods, methods_markdown
+from widetopo.options import describe
 
 OUTPUTS = []
 
@@ -15,9 +17,6 @@ def add_parser(sub) -> None:
 
 
 def run(args, quiet: bool) -> int:
-    from widetopo.methods import all_methods, methods_markdown
-    from widetopo.options import describe
-
     if args.markdown:
         out(methods_markdown())
         return 0

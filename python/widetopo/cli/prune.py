@@ -4,6 +4,7 @@ from __future__ import annotations
 from widetopo.cli import args as cli_args
 from widetopo.cli.args import out
 from widetopo.experiments import recipe
+from widetopo.sparsity.report import mask_report
 
 OUTPUTS = [("output", "-o/--output", "file")]
 
@@ -19,8 +20,6 @@ def add_parser(sub) -> None:
 
 def collapsed_note(masks) -> str:
     """"N collapsed layer(s): names" (layers left with no weight)."""
-    from widetopo.sparsity.report import mask_report
-
     rep = mask_report(masks)
     return f"{len(rep['collapsed'])} collapsed layer(s)" + (f": {', '.join(rep['collapsed'])}" if rep["collapsed"] else "")
 

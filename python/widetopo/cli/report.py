@@ -5,6 +5,9 @@ import os
 
 from widetopo.cli import args as cli_args
 from widetopo.cli.args import CLIError, out
+from widetopo.models import build_model
+from widetopo.sparsity.maskfile import load_masks, read_header
+from widetopo.sparsity.report import format_table, mask_report, plot_report, write_json
 
 OUTPUTS = [("json", "--json", "file"), ("plots", "--plots", "dir")]
 
@@ -20,9 +23,6 @@ def add_parser(sub) -> None:
 
 
 def run(args, quiet: bool) -> int:
-    from widetopo.sparsity.maskfile import load_masks, read_header
-    from widetopo.sparsity.report import format_table, mask_report, plot_report, write_json
-
     if not os.path.isfile(args.masks):
         raise CLIError(f"mask file {args.masks!r} does not exist" if not os.path.exists(args.masks)
                        else f"{args.masks!r} is not a file")
@@ -30,8 +30,6 @@ def run(args, quiet: bool) -> int:
     model = None
     name = args.model or meta.get("model")
     if name is not None and all(k in meta for k in ("in_channels", "num_classes", "image_size")):
-        from widetopo.models import build_model
-
         size = meta["image_size"]
         model = build_model(name, in_channels=meta["in_channels"], num_classes=meta["num_classes"],
                             image_size=tuple(size) if isinstance(size, list) else size)

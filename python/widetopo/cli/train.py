@@ -4,9 +4,13 @@ from __future__ import annotations
 import logging
 import os
 
+import torch
+
 from widetopo.cli import args as cli_args
 from widetopo.cli.args import DEFAULTS, CLIError, out
 from widetopo.experiments import recipe
+from widetopo.experiments.pretrained import file_sha256
+from widetopo.sparsity.maskfile import load_masks, read_header
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +46,6 @@ def _init_from_meta(args, meta: dict) -> dict:
     recorded = meta.get("init_file")
     if args.init is not None:
         if recorded and meta.get("init_sha256"):
-            from widetopo.experiments.pretrained import file_sha256
-
             if os.path.isfile(args.init) and file_sha256(args.init) != meta["init_sha256"]:
                 logger.warning("training from --init %s, but the masks were computed from %s (another checksum)",
                                args.init, recorded)
@@ -57,8 +59,6 @@ def _init_from_meta(args, meta: dict) -> dict:
 
 
 def run(args, quiet: bool) -> int:
-    from widetopo.sparsity.maskfile import load_masks, read_header
-
     if args.dense == (args.masks is not None):
         raise CLIError("give a mask file, or --dense to train without one (not both)")
     meta = read_header(args.masks)["meta"] if args.masks else {}
@@ -88,8 +88,6 @@ def run(args, quiet: bool) -> int:
                                            "epochs": tcfg.epochs, "test_accuracy": acc, "history": result["history"],
                                            "mask_meta": meta})
     if args.save_model:
-        import torch
-
         torch.save(model.state_dict(), args.save_model)
         out(f"wrote {args.save_model}")
     return 0

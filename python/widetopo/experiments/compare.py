@@ -29,10 +29,20 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+import torch
+from tqdm.auto import tqdm
+
+from widetopo import __version__
+from widetopo.engine.rounds import NonFiniteScoresError, ZeroScoresError
 from widetopo.experiments.recipe import (ENGINE_OVERRIDES, Datasets, PruneConfig, Recipe, Setup, TrainConfig, build,
                                          configs, load_datasets, method_options, with_init_checksum)
 from widetopo.experiments.recipe import prune as prune_network
 from widetopo.experiments.recipe import train as train_network
+from widetopo.methods import get_method
+from widetopo.scores.differentiable import DoubleBackwardError
+from widetopo.sparsity.effective import effective_sparsity, input_shape_from_meta
+from widetopo.sparsity.report import mask_report
+from widetopo.sparsity.selection import select_prunable
 
 logger = logging.getLogger(__name__)
 
@@ -60,13 +70,9 @@ CSV_COLUMNS = (
 )
 
 
-def _refusals() -> tuple:
-    """The errors with which a method refuses a cell (recorded, the experiment goes on); any
-    other exception (a bug, out of memory) stops the run."""
-    from widetopo.engine.rounds import NonFiniteScoresError, ZeroScoresError
-    from widetopo.scores.differentiable import DoubleBackwardError
-
-    return (ZeroScoresError, NonFiniteScoresError, DoubleBackwardError, FloatingPointError, ValueError)
+#: The errors with which a method refuses a cell (recorded, the experiment goes on); any other
+#: exception (a bug, out of memory, a RecipeError) stops the run.
+REFUSALS = (ZeroScoresError, NonFiniteScoresError, DoubleBackwardError, FloatingPointError, ValueError)
 
 
 class CompareError(Exception):
@@ -76,7 +82,6 @@ class CompareError(Exception):
 @dataclass(frozen=True)
 class Cell:
     """One unit of work: prune `method` to `density` at `seed` and train (method "dense": train only)."""
-
     method: str
     density: float
     seed: int
@@ -132,9 +137,6 @@ def options_sha(options: dict) -> str:
 
 
 def versions() -> dict:
-    import torch
-    from widetopo import __version__
-
     return {"widetopo_version": __version__, "torch_version": torch.__version__}
 
 
@@ -205,8 +207,6 @@ def write_journal(out_dir, options: dict, rows: List[dict], failed: Optional[Lis
 def parse_variant(spec: str) -> Tuple[str, dict]:
     """NAME[:KEY=VALUE...] (a method, or a method with some options set) -> (registered name,
     {option: value}), validated; ValueError naming the method or option otherwise."""
-    from widetopo.methods import get_method
-
     name, *assignments = [t.strip() for t in str(spec).split(":")]
     name = get_method(name).name
     return name, method_options(name, assignments)
@@ -234,9 +234,6 @@ def _quiet_loggers(names=("widetopo.experiments.recipe", "widetopo.engine.pruner
 def run_cell(recipe: Recipe, cell: Cell, data: Datasets, out_dir: str, options: dict,
              phase: Callable[[str], None]) -> dict:
     """Prune (unless dense), measure effective sparsity, train and evaluate one cell; the row."""
-    import torch
-    from widetopo.sparsity.effective import effective_sparsity, input_shape_from_meta
-
     setup = dataclasses.replace(recipe.setup, seed=cell.seed)
     train_ds, test_ds = data.train, data.test
     shape = input_shape_from_meta({"in_channels": train_ds.in_channels, "image_size": train_ds.image_size})
@@ -244,8 +241,6 @@ def run_cell(recipe: Recipe, cell: Cell, data: Datasets, out_dir: str, options: 
     row = {"method": cell.method, "density_target": cell.density, "seed": cell.seed}
     if cell.method == "dense":
         masks, prune_seconds, mask_file = None, 0.0, None
-        from widetopo.sparsity.selection import select_prunable
-
         params = dict(model.named_parameters())
         dense = {n: torch.ones_like(params[n], dtype=torch.bool) for n in select_prunable(model)}
         eff = effective_sparsity(model, dense, shape)["total"]
@@ -262,8 +257,6 @@ def run_cell(recipe: Recipe, cell: Cell, data: Datasets, out_dir: str, options: 
     net = build(setup, train_ds)  # the same initialisation the masks were computed for
     out = train_network(setup, recipe.train, net, masks, data.train_aug, test_ds, quiet=True, label=cell.label)
     if masks is not None:
-        from widetopo.sparsity.report import mask_report
-
         collapsed = len(mask_report(masks)["collapsed"])
     else:
         collapsed = 0
@@ -302,12 +295,9 @@ def run(recipe: Recipe, cells: List[Cell], out_dir, *, quiet: bool = False, data
         logger.info("resuming %s: %d of %d cells already finished", out_dir, skipped, len(cells))
     if todo and data is None:
         data = load_datasets(recipe.setup, augment=recipe.train.augment)
-    from tqdm.auto import tqdm
-
     bar = tqdm(total=len(cells), initial=skipped, desc="compare", unit="cell", dynamic_ncols=True,
                disable=quiet or not sys.stderr.isatty(), file=sys.stderr)
     started = time.perf_counter()
-    REFUSALS = _refusals()
     retried = {c.key for c in todo}
     # failures of earlier runs stay recorded unless this run tries that cell again
     failed: List[dict] = [f for f in load_failed(out_dir) if _key(f) not in retried]

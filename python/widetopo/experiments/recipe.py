@@ -19,6 +19,16 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple
 
+import torch
+
+from widetopo import api
+from widetopo.data import data_loader, load_dataset
+from widetopo.experiments.pretrained import file_sha256, load_init, read_state_dict
+from widetopo.experiments.training import fit
+from widetopo.methods import get_method
+from widetopo.models import MODEL_TASKS, build_model
+from widetopo.options import parse_assignment
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["Setup", "PruneConfig", "TrainConfig", "Recipe", "Datasets", "RecipeError", "PRESETS", "ENGINE_OVERRIDES",
@@ -131,9 +141,6 @@ def configs(setup: Optional[Setup] = None, prune: Optional[PruneConfig] = None, 
 def method_options(method: str, assignments: Sequence[str]) -> Dict[str, Any]:
     """"KEY=VALUE" texts -> {option: typed value} for `method`'s Options dataclass, validated
     (ValueError/TypeError naming the option and what is allowed)."""
-    from widetopo.methods import get_method
-    from widetopo.options import parse_assignment
-
     spec = get_method(method)
     values = dict(parse_assignment([spec.options], text) for text in assignments)
     spec.make_options(**values)  # validate now, before any work
@@ -147,7 +154,6 @@ def with_init_checksum(setup: Setup) -> Setup:
     so every later build() loads exactly these bytes."""
     if not setup.init or setup.init_sha256:
         return setup
-    from widetopo.experiments.pretrained import file_sha256, read_state_dict
 
     read_state_dict(setup.init)
     return dataclasses.replace(setup, init=os.path.abspath(os.fspath(setup.init)), init_sha256=file_sha256(setup.init))
@@ -157,7 +163,6 @@ def init_record(setup: Setup) -> Dict[str, str]:
     """{"init_file", "init_sha256"} for the mask metadata; {} without an init file."""
     if not setup.init:
         return {}
-    from widetopo.experiments.pretrained import file_sha256
 
     return {"init_file": os.path.abspath(os.fspath(setup.init)), "init_sha256": setup.init_sha256 or file_sha256(setup.init)}
 
@@ -166,8 +171,6 @@ def init_record(setup: Setup) -> Dict[str, str]:
 
 def load_data(setup: Setup, split: str, augment: bool = False):
     """The `split` ("train" or "test") of setup.dataset, cut to setup.max_{split}_samples."""
-    from widetopo.data import load_dataset
-
     limit = setup.max_train_samples if split == "train" else setup.max_test_samples
     return load_dataset(setup.dataset, split=split, data_dir=setup.data_dir, max_samples=limit, augment=augment)
 
@@ -180,9 +183,6 @@ def load_datasets(setup: Setup, augment: bool = False) -> Datasets:
 def build(setup: Setup, train_ds):
     """setup.model for the shapes of `train_ds`, initialised under torch.manual_seed(setup.seed),
     then loaded from setup.init if given (refused when its checksum is not setup.init_sha256)."""
-    import torch
-    from widetopo.models import MODEL_TASKS, build_model
-
     task = getattr(train_ds, "task", "classification")
     if MODEL_TASKS.get(setup.model, task) != task:
         raise RecipeError(f"model {setup.model!r} is a {MODEL_TASKS[setup.model]} network, but dataset "
@@ -191,7 +191,6 @@ def build(setup: Setup, train_ds):
     model = build_model(setup.model, in_channels=train_ds.in_channels, num_classes=train_ds.num_classes,
                         image_size=train_ds.image_size)
     if setup.init:
-        from widetopo.experiments.pretrained import load_init
 
         sha = load_init(model, setup.init)["init_sha256"]
         if setup.init_sha256 is not None and sha != setup.init_sha256:
@@ -203,10 +202,6 @@ def build(setup: Setup, train_ds):
 def prune(setup: Setup, cfg: PruneConfig, model, train_ds, quiet: bool = True):
     """widetopo.prune on the pruning set (cfg.samples drawn with setup.seed, or cfg.samples_per_class
     per class); (Masks with the recipe in .meta, seconds)."""
-    import widetopo
-    from widetopo.data import data_loader
-    from widetopo.methods import get_method
-
     seed = int(setup.seed)
     if cfg.samples_per_class:
         subset = train_ds.balanced_subset(cfg.samples_per_class, seed=seed)
@@ -221,7 +216,7 @@ def prune(setup: Setup, cfg: PruneConfig, model, train_ds, quiet: bool = True):
     logger.info("pruning %s to density %g with %s on %d %s samples ...", setup.model, cfg.density, cfg.method,
                 len(subset), setup.dataset)
     start = time.perf_counter()
-    masks = widetopo.prune(model, loader, cfg.density, method=cfg.method, **options)
+    masks = api.prune(model, loader, cfg.density, method=cfg.method, **options)
     seconds = time.perf_counter() - start
     masks.meta.update({
         "model": setup.model, "dataset": setup.dataset, "seed": seed, "target_density": cfg.density,
@@ -238,9 +233,6 @@ def prune(setup: Setup, cfg: PruneConfig, model, train_ds, quiet: bool = True):
 def train(setup: Setup, cfg: TrainConfig, model, masks, train_ds, test_ds, quiet: bool = True, label: str = "") -> dict:
     """experiments.training.fit under `masks` (None: dense), data order seeded with setup.seed;
     its result plus "seconds"."""
-    from widetopo.data import data_loader
-    from widetopo.experiments.training import fit
-
     train_loader = data_loader(train_ds, batch_size=cfg.batch_size, shuffle=True, seed=int(setup.seed))
     test_loader = data_loader(test_ds, batch_size=512)
     ignore = getattr(train_ds, "ignore_index", None)
