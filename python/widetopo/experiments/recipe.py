@@ -23,6 +23,7 @@ import torch
 
 from widetopo import api
 from widetopo.data import data_loader, load_dataset
+from widetopo.errors import WidetopoError
 from widetopo.experiments.pretrained import file_sha256, load_init, read_state_dict
 from widetopo.experiments.training import fit
 from widetopo.methods import get_method
@@ -42,8 +43,9 @@ PRESETS = {"default": {}, "imagenet": {"rounds": 5, "restore_rounds": 5}}
 ENGINE_OVERRIDES = ("rounds", "restorations", "restore_rounds", "restore_steps", "count")
 
 
-class RecipeError(Exception):
-    """A setup that cannot work (model and dataset of different tasks, a changed --init file)."""
+class RecipeError(WidetopoError):
+    """A setup that cannot work (model and dataset of different tasks, a changed --init file).
+    Not a ValueError on purpose: `compare` stops on it instead of recording a refused cell."""
 
 
 @dataclass(frozen=True)
