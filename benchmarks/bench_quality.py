@@ -97,7 +97,7 @@ def main(argv=None) -> int:
     p.add_argument("--table-only", action="store_true", help="print the table of an existing run")
     args = p.parse_args(argv)
     if not args.table_only:
-        from widetopo.cli import commands as cli
+        import widetopo.cli as cli
 
         dataset = args.dataset or _default_dataset()
         cmd = ["compare", "--model", args.model, "--dataset", dataset, "--methods", args.methods,

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from widetopo.cli.commands import main
+from widetopo.cli import main
 from widetopo.sparsity.maskfile import load_masks, read_header
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
@@ -176,14 +176,14 @@ def test_python_dash_m_subprocess(tmp_path):
 
 @pytest.mark.parametrize("argv", [["-q", "report", "x.wtm"], ["report", "x.wtm", "-q"], ["report", "-q", "x.wtm"]])
 def test_global_flags_before_or_after_the_command(argv):
-    from widetopo.cli.commands import build_parser
+    from widetopo.cli import build_parser
 
     args = build_parser().parse_args(argv)
     assert args.quiet is True and args.verbose is False and args.threads == "auto"
 
 
 def test_threads_after_the_command_and_conflicting_flags(capsys):
-    from widetopo.cli.commands import build_parser
+    from widetopo.cli import build_parser
 
     args = build_parser().parse_args(["--threads", "3", "run", "--threads", "1"])
     assert args.threads == 1
@@ -193,13 +193,13 @@ def test_threads_after_the_command_and_conflicting_flags(capsys):
 
 
 def test_outputs_checked_before_any_work(tmp_path, monkeypatch, capsys):
-    import widetopo.cli.commands as cli
+    from widetopo.experiments import recipe
 
     def no_work(*a, **k):
         raise AssertionError("pruning or training started although an output cannot be written")
 
-    monkeypatch.setattr(cli, "_prune", no_work)
-    monkeypatch.setattr(cli, "_train", no_work)
+    monkeypatch.setattr(recipe, "prune", no_work)
+    monkeypatch.setattr(recipe, "train", no_work)
     missing = tmp_path / "nodir" / "m.wtm"
     assert main(["-q", "prune", "-o", str(missing)] + TINY_PRUNE) == 1
     err = capsys.readouterr().err
@@ -282,7 +282,7 @@ def test_report_shows_effective_sparsity(mask_file, capsys):
 def test_segmentation_run_end_to_end_and_task_mismatch(tmp_path, capsys):
     """unet on the synthesised shapes set: SNIP with the per-pixel loss, pixel accuracy; a
     classifier on a segmentation set is refused before any work."""
-    from widetopo.cli import commands as cli
+    import widetopo.cli as cli
 
     out = tmp_path / "seg.wtm"
     rc = cli.main(["-q", "run", "--model", "unet", "--dataset", "shapes", "--method", "snip", "--density", "0.2",
@@ -294,3 +294,24 @@ def test_segmentation_run_end_to_end_and_task_mismatch(tmp_path, capsys):
     assert widetopo.load_masks(out).meta["ignore_index"] == -100
     assert cli.main(["-q", "prune", "--model", "cnn", "--dataset", "shapes", "-o", str(tmp_path / "x.wtm")]) == 1
     assert "is a classification network, but dataset 'shapes' is a segmentation dataset" in capsys.readouterr().err
+
+
+def test_engine_flags_come_from_engine_options(capsys):
+    """--rounds & co. are generated from EngineOptions: its help text, its type and its check."""
+    import dataclasses
+
+    from widetopo.cli import build_parser
+    from widetopo.engine.options import EngineOptions
+
+    fields = {f.name: f for f in dataclasses.fields(EngineOptions)}
+    prune_parser = build_parser()._subparsers._group_actions[0].choices["prune"]
+    flags = {a.dest: a for a in prune_parser._actions}
+    for name in ("rounds", "restorations", "restore_rounds", "restore_steps", "count"):
+        assert fields[name].metadata["help"] in flags[name].help
+    args = build_parser().parse_args(["prune", "--rounds", "3", "--restore-rounds", "none", "--count", "OFFICIAL"])
+    assert (args.rounds, args.restore_rounds, args.count) == (3, None, "official")
+    for argv, message in ((["prune", "--rounds", "0"], "rounds must be an integer >= 1, got 0"),
+                          (["run", "--restorations", "x"], "option restorations: cannot read 'x' as int"),
+                          (["compare", "--count", "some"], "count must be one of 'exact', 'official'")):
+        assert main(argv) == 2
+        assert message in capsys.readouterr().err

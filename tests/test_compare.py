@@ -1,6 +1,7 @@
 """`widetopo compare` end to end on a tiny setting: journal, resume after an interrupted cell,
 option-change detection, CSV/JSON contents, summary and plots."""
 import csv
+import re
 import json
 import statistics
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 import widetopo.experiments.compare as compare
-from widetopo.cli.commands import main
+from widetopo.cli import main
 from widetopo.sparsity.maskfile import load_masks, read_header
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -41,11 +42,11 @@ def test_compare_end_to_end_resume_and_option_change(tmp_path, monkeypatch, caps
     calls = []
     real = compare.run_cell
 
-    def interrupted(args, cell, *rest):
+    def interrupted(recipe, cell, *rest):
         calls.append(cell.key)
         if len(calls) == 3:
             raise KeyboardInterrupt  # killed while the third cell is in flight
-        return real(args, cell, *rest)
+        return real(recipe, cell, *rest)
 
     monkeypatch.setattr(compare, "run_cell", interrupted)
     assert main(["-q", "compare", "-o", str(out)] + TINY) == 130
@@ -165,7 +166,7 @@ def test_compare_usage_errors(tmp_path, capsys):
 
 
 def test_every_registered_method_is_accepted():
-    from widetopo.cli.commands import build_parser
+    from widetopo.cli import build_parser
     from widetopo.methods import all_methods
 
     names = [m.name for m in all_methods()]
@@ -207,7 +208,7 @@ def test_a_failing_cell_is_recorded_and_the_others_run(tmp_path, monkeypatch, ca
     tries the failed cell again."""
     import json
 
-    from widetopo.cli import commands as cli
+    import widetopo.cli as cli
     from widetopo.scores.baselines import MagnitudeScorer
 
     monkeypatch.setattr(MagnitudeScorer, "score", lambda self, ctx, batches: [p * 0 for p in ctx.prunable])
@@ -232,7 +233,7 @@ def test_a_failing_cell_is_recorded_and_the_others_run(tmp_path, monkeypatch, ca
 def test_method_variants_with_options_are_their_own_cells(tmp_path, capsys):
     import json
 
-    from widetopo.cli import commands as cli
+    import widetopo.cli as cli
     from widetopo.sparsity.masks import Masks
 
     out = tmp_path / "cmp"
@@ -248,3 +249,46 @@ def test_method_variants_with_options_are_their_own_cells(tmp_path, capsys):
     assert any(not (normal[n] == uniform[n]).all() for n in normal)
     assert cli.main(argv[:3] + ["random:nope=1"] + argv[4:]) == 2
     assert "unknown option 'nope'" in capsys.readouterr().err
+
+
+def test_run_grid_from_python_and_the_cli_resumes_it(tmp_path, capsys):
+    """compare.run_grid with explicit settings: the rows, a mask file equal to a global top-k of
+    |theta| of the seed's initialization computed here, and a journal the CLI accepts as its own
+    (same settings -> nothing left to run)."""
+    from widetopo.models import build_model
+
+    out = tmp_path / "grid"
+    settings = dict(epochs=1, samples=48, prune_batch_size=24, max_train_samples=96, max_test_samples=48, batch_size=32)
+    result = compare.run_grid(["magnitude"], [0.2], [1], out, **settings)
+    assert result["ran"] == 2 and result["skipped"] == 0 and result["failed"] == []
+    rows = result["grid_rows"]
+    assert [(r["method"], r["density_target"], r["seed"]) for r in rows] == [("dense", 1.0, 1), ("magnitude", 0.2, 1)]
+    assert all(0.0 <= r["test_accuracy"] <= 1.0 and r["epochs"] == 1 for r in rows)
+    masks = load_masks(out / rows[1]["mask_file"])
+    torch.manual_seed(1)
+    params = dict(build_model("cnn", 1, 10, 8).named_parameters())
+    values = torch.cat([params[n].detach().abs().flatten() for n in masks])
+    k = round(0.2 * values.numel())
+    threshold = values.sort(descending=True).values[k - 1]
+    for name, m in masks.items():
+        assert torch.equal(m, params[name].detach().abs() >= threshold), name
+    argv = ["-q", "compare", "-o", str(out), "--no-plots", "--methods", "magnitude", "--densities", "0.2", "--seeds", "1",
+            "--epochs", "1", "--samples", "48", "--prune-batch-size", "24", "--max-train-samples", "96",
+            "--max-test-samples", "48", "--batch-size", "32"]
+    assert main(argv) == 0
+    assert "ran 0 cell(s)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(methods="snip"), "methods must be a non-empty list"),
+    (dict(methods=["snip", "magic"]), "unknown method 'magic'"),
+    (dict(methods=["random:nope=1"]), "unknown option 'nope'"),
+    (dict(densities=[0.1, 1.5]), "densities must be numbers in (0, 1]"),
+    (dict(seeds=[0, 0]), "seeds must be distinct integers"),
+    (dict(epochs_typo=1), "unknown setting(s) epochs_typo"),
+])
+def test_run_grid_bad_arguments_are_refused_before_any_work(tmp_path, kwargs, message):
+    args = {"methods": ["snip"], "densities": [0.1], "seeds": [0], "out_dir": tmp_path / "x", **kwargs}
+    with pytest.raises((ValueError, TypeError), match=re.escape(message)):
+        compare.run_grid(**args)
+    assert not (tmp_path / "x").exists()

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import widetopo
-from widetopo.cli import commands as cli
+import widetopo.cli as cli
 from widetopo.methods import Method, Schedule, all_methods, get_method, method_names, methods_markdown
 from widetopo.options import Options, option, parse_assignment, positive
 from widetopo.scores.base import Scorer

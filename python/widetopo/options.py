@@ -14,7 +14,7 @@ import typing
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 __all__ = [
-    "Options", "option", "describe", "parse_assignment", "as_dict",
+    "Options", "option", "describe", "parse_assignment", "parse_field", "as_dict",
     "finite", "positive", "nonnegative", "between", "integer", "any_integer", "one_of", "boolean", "optional", "shape",
     "parse_shape", "format_shape", "format_value",
 ]
@@ -227,12 +227,24 @@ def parse_assignment(classes: Sequence[type], text: str) -> Tuple[str, Any]:
     key, raw = (s.strip() for s in text.split("=", 1))
     key = key.replace("-", "_")
     for cls in classes:
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        if key in fields:
-            tp = typing.get_type_hints(cls).get(key, str)
-            try:
-                return key, _parse_text(tp, raw)
-            except ValueError as exc:
-                raise ValueError(f"option {key}: cannot read {raw!r} as {_type_name(tp)} ({exc})") from None
+        if key in {f.name for f in dataclasses.fields(cls)}:
+            return key, _read(cls, key, raw)
     allowed = sorted({f.name for cls in classes for f in dataclasses.fields(cls)})
     raise ValueError(f"unknown option {key!r}; allowed: {', '.join(allowed) if allowed else 'none'}")
+
+
+def _read(cls, key: str, raw: str):
+    tp = typing.get_type_hints(cls).get(key, str)
+    try:
+        return _parse_text(tp, raw)
+    except ValueError as exc:
+        raise ValueError(f"option {key}: cannot read {raw!r} as {_type_name(tp)} ({exc})") from None
+
+
+def parse_field(cls, key: str, text: str):
+    """The text of a command-line flag -> the typed value of field `key` of options class `cls`,
+    validated by the field's check (ValueError/TypeError naming the option otherwise)."""
+    field = {f.name: f for f in dataclasses.fields(cls)}[key]
+    value = _read(cls, key, text.strip())
+    check = field.metadata.get("check")
+    return value if check is None else check(key, value)

@@ -1,4 +1,5 @@
-"""`widetopo compare`: test accuracy against density, one curve per method, mean ± std over seeds.
+"""Test accuracy against density, one curve per method, mean ± std over seeds (`widetopo compare`,
+or `run_grid(methods, densities, seeds, out_dir, epochs=..., ...)` from Python).
 
 The experiment of every foresight-pruning paper in one resumable command. For every cell
 (method, density, seed) it prunes the network initialised with `seed`, keeps the mask file,
@@ -15,8 +16,8 @@ be comparable), while other methods, densities or seeds simply add cells.
 from __future__ import annotations
 
 import contextlib
-import copy
 import csv
+import dataclasses
 import hashlib
 import io
 import json
@@ -26,7 +27,22 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from tqdm.auto import tqdm
+
+from widetopo import __version__
+from widetopo.engine.rounds import NonFiniteScoresError, ZeroScoresError
+from widetopo.experiments.recipe import (ENGINE_OVERRIDES, Datasets, PruneConfig, Recipe, Setup, TrainConfig, build,
+                                         configs, load_datasets, method_options, with_init_checksum)
+from widetopo.experiments.recipe import prune as prune_network
+from widetopo.experiments.recipe import train as train_network
+from widetopo.methods import get_method
+from widetopo.scores.differentiable import DoubleBackwardError
+from widetopo.sparsity.effective import effective_sparsity, input_shape_from_meta
+from widetopo.sparsity.report import mask_report
+from widetopo.sparsity.selection import select_prunable
 
 logger = logging.getLogger(__name__)
 
@@ -38,12 +54,12 @@ DEFAULT_METHODS = ("random", "magnitude", "snip", "synflow", "widetopo-s")
 DEFAULT_DENSITIES = (0.2, 0.1, 0.05, 0.02, 0.01)
 DEFAULT_SEEDS = (0, 1)
 
-#: Options of the CLI namespace that change results: a journal made with other values is refused.
+#: Settings that change results (fields of the recipe's dataclasses, each engine override, the
+#: init file's checksum): a journal made with other values is refused.
 RESULT_OPTIONS = (
     "model", "dataset", "data_dir", "max_train_samples", "max_test_samples",
     "samples", "samples_per_class", "prune_batch_size", "preset", "rounds", "restorations", "restore_rounds", "restore_steps", "count",
     "epochs", "batch_size", "lr", "momentum", "weight_decay", "schedule", "mask_mode", "augment",
-    "option", "options",  # method options (--option key=value), where the CLI has them
 )
 
 CSV_COLUMNS = (
@@ -54,13 +70,9 @@ CSV_COLUMNS = (
 )
 
 
-def _refusals() -> tuple:
-    """The errors with which a method refuses a cell (recorded, the experiment goes on); any
-    other exception (a bug, out of memory) stops the run."""
-    from widetopo.engine.rounds import NonFiniteScoresError, ZeroScoresError
-    from widetopo.scores.differentiable import DoubleBackwardError
-
-    return (ZeroScoresError, NonFiniteScoresError, DoubleBackwardError, FloatingPointError, ValueError)
+#: The errors with which a method refuses a cell (recorded, the experiment goes on); any other
+#: exception (a bug, out of memory, a RecipeError) stops the run.
+REFUSALS = (ZeroScoresError, NonFiniteScoresError, DoubleBackwardError, FloatingPointError, ValueError)
 
 
 class CompareError(Exception):
@@ -70,7 +82,6 @@ class CompareError(Exception):
 @dataclass(frozen=True)
 class Cell:
     """One unit of work: prune `method` to `density` at `seed` and train (method "dense": train only)."""
-
     method: str
     density: float
     seed: int
@@ -111,10 +122,13 @@ def _jsonable(value):
     return repr(value)
 
 
-def result_options(args, init_sha256: Optional[str] = None) -> dict:
-    """The result-affecting options of a CLI namespace (the journal's fingerprint)."""
-    opts = {k: _jsonable(getattr(args, k)) for k in RESULT_OPTIONS if hasattr(args, k)}
-    opts["init_sha256"] = init_sha256
+def result_options(recipe: Recipe) -> dict:
+    """The result-affecting settings of an experiment (the journal's fingerprint)."""
+    values = {**dataclasses.asdict(recipe.setup), **dataclasses.asdict(recipe.train),
+              **{k: v for k, v in dataclasses.asdict(recipe.prune).items() if k not in ("engine", "options")},
+              **{k: recipe.prune.engine.get(k) for k in ENGINE_OVERRIDES}}
+    opts = {k: _jsonable(values[k]) for k in RESULT_OPTIONS}
+    opts["init_sha256"] = recipe.setup.init_sha256
     return opts
 
 
@@ -123,9 +137,6 @@ def options_sha(options: dict) -> str:
 
 
 def versions() -> dict:
-    import torch
-    from widetopo import __version__
-
     return {"widetopo_version": __version__, "torch_version": torch.__version__}
 
 
@@ -193,9 +204,22 @@ def write_journal(out_dir, options: dict, rows: List[dict], failed: Optional[Lis
 
 # ------------------------------------------------------------------------------ one cell
 
+def parse_variant(spec: str) -> Tuple[str, dict]:
+    """NAME[:KEY=VALUE...] (a method, or a method with some options set) -> (registered name,
+    {option: value}), validated; ValueError naming the method or option otherwise."""
+    name, *assignments = [t.strip() for t in str(spec).split(":")]
+    name = get_method(name).name
+    return name, method_options(name, assignments)
+
+
+def variant_name(name: str, options: dict) -> str:
+    """The canonical cell name of a method variant: NAME[:KEY=VALUE...]."""
+    return ":".join([name] + [f"{k}={v}" for k, v in options.items()])
+
+
 @contextlib.contextmanager
-def _quiet_loggers(names=("widetopo.cli.commands", "widetopo.engine.pruner", "widetopo.experiments.training", "widetopo.experiments.pretrained",
-                          "widetopo.sparsity.maskfile")):
+def _quiet_loggers(names=("widetopo.experiments.recipe", "widetopo.engine.pruner", "widetopo.experiments.training",
+                          "widetopo.experiments.pretrained", "widetopo.sparsity.maskfile")):
     """The per-cell INFO lines (pruning done, epoch k/n) would drown the progress bar."""
     saved = {n: logging.getLogger(n).level for n in names}
     for n in names:
@@ -207,42 +231,32 @@ def _quiet_loggers(names=("widetopo.cli.commands", "widetopo.engine.pruner", "wi
             logging.getLogger(n).setLevel(level)
 
 
-def run_cell(args, cell: Cell, data: dict, out_dir: str, options: dict, phase: Callable[[str], None]) -> dict:
+def run_cell(recipe: Recipe, cell: Cell, data: Datasets, out_dir: str, options: dict,
+             phase: Callable[[str], None]) -> dict:
     """Prune (unless dense), measure effective sparsity, train and evaluate one cell; the row."""
-    import torch
-    from widetopo.cli import commands as cli
-    from widetopo.sparsity.effective import effective_sparsity, input_shape_from_meta
-
-    cargs = copy.copy(args)
-    cargs.density, cargs.seed = cell.density, cell.seed
-    if cell.method == "dense":
-        cargs.method, cargs.method_options = "dense", {}
-    else:  # a method, or a variant NAME:KEY=VALUE... with some of its options set
-        cargs.method, cargs.method_options = cli.split_method_variant(cell.method)
-    train_ds, test_ds, train_aug = data["train"], data["test"], data["train_aug"]
+    setup = dataclasses.replace(recipe.setup, seed=cell.seed)
+    train_ds, test_ds = data.train, data.test
     shape = input_shape_from_meta({"in_channels": train_ds.in_channels, "image_size": train_ds.image_size})
-    model = cli._build(cargs, train_ds)
+    model = build(setup, train_ds)
     row = {"method": cell.method, "density_target": cell.density, "seed": cell.seed}
     if cell.method == "dense":
         masks, prune_seconds, mask_file = None, 0.0, None
-        from widetopo.sparsity.selection import select_prunable
-
         params = dict(model.named_parameters())
         dense = {n: torch.ones_like(params[n], dtype=torch.bool) for n in select_prunable(model)}
         eff = effective_sparsity(model, dense, shape)["total"]
-    else:
+    else:  # a method, or a variant NAME:KEY=VALUE... with some of its options set
+        method, method_opts = parse_variant(cell.method)
+        cfg = dataclasses.replace(recipe.prune, method=method, options=method_opts, density=cell.density)
         phase("prune")
-        masks, prune_seconds = cli._prune(cargs, model, train_ds, quiet=True)
+        masks, prune_seconds = prune_network(setup, cfg, model, train_ds, quiet=True)
         mask_file = os.path.join("masks", cell.mask_name)
         masks.save(os.path.join(out_dir, mask_file))
         phase("effective sparsity")
         eff = effective_sparsity(model, masks, shape)["total"]
     phase("train")
-    net = cli._build(cargs, train_ds)  # the same initialisation the masks were computed for
-    out = cli._train(cargs, net, masks, train_aug, test_ds, quiet=True, label=cell.label)
+    net = build(setup, train_ds)  # the same initialisation the masks were computed for
+    out = train_network(setup, recipe.train, net, masks, data.train_aug, test_ds, quiet=True, label=cell.label)
     if masks is not None:
-        from widetopo.sparsity.report import mask_report
-
         collapsed = len(mask_report(masks)["collapsed"])
     else:
         collapsed = 0
@@ -251,7 +265,7 @@ def run_cell(args, cell: Cell, data: dict, out_dir: str, options: dict, phase: C
         "test_accuracy": out["final"]["accuracy"], "prune_seconds": round(prune_seconds, 3),
         "train_seconds": round(out["seconds"], 3), "kept": eff["kept"], "effective": eff["effective"],
         "numel": eff["numel"], "effective_nodes": eff["effective_nodes"], "nodes": eff["nodes"],
-        "collapsed_layers": collapsed, "epochs": args.epochs, "model": args.model, "dataset": args.dataset,
+        "collapsed_layers": collapsed, "epochs": recipe.train.epochs, "model": setup.model, "dataset": setup.dataset,
         "mask_file": mask_file, **versions(), "options_sha": options_sha(options), "options": options,
     })
     return row
@@ -259,45 +273,41 @@ def run_cell(args, cell: Cell, data: dict, out_dir: str, options: dict, phase: C
 
 # ------------------------------------------------------------------------------ the experiment
 
-def run(args, cells: List[Cell], out_dir, *, quiet: bool = False, data: Optional[dict] = None) -> dict:
-    """Run every unfinished cell, journaling after each; returns {"rows", "ran", "skipped", ...}.
+def _key(row: dict) -> tuple:
+    return (row["method"], float(row["density_target"]), int(row["seed"]))
 
-    `args` is the CLI namespace (model, dataset, prune and train options); `data` the loaded
-    {"train", "test", "train_aug"} datasets (loaded here when None).
+
+def run(recipe: Recipe, cells: List[Cell], out_dir, *, quiet: bool = False, data: Optional[Datasets] = None) -> dict:
+    """Run every unfinished cell, journaling after each; returns {"rows" (the whole journal),
+    "grid_rows" (those of `cells`), "ran", "skipped", "seconds", "options", "failed"}.
+
+    `data`: the loaded datasets (loaded here from recipe.setup when None).
     """
-    from widetopo.cli import commands as cli
-
     out_dir = os.fspath(out_dir)
     os.makedirs(os.path.join(out_dir, "masks"), exist_ok=True)
-    init_sha = getattr(args, "_init_info", {}).get("init_sha256") if getattr(args, "_init_info", None) else None
-    options = result_options(args, init_sha)
+    recipe = dataclasses.replace(recipe, setup=with_init_checksum(recipe.setup))
+    options = result_options(recipe)
     rows = load_journal(out_dir, options)
-    done = {(r["method"], float(r["density_target"]), int(r["seed"])) for r in rows}
+    done = {_key(r) for r in rows}
     todo = [c for c in cells if c.key not in done]
     skipped = len(cells) - len(todo)
     if skipped:
         logger.info("resuming %s: %d of %d cells already finished", out_dir, skipped, len(cells))
     if todo and data is None:
-        train_ds = cli._load_data(args, "train", args.max_train_samples)
-        data = {"train": train_ds, "test": cli._load_data(args, "test", args.max_test_samples),
-                "train_aug": cli._load_data(args, "train", args.max_train_samples, augment=True) if args.augment else train_ds}
-    from tqdm.auto import tqdm
-
+        data = load_datasets(recipe.setup, augment=recipe.train.augment)
     bar = tqdm(total=len(cells), initial=skipped, desc="compare", unit="cell", dynamic_ncols=True,
                disable=quiet or not sys.stderr.isatty(), file=sys.stderr)
     started = time.perf_counter()
-    REFUSALS = _refusals()
     retried = {c.key for c in todo}
     # failures of earlier runs stay recorded unless this run tries that cell again
-    failed: List[dict] = [f for f in load_failed(out_dir)
-                          if (f["method"], float(f["density_target"]), int(f["seed"])) not in retried]
+    failed: List[dict] = [f for f in load_failed(out_dir) if _key(f) not in retried]
     try:
         with _quiet_loggers():
             for finished, cell in enumerate(todo, start=skipped + 1):
                 def phase(name, cell=cell):
                     bar.set_postfix_str(f"{cell.label}: {name}")
                 try:
-                    row = run_cell(args, cell, data, out_dir, options, phase)
+                    row = run_cell(recipe, cell, data, out_dir, options, phase)
                 except REFUSALS as exc:
                     # the method refused this cell (e.g. all-zero scores): record it, go on
                     failed.append({"method": cell.method, "density_target": cell.density, "seed": cell.seed,
@@ -320,9 +330,37 @@ def run(args, cells: List[Cell], out_dir, *, quiet: bool = False, data: Optional
         bar.close()
     if not todo:
         write_journal(out_dir, options, rows, failed)  # (re)writes the CSV even when nothing ran
-    return {"rows": rows, "ran": len(todo), "skipped": skipped, "seconds": time.perf_counter() - started,
-            "options": options, "failed": [f for f in failed
-                                           if (f["method"], float(f["density_target"]), int(f["seed"])) in retried]}
+    keys = {c.key for c in cells}
+    return {"rows": rows, "grid_rows": [r for r in rows if _key(r) in keys], "ran": len(todo), "skipped": skipped,
+            "seconds": time.perf_counter() - started, "options": options,
+            "failed": [f for f in failed if _key(f) in retried]}
+
+
+def run_grid(methods: Sequence[str] = DEFAULT_METHODS, densities: Sequence[float] = DEFAULT_DENSITIES,
+             seeds: Sequence[int] = DEFAULT_SEEDS, out_dir="widetopo-compare", *, setup: Optional[Setup] = None,
+             prune: Optional[PruneConfig] = None, train: Optional[TrainConfig] = None, quiet: bool = True,
+             data: Optional[Datasets] = None, **settings) -> dict:
+    """The experiment from Python: every (method, density, seed) cell plus dense once per seed,
+    journaled in out_dir (resumable, see the module docstring); returns run()'s dict.
+
+    methods: registered names or aliases, each optionally NAME:KEY=VALUE[:KEY=VALUE] (a variant
+    with some options set); settings: fields of Setup, PruneConfig or TrainConfig by name
+    (model="mlp", epochs=1, max_train_samples=96, rounds=2, ...), over `setup`/`prune`/`train`.
+    """
+    if isinstance(methods, str) or not methods:
+        raise ValueError(f"methods must be a non-empty list of method names, got {methods!r}")
+    names = [variant_name(*parse_variant(m)) for m in methods]
+    if "dense" in names or len(set(names)) != len(names):
+        raise ValueError(f"methods must be distinct pruning methods ('dense' is always included), got {list(methods)}")
+    for d in densities:
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 < d <= 1.0:
+            raise ValueError(f"densities must be numbers in (0, 1], got {d!r}")
+    if any(isinstance(s, bool) or not isinstance(s, int) for s in seeds) or len(set(seeds)) != len(seeds) or not seeds:
+        raise ValueError(f"seeds must be distinct integers, got {list(seeds)!r}")
+    if not densities or len(set(densities)) != len(densities):
+        raise ValueError(f"densities must be distinct, got {list(densities)!r}")
+    setup, prune, train = configs(setup, prune, train, **settings)
+    return run(Recipe(setup, prune, train), plan(names, densities, seeds), out_dir, quiet=quiet, data=data)
 
 
 # ------------------------------------------------------------------------------ summary
