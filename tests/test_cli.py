@@ -75,7 +75,7 @@ def test_train_under_mask_file(mask_file, tmp_path, capsys):
 def test_train_dense_and_usage_errors(capsys):
     assert main(["-q", "train", "--dense"] + TINY_TRAIN) == 0
     assert "dense cnn on digits (density 1.0000)" in capsys.readouterr().out
-    assert main(["-q", "train"] + TINY_TRAIN) == 1
+    assert main(["-q", "train"] + TINY_TRAIN) == 2  # a usage error (#18): neither a mask file nor --dense
     assert "give a mask file, or --dense" in capsys.readouterr().err
 
 

@@ -203,12 +203,12 @@ def test_masks_save_takes_meta(tmp_path):
 class _FullDisk:
     """A file whose writes fail after a few bytes, as on a full disk."""
 
-    def __init__(self, path, mode):
-        self.f = open(path, mode)
+    def __init__(self, path, mode, **kwargs):
+        self.f = open(path, mode, **kwargs)
 
     def write(self, data):
         import errno
-        self.f.write(bytes(data[:7]))
+        self.f.write(data[:7] if isinstance(data, str) else bytes(data[:7]))
         raise OSError(errno.ENOSPC, "No space left on device")
 
     def __enter__(self):
@@ -217,6 +217,9 @@ class _FullDisk:
     def __exit__(self, *exc):
         self.f.close()
         return False
+
+    def __getattr__(self, name):  # flush, fileno, ...
+        return getattr(self.f, name)
 
 
 def test_checkpoint_on_a_full_disk_names_the_path_and_errno_and_leaves_no_temporary(tmp_path, monkeypatch):
@@ -295,3 +298,118 @@ def test_checkpoint_of_a_model_differing_in_any_value_is_refused(tmp_path, chang
         widetopo.prune(other, data(), 0.25, method="magnitude", rounds=2, checkpoint=path, verbose=False)
     again = widetopo.prune(model(), data(), 0.25, method="magnitude", rounds=2, checkpoint=path, verbose=False)
     assert all(torch.equal(again[k], first[k]) for k in first)  # the same model resumes
+
+
+# ------------------------------------------------------------------ 3, 5, 6, 8, 9: compare and the CLI
+
+GRID = dict(epochs=0, samples=24, prune_batch_size=24, max_train_samples=48, max_test_samples=24, batch_size=24)
+
+
+@pytest.fixture(scope="module")
+def journal(tmp_path_factory):
+    """A finished 2-cell grid (dense + a synflow variant with input_shape set), made once."""
+    from widetopo.experiments import compare
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = tmp_path_factory.mktemp("grid")
+        result = compare.run_grid(["synflow:input_shape=1x8x8"], [0.2], [0], out, quiet=True, **GRID)
+    finally:
+        torch.set_num_threads(before)
+    return out, result
+
+
+def test_compare_variant_with_input_shape_is_stored_in_a_form_that_reads_back(journal):
+    from widetopo.experiments import compare
+
+    out, result = journal
+    assert result["failed"] == [] and [r["method"] for r in result["grid_rows"]] == ["dense", "synflow:input_shape=1x8x8"]
+    name, options = compare.parse_variant(result["grid_rows"][1]["method"])
+    assert (name, options) == ("synflow", {"input_shape": (1, 8, 8)})
+    again = compare.run_grid(["synflow:input_shape=1x8x8"], [0.2], [0], out, quiet=True, **GRID)
+    assert again["ran"] == 0 and again["skipped"] == 2  # the stored cell is recognised, not rerun
+
+
+def _edited(journal, tmp_path, edit):
+    import json
+    import shutil
+
+    src, _ = journal
+    out = tmp_path / "copy"
+    shutil.copytree(src, out)
+    data = json.loads((out / "results.json").read_text())
+    edit(data)
+    (out / "results.json").write_text(json.dumps(data))
+    return out
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d["rows"][1].pop("seed"), r"row 1 has no field 'seed'"),
+    (lambda d: d["rows"][0].__setitem__("density_target", [1.0]), r"row 0, field 'density_target' must be a number"),
+    (lambda d: d["rows"].__setitem__(1, 7), r"row 1 must be an object"),
+    (lambda d: d["rows"][1].__setitem__("test_accuracy", None), r"row 1, field 'test_accuracy' must be a number, got None"),
+    (lambda d: d["rows"][1].__setitem__("seed", True), r"row 1, field 'seed' must be an integer"),
+    (lambda d: d["rows"].append(dict(d["rows"][1])), r"rows 1 and 2 are the same cell \(method synflow"),
+    (lambda d: d["failed"].append({"method": "snip", "seed": 0}), r"failed cell 0 has no field 'density_target'"),
+])
+def test_damaged_journal_rows_are_named_by_row_and_field(journal, tmp_path, edit, message):
+    from widetopo.experiments import compare
+
+    out = _edited(journal, tmp_path, edit)
+    with pytest.raises(compare.CompareError, match=message):
+        compare.run_grid(["synflow:input_shape=1x8x8"], [0.2], [0], out, quiet=True, **GRID)
+
+
+def test_journal_on_a_full_disk_names_the_path_and_errno_and_leaves_no_temporary(journal, tmp_path, monkeypatch):
+    import errno
+
+    from widetopo.experiments import compare
+
+    out = _edited(journal, tmp_path, lambda d: None)
+    before = (out / "results.json").read_text()
+    monkeypatch.setattr(compare, "open", _FullDisk, raising=False)
+    with pytest.raises(OSError) as info:
+        compare.write_journal(out, {}, [])
+    assert info.value.errno == errno.ENOSPC and str(out / "results.json") in str(info.value)
+    assert "errno 28" in str(info.value)
+    assert not [p.name for p in out.iterdir() if ".tmp" in p.name]
+    assert (out / "results.json").read_text() == before  # the previous journal is intact
+
+
+def test_cli_usage_and_quiet_listing(capsys, monkeypatch):
+    import os
+
+    from widetopo.cli import main
+
+    assert main(["-q", "train", "--epochs", "1"]) == 2  # neither a mask file nor --dense: a usage error
+    assert "give a mask file, or --dense" in capsys.readouterr().err
+    monkeypatch.setattr(os, "getloadavg", lambda: (99.0, 99.0, 99.0))  # a busy machine
+    assert main(["methods"]) == 0
+    listing = capsys.readouterr()
+    assert "machine busy" not in listing.err
+    # every option line of a method has its type column at the same position
+    lines = [ln for ln in listing.out.splitlines() if ln.startswith("    --option ")]
+    by_method, current = {}, None
+    for ln in listing.out.splitlines():
+        if not ln.startswith("    "):
+            current = ln.split(" ")[0]
+        elif ln.startswith("    --option "):
+            by_method.setdefault(current, []).append(ln)
+    assert lines and len(by_method) >= 10
+    for method, opts in by_method.items():
+        starts = {len(ln) - len(ln[len("    --option "):].split("  ", 1)[1].lstrip()) for ln in opts}
+        assert len(starts) == 1, (method, opts)
+
+
+def test_cli_report_plot_format_and_dpi(tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="plots need matplotlib (pip install matplotlib)")
+    from widetopo.cli import main
+
+    masks = widetopo.prune(tiny_mlp(), data(), 0.5, method="magnitude", verbose=False)
+    masks.save(tmp_path / "m.wtm")
+    assert main(["-q", "report", str(tmp_path / "m.wtm"), "--plots", str(tmp_path / "p"), "--plot-format", "svg",
+                 "--dpi", "72"]) == 0
+    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["m_density.svg", "m_units.svg"]
+    assert main(["-q", "report", str(tmp_path / "m.wtm"), "--plots", str(tmp_path / "p"), "--dpi", "5"]) == 2
+    assert "--dpi" in capsys.readouterr().err

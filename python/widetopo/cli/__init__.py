@@ -113,8 +113,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     command = COMMANDS[args.command]
     try:
         cli_args.check_outputs(args, command.OUTPUTS)
-        _set_threads(args.threads)
+        if getattr(command, "COMPUTES", True) or args.threads != "auto":
+            _set_threads(args.threads)
         return command.run(args, args.quiet)
+    except cli_args.UsageError as exc:
+        return _usage_error(parser, f"widetopo {args.command}: error: {exc}")
     except KeyboardInterrupt:
         print("widetopo: interrupted", file=sys.stderr)
         return 130

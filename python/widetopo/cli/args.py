@@ -19,12 +19,33 @@ from widetopo.engine.options import EngineOptions
 from widetopo.models import MODELS
 from widetopo.options import parse_field
 from widetopo.experiments import recipe
+from widetopo.sparsity.report import PLOT_FORMATS
 
 DEFAULTS = {"model": "cnn", "dataset": "digits", "method": "widetopo-s", "density": 0.05}
 
 
 class CLIError(Exception):
     """A runtime problem to report as one line on stderr (exit status 1)."""
+
+
+def add_plot_flags(p) -> None:
+    """--plot-format and --dpi of the commands that draw plots."""
+    p.add_argument("--plot-format", choices=PLOT_FORMATS, default="png", help="file format of the plots; default: png")
+    p.add_argument("--dpi", type=_dpi, default=100, help="resolution of the plots, 10 to 1200; default: %(default)s")
+
+
+def _dpi(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 10 <= value <= 1200:
+        raise argparse.ArgumentTypeError(f"must be in [10, 1200], got {text}")
+    return value
+
+
+class UsageError(CLIError):
+    """Arguments that argparse cannot check alone (e.g. a mask file or --dense): exit status 2."""
 
 
 def out(text: str = "") -> None:

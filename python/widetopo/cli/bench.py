@@ -43,6 +43,11 @@ def _best_time(fn, repeat: int) -> float:
 
 
 def run(args, quiet: bool) -> int:
+    with recipe.quiet_loggers():  # engine lines would break up the table on a shared terminal
+        return _bench(args)
+
+
+def _bench(args) -> int:
     out(f"widetopo bench: torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}")
     kernels = widetopo_ext.build_info()["cpu_kernels" if args.device == "cpu" else "cuda_kernels"]
 

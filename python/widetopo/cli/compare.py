@@ -100,7 +100,8 @@ def add_parser(sub) -> None:
     cli_args.add_train(p, epochs_default=10, results=False)
     p.add_argument("-o", "--output", default="widetopo-compare", metavar="DIR",
                    help="results folder (rerunning with the same DIR resumes); default: %(default)s")
-    p.add_argument("--no-plots", action="store_true", help="skip accuracy.png and node_ratio.png")
+    p.add_argument("--no-plots", action="store_true", help="skip the plots accuracy.<fmt> and node_ratio.<fmt>")
+    cli_args.add_plot_flags(p)
     cli_args.add_init(p)
 
 
@@ -134,7 +135,7 @@ def run(args, quiet: bool) -> int:
         f"{masks} mask files in {os.path.join(out_dir, 'masks')}")
     if not args.no_plots:
         try:
-            paths = compare.save_plots(rows, out_dir)
+            paths = compare.save_plots(rows, out_dir, fmt=args.plot_format, dpi=args.dpi)
         except ImportError as exc:
             logger.warning("%s", exc)
         else:

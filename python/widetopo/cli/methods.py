@@ -3,9 +3,10 @@ from __future__ import annotations
 
 from widetopo.cli.args import out
 from widetopo.methods import all_methods, methods_markdown
-from widetopo.options import describe
+from widetopo.options import describe, format_value
 
 OUTPUTS = []
+COMPUTES = False  # no "machine busy" thread choice for a listing
 
 
 def add_parser(sub) -> None:
@@ -28,6 +29,10 @@ def run(args, quiet: bool) -> int:
         out(f"{m.name}{aliases}: {m.summary}")
         out(f"    schedule: {schedule}; selection: {m.scorer.selection}"
             + ("; needs targets" if m.scorer.needs_targets else ""))
-        for name, tname, default, help_text in describe(m.options):
-            out(f"    --option {name}={default!r:<10} {tname:<14} {help_text}")
+        rows = [(f"--option {name}={format_value(default)}", tname, help_text)
+                for name, tname, default, help_text in describe(m.options)]
+        if rows:
+            w0, w1 = (max(len(r[k]) for r in rows) for k in (0, 1))
+            for assignment, tname, help_text in rows:
+                out(f"    {assignment:<{w0}}  {tname:<{w1}}  {help_text}")
     return 0

@@ -10,6 +10,7 @@ from widetopo.sparsity.maskfile import load_masks, read_header
 from widetopo.sparsity.report import format_table, mask_report, plot_report, write_json
 
 OUTPUTS = [("json", "--json", "file"), ("plots", "--plots", "dir")]
+COMPUTES = False  # reads a mask file; no "machine busy" thread choice
 
 
 def add_parser(sub) -> None:
@@ -17,7 +18,8 @@ def add_parser(sub) -> None:
                        description="Per-layer table of a mask file; optional JSON and PNG plots.")
     p.add_argument("masks", help="mask file")
     p.add_argument("--json", metavar="PATH", default=None, help="write the report as JSON")
-    p.add_argument("--plots", metavar="DIR", default=None, help="write PNG plots (needs matplotlib) into DIR")
+    p.add_argument("--plots", metavar="DIR", default=None, help="write plots (needs matplotlib) into DIR")
+    cli_args.add_plot_flags(p)
     p.add_argument("--model", type=cli_args.choices(cli_args.model_names()), default=None,
                    help="check the masks against this network (default: the one named in the file, if any)")
 
@@ -45,6 +47,7 @@ def run(args, quiet: bool) -> int:
         write_json(rep, args.json)
         out(f"wrote {args.json}")
     if args.plots:
-        for path in plot_report(rep, args.plots, prefix=os.path.splitext(os.path.basename(args.masks))[0]):
+        for path in plot_report(rep, args.plots, prefix=os.path.splitext(os.path.basename(args.masks))[0],
+                                fmt=args.plot_format, dpi=args.dpi):
             out(f"wrote {path}")
     return 0

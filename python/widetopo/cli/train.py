@@ -7,7 +7,7 @@ import os
 import torch
 
 from widetopo.cli import args as cli_args
-from widetopo.cli.args import DEFAULTS, CLIError, out
+from widetopo.cli.args import DEFAULTS, CLIError, UsageError, out
 from widetopo.experiments import recipe
 from widetopo.experiments.pretrained import file_sha256
 from widetopo.sparsity.maskfile import load_masks, read_header
@@ -60,7 +60,7 @@ def _init_from_meta(args, meta: dict) -> dict:
 
 def run(args, quiet: bool) -> int:
     if args.dense == (args.masks is not None):
-        raise CLIError("give a mask file, or --dense to train without one (not both)")
+        raise UsageError("give a mask file, or --dense to train without one (not both)")
     meta = read_header(args.masks)["meta"] if args.masks else {}
     if args.dense:
         values = {key: getattr(args, key) or DEFAULTS[key] for key in ("model", "dataset")}

@@ -15,7 +15,6 @@ be comparable), while other methods, densities or seeds simply add cells.
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -34,14 +33,15 @@ from tqdm.auto import tqdm
 
 from widetopo import __version__
 from widetopo.engine.rounds import NonFiniteScoresError, ZeroScoresError
-from widetopo.experiments.recipe import (ENGINE_OVERRIDES, Datasets, PruneConfig, Recipe, Setup, TrainConfig, build,
+from widetopo.experiments.recipe import (ENGINE_OVERRIDES, quiet_loggers, Datasets, PruneConfig, Recipe, Setup, TrainConfig, build,
                                          configs, load_datasets, method_options, with_init_checksum)
 from widetopo.experiments.recipe import prune as prune_network
 from widetopo.experiments.recipe import train as train_network
 from widetopo.methods import get_method
+from widetopo.options import format_value
 from widetopo.scores.differentiable import DoubleBackwardError
 from widetopo.sparsity.effective import effective_sparsity, input_shape_from_meta
-from widetopo.sparsity.report import mask_report
+from widetopo.sparsity.report import check_plot_format, mask_report
 from widetopo.sparsity.selection import select_prunable
 
 logger = logging.getLogger(__name__)
@@ -166,7 +166,49 @@ def load_journal(out_dir, options: dict) -> List[dict]:
     now = versions()
     if old and old != now:
         logger.warning("the journal was started with %s, this run uses %s", old, now)
+    _check_rows(path, data["rows"], ROW_FIELDS, "row")
+    _check_rows(path, data.get("failed", []), FAILED_FIELDS, "failed cell")
     return data["rows"]
+
+
+_NUMBER = (int, float)
+#: field -> (allowed types, may be None) of a journal row; checked when a journal is read back
+ROW_FIELDS = {
+    "method": (str, False), "density_target": (_NUMBER, False), "seed": (int, False),
+    "test_accuracy": (_NUMBER, False), "kept_fraction": (_NUMBER, False), "effective_density": (_NUMBER, False),
+    "node_ratio": (_NUMBER, True), "prune_seconds": (_NUMBER, False), "train_seconds": (_NUMBER, False),
+    "mask_file": (str, True),
+}
+FAILED_FIELDS = {"method": (str, False), "density_target": (_NUMBER, False), "seed": (int, False),
+                 "error": (str, False)}
+
+
+def _check_rows(path: str, rows, fields: dict, what: str) -> None:
+    """Every row a dict with each field of the right type, and no cell twice: a hand-edited or
+    damaged journal is named row by row instead of failing later with a raw KeyError."""
+    if not isinstance(rows, list):
+        raise CompareError(f"{path}: the {what}s must be a list, got {type(rows).__name__}")
+    seen = {}
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise CompareError(f"{path}: {what} {i} must be an object with fields {', '.join(fields)}, "
+                               f"got {type(row).__name__}")
+        for field, (types, nullable) in fields.items():
+            if field not in row:
+                raise CompareError(f"{path}: {what} {i} has no field {field!r}; fix or delete that {what}")
+            value = row[field]
+            if value is None and nullable:
+                continue
+            if isinstance(value, bool) or not isinstance(value, types) or (
+                    isinstance(value, float) and not math.isfinite(value)):
+                kind = "an integer" if types is int else "a number" if types is _NUMBER else "a string"
+                raise CompareError(f"{path}: {what} {i}, field {field!r} must be {kind}"
+                                   f"{' or null' if nullable else ''}, got {value!r}; fix or delete that {what}")
+        key = _key(row)
+        if key in seen:
+            raise CompareError(f"{path}: {what}s {seen[key]} and {i} are the same cell (method {key[0]}, density "
+                               f"{key[1]:g}, seed {key[2]}); delete one of them")
+        seen[key] = i
 
 
 def load_failed(out_dir) -> List[dict]:
@@ -179,12 +221,21 @@ def load_failed(out_dir) -> List[dict]:
 
 
 def _atomic_write(path: str, text: str) -> None:
+    """Write `text` to `path` through a temporary file that is renamed into place; on failure (a
+    full disk) the temporary is removed and the error names the path and errno."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8", newline="") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot write {path} ({exc.strerror or exc}, errno {exc.errno}); "
+                                 f"the previous version, if any, is intact") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def write_journal(out_dir, options: dict, rows: List[dict], failed: Optional[List[dict]] = None) -> None:
@@ -214,21 +265,7 @@ def parse_variant(spec: str) -> Tuple[str, dict]:
 
 def variant_name(name: str, options: dict) -> str:
     """The canonical cell name of a method variant: NAME[:KEY=VALUE...]."""
-    return ":".join([name] + [f"{k}={v}" for k, v in options.items()])
-
-
-@contextlib.contextmanager
-def _quiet_loggers(names=("widetopo.experiments.recipe", "widetopo.engine.pruner", "widetopo.experiments.training",
-                          "widetopo.experiments.pretrained", "widetopo.sparsity.maskfile")):
-    """The per-cell INFO lines (pruning done, epoch k/n) would drown the progress bar."""
-    saved = {n: logging.getLogger(n).level for n in names}
-    for n in names:
-        logging.getLogger(n).setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        for n, level in saved.items():
-            logging.getLogger(n).setLevel(level)
+    return ":".join([name] + [f"{k}={format_value(v)}" for k, v in options.items()])
 
 
 def run_cell(recipe: Recipe, cell: Cell, data: Datasets, out_dir: str, options: dict,
@@ -302,7 +339,7 @@ def run(recipe: Recipe, cells: List[Cell], out_dir, *, quiet: bool = False, data
     # failures of earlier runs stay recorded unless this run tries that cell again
     failed: List[dict] = [f for f in load_failed(out_dir) if _key(f) not in retried]
     try:
-        with _quiet_loggers():
+        with quiet_loggers():
             for finished, cell in enumerate(todo, start=skipped + 1):
                 def phase(name, cell=cell):
                     bar.set_postfix_str(f"{cell.label}: {name}")
@@ -473,15 +510,20 @@ def node_ratio_figure(rows: List[dict]):
                    "Node ratio vs density: " + _title(rows), dense_line=True)
 
 
-def save_plots(rows: List[dict], out_dir) -> List[str]:
-    """DIR/accuracy.png and DIR/node_ratio.png; the written paths."""
+def save_plots(rows: List[dict], out_dir, fmt: str = "png", dpi: float = 100) -> List[str]:
+    """DIR/accuracy.<fmt> and DIR/node_ratio.<fmt> (png, pdf or svg); the written paths."""
+    check_plot_format(fmt, dpi)
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     paths = []
-    for name, make in (("accuracy.png", accuracy_figure), ("node_ratio.png", node_ratio_figure)):
-        path = os.path.join(os.fspath(out_dir), name)
-        tmp = path + f".tmp{os.getpid()}.png"
-        FigureCanvasAgg(make(rows)).print_png(tmp)
-        os.replace(tmp, path)
+    for name, make in (("accuracy", accuracy_figure), ("node_ratio", node_ratio_figure)):
+        path = os.path.join(os.fspath(out_dir), f"{name}.{fmt}")
+        tmp = path + f".tmp{os.getpid()}.{fmt}"
+        try:
+            FigureCanvasAgg(make(rows)).print_figure(tmp, format=fmt, dpi=dpi)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
         paths.append(path)
     return paths

@@ -13,6 +13,7 @@ keywords such as epochs=1 or model="mlp" to the right dataclass.
 from __future__ import annotations
 
 import dataclasses
+import contextlib
 import logging
 import os
 import time
@@ -244,3 +245,18 @@ def train(setup: Setup, cfg: TrainConfig, model, masks, train_ds, test_ds, quiet
               device=setup.device, progress=not quiet, desc=label, **({} if ignore is None else {"ignore_index": ignore}))
     out["seconds"] = time.perf_counter() - start
     return out
+
+
+@contextlib.contextmanager
+def quiet_loggers(names=("widetopo.experiments.recipe", "widetopo.engine.pruner", "widetopo.experiments.training",
+                          "widetopo.experiments.pretrained", "widetopo.sparsity.maskfile", "widetopo.progress")):
+    """Silence the INFO lines of pruning and training (pruning done, epoch k/n) for a block whose
+    own output (a progress bar, a table) they would interleave with."""
+    saved = {n: logging.getLogger(n).level for n in names}
+    for n in names:
+        logging.getLogger(n).setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for n, level in saved.items():
+            logging.getLogger(n).setLevel(level)
