@@ -174,6 +174,9 @@ def select_masks(scorer: Scorer, ctx: ScoreContext, scores: List[torch.Tensor], 
     owner: sharded scores (widetopo.distributed.owners): each rank selects its own tensors, the
     threshold is the sharded global top-k, and owners broadcast the masks."""
     all_masks = ctx.masks
+    if scorer.selection == "mask":  # same inputs on every rank (data-free scores): no sharding needed
+        _set_chosen_masks(scorer, ctx, scores, keep)
+        return
     _check_not_all_zero(scorer, ctx, scores, keep, kept, owner)
     rank = dist_utils.rank_world()[0]
     full_layouts = layouts if layouts is not None else [topology.DENSE] * len(all_masks)
@@ -201,6 +204,23 @@ def select_masks(scorer: Scorer, ctx: ScoreContext, scores: List[torch.Tensor], 
     else:
         raise ValueError(f"scorer {scorer.name!r}: selection must be 'global' or 'layerwise', got {scorer.selection!r}")
     widetopo_ext.apply_masks_(ctx.prunable, masks)
+
+
+def _set_chosen_masks(scorer: Scorer, ctx: ScoreContext, scores: List[torch.Tensor], keep: int) -> None:
+    """selection = "mask": the scorer's masks, checked (bool, shapes, no revived weight), then applied."""
+    chosen = scorer.choose_masks(ctx, scores, keep)
+    if not isinstance(chosen, (list, tuple)) or len(chosen) != len(ctx.masks):
+        raise RuntimeError(f"scorer {scorer.name!r}: choose_masks must return {len(ctx.masks)} bool masks")
+    for name, c, m in zip(ctx.names, chosen, ctx.masks):
+        if not isinstance(c, torch.Tensor) or c.dtype != torch.bool or c.shape != m.shape:
+            raise RuntimeError(f"scorer {scorer.name!r}: choose_masks gave {name!r} a "
+                               f"{getattr(c, 'dtype', type(c).__name__)} mask; expected bool of shape {tuple(m.shape)}")
+        if bool((c & ~m).any()):
+            raise RuntimeError(f"scorer {scorer.name!r}: choose_masks revived pruned weights of {name!r}")
+    with torch.no_grad():
+        for m, c in zip(ctx.masks, chosen):
+            m.copy_(c)
+    widetopo_ext.apply_masks_(ctx.prunable, ctx.masks)
 
 
 def _checked_quotas(scorer: Scorer, ctx: ScoreContext, keep: int) -> List[int]:

@@ -1,0 +1,3 @@
+from widetopo.scores.base import Scorer
+class RRegScorer(Scorer):
+    def score(s,c,b): pass
