@@ -243,3 +243,19 @@ def test_registry_entry_and_options():
     assert m.defaults() == {"stop": "exact"} and not PHEWScorer.data_dependent
     with pytest.raises(ValueError, match="stop must be one of"):
         m.make_options(stop="never")
+
+
+def test_trace_without_batched_backward_gives_the_same_graph(monkeypatch):
+    torch.manual_seed(0)
+    model = Branchy()
+    x = torch.randn(4, 3)
+    want = trace_unit_graph(ctx_of(model), x)
+    real = torch.autograd.grad
+
+    def no_vmap(*args, **kwargs):
+        if kwargs.get("is_grads_batched"):
+            raise RuntimeError("vmap: not supported")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", no_vmap)
+    assert trace_unit_graph(ctx_of(model), x) == want

@@ -33,6 +33,7 @@ Randomness: a CPU generator seeded by (seed, round) like ctx.generator(0), never
 """
 from __future__ import annotations
 
+import bisect
 import logging
 import math
 from dataclasses import dataclass
@@ -53,6 +54,7 @@ __all__ = ["PHEWScorer", "PHEWOptions", "UnitGraph", "trace_unit_graph", "phew_m
 
 _SUPPORTED = (nn.Linear, nn.modules.conv._ConvNd)
 _PROBE_SAMPLES = 4
+_CHANNEL_CHUNK = 64  # input channels per batched backward of the trace
 
 
 def _layer_module(model: nn.Module, name: str, owners=None) -> nn.Module:
@@ -151,24 +153,46 @@ def _probe(ctx: ScoreContext, modules: List[nn.Module], x: torch.Tensor, positiv
                          "module); its units have no single place in the unit graph")
     deps: List[Dict[int, torch.Tensor]] = [dict() for _ in modules]
     order = sorted(leaves)
+    targets = [leaves[a] for a in order]
+    target_dims = [_units(modules[a])[2] for a in order]
     for b, xb in inputs.items():
         if not xb.requires_grad:
             continue
         _, c_in, dim = _units(modules[b])
-        xb_moved = xb.movedim(dim, 0)
-        for i in range(c_in):
-            grads = torch.autograd.grad(xb_moved[i].sum(), [leaves[a] for a in order], retain_graph=True,
-                                        allow_unused=True)
-            for a, g in zip(order, grads):
-                if g is None:
+        for first in range(0, c_in, _CHANNEL_CHUNK):
+            chans = list(range(first, min(first + _CHANNEL_CHUNK, c_in)))
+            for a, hits in zip(order, _channel_jacobian_support(xb, dim, chans, targets, target_dims)):
+                if hits is None or not bool(hits.any()):
                     continue
-                _, _, dim_a = _units(modules[a])
-                hit = g.movedim(dim_a, 0).reshape(g.shape[dim_a], -1).ne(0).any(1)
-                if bool(hit.any()):
-                    if a not in deps[b]:
-                        deps[b][a] = torch.zeros(_units(modules[a])[0], c_in, dtype=torch.bool)
-                    deps[b][a][:, i] |= hit.cpu()
+                if a not in deps[b]:
+                    deps[b][a] = torch.zeros(_units(modules[a])[0], c_in, dtype=torch.bool)
+                deps[b][a][:, chans] |= hits.T.cpu()
     return deps
+
+
+def _channel_jacobian_support(xb: torch.Tensor, dim: int, chans: List[int], targets: List[torch.Tensor],
+                              target_dims: List[int]):
+    """For each target y with channel dim ydim (1 for conv outputs, -1 for linear ones): bool
+    (len(chans), C_y) - whether d sum(x[:, c]) / d y[:, o] is nonzero anywhere (c in chans).
+    One batched backward (vmap over the one-hot cotangents), a loop if the graph cannot be vmapped."""
+    onehot = torch.zeros((len(chans),) + tuple(xb.shape), dtype=xb.dtype, device=xb.device)
+    for k, c in enumerate(chans):
+        onehot[k].select(dim if dim >= 0 else xb.dim() + dim, c).fill_(1)
+    try:
+        grads = torch.autograd.grad(xb, targets, grad_outputs=onehot, retain_graph=True, allow_unused=True,
+                                    is_grads_batched=True)
+    except RuntimeError:
+        per = [torch.autograd.grad(xb, targets, grad_outputs=onehot[k], retain_graph=True, allow_unused=True)
+               for k in range(len(chans))]
+        grads = [None if per[0][t] is None else torch.stack([p[t] for p in per]) for t in range(len(targets))]
+    out = []
+    for g, ydim in zip(grads, target_dims):
+        if g is None:
+            out.append(None)
+            continue
+        g = g.ne(0).movedim(ydim + 1 if ydim >= 0 else g.dim() + ydim, 1)  # (chans, C_y, ...)
+        out.append(g.reshape(g.shape[0], g.shape[1], -1).any(2))
+    return out
 
 
 def trace_unit_graph(ctx: ScoreContext, x: torch.Tensor) -> UnitGraph:
@@ -232,12 +256,24 @@ def phew_masks(graph: UnitGraph, weights: Sequence[torch.Tensor], modules: Seque
     count = 0
     max_idle = max_idle if max_idle is not None else max(1000, 20 * (len(graph.sources) + len(graph.sinks)))
 
-    def draw(cum_row: torch.Tensor) -> int:
-        top = float(cum_row[-1])
+    rows: Dict[Tuple[bool, int, int], Tuple[List[float], List[int]]] = {}
+
+    def row(forward: bool, layer: int, unit: int) -> Tuple[List[float], List[int]]:
+        """(cumulative walk weights, flat weight indices) over (o, tap) of input unit `unit`
+        (forward) or over (i, tap) of output unit `unit` (backward); cached as Python lists."""
+        key = (forward, layer, unit)
+        if key not in rows:
+            cum = (fwd if forward else bwd)[layer][unit]
+            ix = idx[layer][:, unit, :] if forward else idx[layer][unit, :, :]
+            rows[key] = (cum.tolist(), ix.flatten().tolist())
+        return rows[key]
+
+    def draw(cum: List[float]) -> int:
+        """An index j with probability (cum[j] - cum[j-1]) / cum[-1]; -1 if every weight is 0."""
+        top = cum[-1]
         if not top > 0:
             return -1
-        j = int(torch.searchsorted(cum_row, torch.tensor([uniform() * top], dtype=torch.float64), right=True))
-        return min(j, cum_row.numel() - 1)
+        return min(bisect.bisect_right(cum, uniform() * top), len(cum) - 1)
 
     def add(layer: int, flat_index: int) -> bool:
         nonlocal count
@@ -253,12 +289,13 @@ def phew_masks(graph: UnitGraph, weights: Sequence[torch.Tensor], modules: Seque
         for _ in range(n_layers + 1):  # a path crosses each layer at most once
             c_out, c_in = graph.units[layer]
             taps = mags[layer].shape[2]
-            j = draw((fwd if forward else bwd)[layer][unit])
+            cum, flat = row(forward, layer, unit)
+            j = draw(cum)
             if j < 0:
                 break
-            other, tap = divmod(j, taps)
+            other = j // taps
             o, i = (other, unit) if forward else (unit, other)
-            grew |= add(layer, int(idx[layer][o, i, tap]))
+            grew |= add(layer, flat[j])
             if stop == "exact" and count >= keep:
                 break
             nxt = (graph.feeds[layer][o] if forward else graph.fed_by[layer][i])
