@@ -1,8 +1,9 @@
 """Every pruning method on every architecture of the papers: a ViT, torchvision-style ResNet-18
 and MobileNetV3-small, an LSTM classifier and a U-Net segmentation net (tests/arch_models.py).
 Each cell checks the two promises of widetopo.prune: masks with exactly K = round(d * N_P) kept
-weights over the default prunable set, and the caller's model unchanged (parameters, buffers,
-train/eval mode of every module, no gradients left behind).
+weights over the default prunable set (for a method that keeps whole kernels or graphs, RReg:
+within its documented range, scorer.kept_bounds), and the caller's model unchanged (parameters,
+buffers, train/eval mode of every module, no gradients left behind).
 
 Known failures are listed in KNOWN_FAILURES (strict xfail: a cell that starts to work fails
 the run, so the entry has to be removed with the fix).
