@@ -11,7 +11,7 @@ from scipy import stats
 from torch import nn
 
 import widetopo
-from method_properties import assert_same_state, model_state
+from method_checks import check_two_processes, assert_same_state, model_state
 from scoring_nets import make_ctx
 from widetopo.methods import get_method
 from widetopo.scores.phew import PHEWScorer, _global_index, phew_masks, trace_unit_graph
@@ -259,3 +259,7 @@ def test_trace_without_batched_backward_gives_the_same_graph(monkeypatch):
 
     monkeypatch.setattr(torch.autograd, "grad", no_vmap)
     assert trace_unit_graph(ctx_of(model), x) == want
+
+
+def test_two_processes_give_the_masks_of_one():
+    check_two_processes("phew")

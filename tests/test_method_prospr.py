@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import widetopo
-from method_checks import check_basic_properties, check_resume
+from method_checks import check_two_processes, check_resume, check_run_properties
 from widetopo.methods import get_method
 from widetopo.scores.prospr import ProsPrScorer
 
@@ -188,5 +188,9 @@ def test_registry_entry_and_options():
 
 def test_run_properties(tmp_path, monkeypatch):
     data = [batch(6, seed=s) for s in (1, 2)]
-    check_basic_properties("prospr", bn_mlp, data, 0.3)
+    check_run_properties("prospr", bn_mlp, data, 0.3)
     check_resume(tmp_path, monkeypatch, "prospr", bn_mlp, data, 0.3, 1, rounds=2)
+
+
+def test_two_processes_give_the_masks_of_one():
+    check_two_processes("prospr")

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import widetopo
-from method_properties import assert_same_state, model_state
+from method_checks import check_two_processes, assert_same_state, model_state
 from widetopo.methods import get_method
 from widetopo.scores.rreg import RRegScorer, havel_hakimi_bipartite, random_regular_bipartite, regular_pairs
 
@@ -168,3 +168,7 @@ def test_registry_entry_and_options():
         m.make_options(graph="regular")
     with pytest.raises(ValueError, match="degree must be an integer >= 1"):
         m.make_options(degree=0)
+
+
+def test_two_processes_give_the_masks_of_one():
+    check_two_processes("rreg")
