@@ -1,6 +1,7 @@
 """One scoring round (docs/design.md §2.1): score -> sum over processes -> finalize -> check,
 then select: density-aware decay (if the method uses it), protect pruned entries, keep K
-(globally, or per layer for methods with per-layer quotas), theta <- theta * m.
+(globally, or per layer for methods with per-layer quotas; methods that keep whole kernels or
+graphs build the masks themselves: selection "mask", Scorer.choose_masks), theta <- theta * m.
 """
 from __future__ import annotations
 
@@ -202,7 +203,7 @@ def select_masks(scorer: Scorer, ctx: ScoreContext, scores: List[torch.Tensor], 
     elif scorer.selection == "global":
         widetopo_ext.global_threshold(scores, masks, keep, mode)
     else:
-        raise ValueError(f"scorer {scorer.name!r}: selection must be 'global' or 'layerwise', got {scorer.selection!r}")
+        raise ValueError(f"scorer {scorer.name!r}: selection must be 'global', 'layerwise' or 'mask', got {scorer.selection!r}")
     widetopo_ext.apply_masks_(ctx.prunable, masks)
 
 
@@ -247,4 +248,4 @@ def _select_sharded(scorer: Scorer, ctx: ScoreContext, scores, keep: int, mode: 
         index = [(j, 0, scores[j].numel()) for j in own]
         sharded_global_threshold([scores[j] for j in own], [ctx.masks[j] for j in own], keep, mode, index=index)
     else:
-        raise ValueError(f"scorer {scorer.name!r}: selection must be 'global' or 'layerwise', got {scorer.selection!r}")
+        raise ValueError(f"scorer {scorer.name!r}: selection must be 'global', 'layerwise' or 'mask', got {scorer.selection!r}")
