@@ -172,3 +172,29 @@ def test_registry_entry_and_options():
 
 def test_two_processes_give_the_masks_of_one():
     check_two_processes("rreg")
+
+
+def test_every_placed_block_is_r_regular_on_v_distinct_channels(monkeypatch):
+    import widetopo.scores.rreg as rreg
+
+    placed, depth = [], [0]
+    real_block = rreg.random_regular_bipartite
+
+    def record_block(v, r, g):  # (r > v/2 recurses for the complement: record the outer block only)
+        depth[0] += 1
+        try:
+            block = real_block(v, r, g)
+        finally:
+            depth[0] -= 1
+        if depth[0] == 0:
+            placed.append(block)
+        return block
+
+    monkeypatch.setattr(rreg, "random_regular_bipartite", record_block)
+    pairs = regular_pairs(48, 40, 700, 15, gen(8))  # several placements: v = 40, then smaller
+    assert len(placed) >= 2
+    for block in placed:
+        v = block.shape[0]
+        assert block.shape == (v, v) and 15 <= v <= 40
+        assert set(block.sum(0).tolist()) == {15} and set(block.sum(1).tolist()) == {15}
+    assert 700 <= int(pairs.sum()) <= 700 + 15 * 15 - 1

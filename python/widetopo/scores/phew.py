@@ -287,7 +287,6 @@ def phew_masks(graph: UnitGraph, weights: Sequence[torch.Tensor], modules: Seque
         layer, unit = start
         grew = False
         for _ in range(n_layers + 1):  # a path crosses each layer at most once
-            c_out, c_in = graph.units[layer]
             taps = mags[layer].shape[2]
             cum, flat = row(forward, layer, unit)
             j = draw(cum)
