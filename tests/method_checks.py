@@ -179,6 +179,9 @@ DIST_RUNS = {
     "iter-snip": dict(n_batches=4, density=0.2, rounds=2),
     "grasp": dict(n_batches=4, density=0.2),
     "ntk-sap": dict(n_batches=4, density=0.2, rounds=2),
+    "prospr": dict(n_batches=4, density=0.2),
+    "rreg": dict(n_batches=2, density=0.2),
+    "phew": dict(n_batches=2, density=0.2),
 }
 _DIST_RESULTS = {}
 

@@ -94,7 +94,10 @@ def _registry() -> List[Method]:
     from widetopo.scores.grasp import GraSPScorer
     from widetopo.scores.iter_snip import IterSNIPScorer
     from widetopo.scores.ntksap import NTKSAPScorer
+    from widetopo.scores.phew import PHEWScorer
+    from widetopo.scores.prospr import ProsPrScorer
     from widetopo.scores.px import PXScorer
+    from widetopo.scores.rreg import RRegScorer
     from widetopo.scores.synflow_l2 import SynFlowL2Scorer
     from widetopo.scores.widetopo import WideTopoScorer
 
@@ -125,6 +128,13 @@ def _registry() -> List[Method]:
         Method("random", RandomScorer, Schedule(rounds=1), "uniform random ranking"),
         Method("erk-random", ERKRandomScorer, Schedule(rounds=1),
                "ERK per-layer counts, a uniform random subset inside each layer", aliases=("rand_erk",)),
+        # --- issue #16: ProsPr, RReg, PHEW
+        Method("prospr", ProsPrScorer, Schedule(rounds=1),
+               "abs(dL(theta_M)/dc), theta_0 = theta*c, M SGD steps differentiated through (needs targets)"),
+        Method("rreg", RRegScorer, Schedule(rounds=1),
+               "ERK densities, random r-regular bipartite channel graphs per layer, whole kernels; data-free"),
+        Method("phew", PHEWScorer, Schedule(rounds=1),
+               "abs(theta)-biased random walks on the traced unit graph until K weights; data-free"),
     ]
 
 

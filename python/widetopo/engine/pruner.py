@@ -100,6 +100,7 @@ class Pruner:
         self.plan: List[Phase] = make_plan(options.rounds, options.restorations, options.restore_steps,
                                            options.post_rounds)
         self._check_target_keeps_weights()
+        scorer.validate(model, self.names, options)
 
     def _check_target_keeps_weights(self) -> None:
         params = dict(self.model.named_parameters())

@@ -1,6 +1,7 @@
 """One scoring round (docs/design.md §2.1): score -> sum over processes -> finalize -> check,
 then select: density-aware decay (if the method uses it), protect pruned entries, keep K
-(globally, or per layer for methods with per-layer quotas), theta <- theta * m.
+(globally, or per layer for methods with per-layer quotas; methods that keep whole kernels or
+graphs build the masks themselves: selection "mask", Scorer.choose_masks), theta <- theta * m.
 """
 from __future__ import annotations
 
@@ -174,6 +175,9 @@ def select_masks(scorer: Scorer, ctx: ScoreContext, scores: List[torch.Tensor], 
     owner: sharded scores (widetopo.distributed.owners): each rank selects its own tensors, the
     threshold is the sharded global top-k, and owners broadcast the masks."""
     all_masks = ctx.masks
+    if scorer.selection == "mask":  # same inputs on every rank (data-free scores): no sharding needed
+        _set_chosen_masks(scorer, ctx, scores, keep)
+        return
     _check_not_all_zero(scorer, ctx, scores, keep, kept, owner)
     rank = dist_utils.rank_world()[0]
     full_layouts = layouts if layouts is not None else [topology.DENSE] * len(all_masks)
@@ -199,8 +203,25 @@ def select_masks(scorer: Scorer, ctx: ScoreContext, scores: List[torch.Tensor], 
     elif scorer.selection == "global":
         widetopo_ext.global_threshold(scores, masks, keep, mode)
     else:
-        raise ValueError(f"scorer {scorer.name!r}: selection must be 'global' or 'layerwise', got {scorer.selection!r}")
+        raise ValueError(f"scorer {scorer.name!r}: selection must be 'global', 'layerwise' or 'mask', got {scorer.selection!r}")
     widetopo_ext.apply_masks_(ctx.prunable, masks)
+
+
+def _set_chosen_masks(scorer: Scorer, ctx: ScoreContext, scores: List[torch.Tensor], keep: int) -> None:
+    """selection = "mask": the scorer's masks, checked (bool, shapes, no revived weight), then applied."""
+    chosen = scorer.choose_masks(ctx, scores, keep)
+    if not isinstance(chosen, (list, tuple)) or len(chosen) != len(ctx.masks):
+        raise RuntimeError(f"scorer {scorer.name!r}: choose_masks must return {len(ctx.masks)} bool masks")
+    for name, c, m in zip(ctx.names, chosen, ctx.masks):
+        if not isinstance(c, torch.Tensor) or c.dtype != torch.bool or c.shape != m.shape:
+            raise RuntimeError(f"scorer {scorer.name!r}: choose_masks gave {name!r} a "
+                               f"{getattr(c, 'dtype', type(c).__name__)} mask; expected bool of shape {tuple(m.shape)}")
+        if bool((c & ~m).any()):
+            raise RuntimeError(f"scorer {scorer.name!r}: choose_masks revived pruned weights of {name!r}")
+    with torch.no_grad():
+        for m, c in zip(ctx.masks, chosen):
+            m.copy_(c)
+    widetopo_ext.apply_masks_(ctx.prunable, ctx.masks)
 
 
 def _checked_quotas(scorer: Scorer, ctx: ScoreContext, keep: int) -> List[int]:
@@ -227,4 +248,4 @@ def _select_sharded(scorer: Scorer, ctx: ScoreContext, scores, keep: int, mode: 
         index = [(j, 0, scores[j].numel()) for j in own]
         sharded_global_threshold([scores[j] for j in own], [ctx.masks[j] for j in own], keep, mode, index=index)
     else:
-        raise ValueError(f"scorer {scorer.name!r}: selection must be 'global' or 'layerwise', got {scorer.selection!r}")
+        raise ValueError(f"scorer {scorer.name!r}: selection must be 'global', 'layerwise' or 'mask', got {scorer.selection!r}")

@@ -99,12 +99,15 @@ class Scorer(abc.ABC):
       needs_targets         - the data must carry targets
       needs_double_backward - the scores differentiate a gradient (checked before round 1)
       selection             - "global": keep the K highest scores over all tensors;
-                              "layerwise": keep layer_quotas(ctx, K)[l] highest in each tensor l
+                              "layerwise": keep layer_quotas(ctx, K)[l] highest in each tensor l;
+                              "mask": the scorer builds the masks itself (choose_masks), for
+                              methods that keep whole kernels or graphs (K up to their rounding)
       Options               - the options dataclass (widetopo.options.Options); an instance is
                               built from the constructor's keywords and kept as `self.options`
 
     Hooks, in the order the engine calls them in a round: prepass (optional, summed over every
-    batch and process), score (summed the same way), finalize, then selection.
+    batch and process), score (summed the same way), finalize, then selection. validate is
+    called once, when the run is set up (before any work).
     """
 
     name: str = "scorer"
@@ -158,6 +161,15 @@ class Scorer(abc.ABC):
         pruning set (SNIP's |sum_b g_b * theta|) returns the signed sum from score() and
         applies the function here, so the result does not depend on how batches are split."""
         return scores
+
+    def validate(self, model: nn.Module, names: Sequence[str], options) -> None:
+        """Refuse a run this method cannot do (options: the run's EngineOptions), with an error
+        naming why; called by the engine before any work. Default: accept."""
+
+    def choose_masks(self, ctx: ScoreContext, scores: List[torch.Tensor], keep: int) -> List[torch.Tensor]:
+        """For selection = "mask": the new bool masks (aligned with ctx.names, each a subset of
+        ctx.masks) for a target of `keep` weights, from the finalized scores."""
+        raise NotImplementedError(f"{type(self).__name__} has selection {self.selection!r}, not 'mask'")
 
     def layer_quotas(self, ctx: ScoreContext, keep: int) -> List[int]:
         """For selection = "layerwise": how many weights each prunable tensor keeps (aligned
