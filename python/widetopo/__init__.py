@@ -48,7 +48,8 @@ _EXPORTS = {
 # every exception class a user may catch (widetopo.errors; all derive from WidetopoError)
 _EXPORTS.update(dict.fromkeys((
     "WidetopoError", "NonFiniteScoresError", "ZeroScoresError", "DoubleBackwardError", "CheckpointMismatch",
-    "MaskFileError", "MaskMismatchError", "DatasetNotFoundError", "InitMismatchError"), "widetopo.errors"))
+    "MaskFileError", "MaskMismatchError", "DatasetNotFoundError", "InitMismatchError", "RecipeError",
+    "CompareError"), "widetopo.errors"))
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
 

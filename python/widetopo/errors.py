@@ -23,6 +23,8 @@ __all__ = [
     "MaskMismatchError",
     "DatasetNotFoundError",
     "InitMismatchError",
+    "RecipeError",
+    "CompareError",
 ]
 
 
@@ -70,3 +72,12 @@ class DatasetNotFoundError(WidetopoError, FileNotFoundError):
 
 class InitMismatchError(WidetopoError, ValueError):
     """The state_dict in an init file does not fit the model (missing/unexpected keys, shapes)."""
+
+
+class RecipeError(WidetopoError):
+    """A setup that cannot work (model and dataset of different tasks, a changed --init file).
+    Not a ValueError on purpose: `compare` stops on it instead of recording a refused cell."""
+
+
+class CompareError(WidetopoError):
+    """A problem with a comparison's setup or its journal (a damaged or foreign results.json)."""

@@ -37,6 +37,7 @@ from widetopo.experiments.recipe import (ENGINE_OVERRIDES, quiet_loggers, Datase
                                          configs, load_datasets, method_options, with_init_checksum)
 from widetopo.experiments.recipe import prune as prune_network
 from widetopo.experiments.recipe import train as train_network
+from widetopo.errors import CompareError  # noqa: F401  (raised here; importable from here too)
 from widetopo.methods import get_method
 from widetopo.options import format_value
 from widetopo.scores.differentiable import DoubleBackwardError
@@ -73,10 +74,6 @@ CSV_COLUMNS = (
 #: The errors with which a method refuses a cell (recorded, the experiment goes on); any other
 #: exception (a bug, out of memory, a RecipeError) stops the run.
 REFUSALS = (ZeroScoresError, NonFiniteScoresError, DoubleBackwardError, FloatingPointError, ValueError)
-
-
-class CompareError(Exception):
-    """A problem with the experiment's setup or its journal (reported as one line by the CLI)."""
 
 
 @dataclass(frozen=True)

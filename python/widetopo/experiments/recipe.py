@@ -24,7 +24,7 @@ import torch
 
 from widetopo import api
 from widetopo.data import data_loader, load_dataset
-from widetopo.errors import WidetopoError
+from widetopo.errors import RecipeError  # noqa: F401  (raised here; importable from here too)
 from widetopo.experiments.pretrained import file_sha256, load_init, read_state_dict
 from widetopo.experiments.training import fit
 from widetopo.methods import get_method
@@ -42,11 +42,6 @@ PRESETS = {"default": {}, "imagenet": {"rounds": 5, "restore_rounds": 5}}
 
 #: EngineOptions fields a recipe may override (the CLI's --rounds, --restorations, ...)
 ENGINE_OVERRIDES = ("rounds", "restorations", "restore_rounds", "restore_steps", "count")
-
-
-class RecipeError(WidetopoError):
-    """A setup that cannot work (model and dataset of different tasks, a changed --init file).
-    Not a ValueError on purpose: `compare` stops on it instead of recording a refused cell."""
 
 
 @dataclass(frozen=True)
