@@ -93,7 +93,9 @@ def _registry() -> List[Method]:
     from widetopo.scores.erk import ERKMagnitudeScorer, ERKRandomScorer
     from widetopo.scores.grasp import GraSPScorer
     from widetopo.scores.iter_snip import IterSNIPScorer
+    from widetopo.scores.npb import NPBScorer
     from widetopo.scores.ntksap import NTKSAPScorer
+    from widetopo.scores.pags import PAGSScorer
     from widetopo.scores.phew import PHEWScorer
     from widetopo.scores.prospr import ProsPrScorer
     from widetopo.scores.px import PXScorer
@@ -135,6 +137,13 @@ def _registry() -> List[Method]:
                "ERK densities, random r-regular bipartite channel graphs per layer, whole kernels; data-free"),
         Method("phew", PHEWScorer, Schedule(rounds=1),
                "abs(theta)-biased random walks on the traced unit graph until K weights; data-free"),
+        # --- issue #16: PAGS, NPB
+        Method("pags", PAGSScorer, Schedule(rounds=1),
+               "the SNIP mask of a population of P with the largest sum of sqrt(dr^2 + lam^2) (Ramanujan and "
+               "weighted spectral gaps of each layer's graph; needs targets)"),
+        Method("npb", NPBScorer, Schedule(rounds=1),
+               "ERK layer counts, then per-layer integer programs balancing active units and paths "
+               "(scipy.optimize.milp); data-free"),
     ]
 
 
