@@ -182,6 +182,8 @@ DIST_RUNS = {
     "prospr": dict(n_batches=4, density=0.2),
     "rreg": dict(n_batches=2, density=0.2),
     "phew": dict(n_batches=2, density=0.2),
+    "pags": dict(n_batches=2, density=0.2, population=3, min_kept=0),
+    "npb": dict(n_batches=1, density=0.2, rounds=2),
 }
 _DIST_RESULTS = {}
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import widetopo
-from method_properties import check_run_properties
+from method_checks import check_resume, check_run_properties, check_two_processes
 from widetopo.scores import npb as npb_mod
 from widetopo.scores.erk import erk_quotas
 from widetopo.scores.npb import npb_program
@@ -121,9 +121,11 @@ def test_per_layer_counts_k_max_and_largest_taps():
             assert torch.equal(m[o, i].flatten(), expect)
 
 
-def test_run_properties():
-    check_run_properties(make_net, DATA, "npb", density=0.2)
-    check_run_properties(make_net, DATA, "npb", density=0.2, input_term="port", rounds=2)
+def test_run_properties_resume_and_two_processes(tmp_path, monkeypatch):
+    check_run_properties("npb", make_net, DATA, 0.2)
+    check_run_properties("npb", make_net, DATA, 0.2, input_term="port", rounds=2)
+    check_resume(tmp_path, monkeypatch, "npb", make_net, DATA, 0.2, kill_after=1, rounds=2)
+    check_two_processes("npb")
 
 
 def test_paths_of_an_mlp_are_products_of_the_mask_matrices(monkeypatch):

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import widetopo
-from method_properties import check_run_properties
+from method_checks import bn_net, check_resume, check_run_properties, check_two_processes, labelled
 from widetopo.engine.rng import make_generator
 from widetopo.scores.pags import PAGS_STREAM, layer_distance
 
@@ -133,16 +133,12 @@ def test_population_of_one_is_the_snip_mask():
         assert torch.equal(mask.flatten(), r), name
 
 
-def test_run_properties_on_a_bn_cnn():
-    def make():
-        torch.manual_seed(1)
-        return nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.Flatten(),
-                             nn.Linear(6 * 4 * 4, 3))
-
-    g = torch.Generator().manual_seed(2)
-    data = [(torch.randn(4, 2, 4, 4, generator=g), torch.randint(0, 3, (4,), generator=g)) for _ in range(2)]
-    check_run_properties(make, data, "pags", density=0.2, population=3, min_kept=0)
-    check_run_properties(make, data, "pags", density=0.2, population=3, min_kept=0, gap="port")
+def test_run_properties_resume_and_two_processes(tmp_path, monkeypatch):
+    data = labelled(3)
+    check_run_properties("pags", bn_net, data, 0.2, population=3, min_kept=0)
+    check_run_properties("pags", bn_net, data, 0.2, population=3, min_kept=0, gap="port", rounds=2)
+    check_resume(tmp_path, monkeypatch, "pags", bn_net, data, 0.2, kill_after=1, population=2, min_kept=0, rounds=2)
+    check_two_processes("pags")
 
 
 def test_pags_needs_a_target_and_valid_options():
@@ -150,5 +146,7 @@ def test_pags_needs_a_target_and_valid_options():
         widetopo.saliency(mlp(), batches(), "pags", population=1)
     with pytest.raises(ValueError, match="gap must be one of 'paper', 'port'"):
         widetopo.prune(mlp(), batches(), 0.5, method="pags", gap="eig")
+    with pytest.raises(ValueError, match="method 'pags' needs targets"):
+        widetopo.prune(mlp(), [x for x, _ in batches()], 0.5, method="pags")
     with pytest.raises(ValueError, match="population must be an integer >= 1"):
         widetopo.prune(mlp(), batches(), 0.5, method="pags", population=0)

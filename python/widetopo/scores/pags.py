@@ -115,13 +115,31 @@ class PAGSOptions(Options):
 
 class PAGSScorer(Scorer):
     """PAGS over SNIP (module docstring). Needs the round's K (ctx.keep), so it runs in prune()
-    only. Every process must see the whole pruning set, so it runs on one process."""
+    only. Under torch.distributed every process must pass the same pruning data (checked) and
+    computes the whole population itself."""
 
     name = "pags"
-    data_dependent = False  # the member masks need whole batch pairs; no sum across processes
+    data_dependent = False  # members need whole batch pairs: every process scores all of its batches, no sum
     decay = False
     needs_targets = True
     Options = PAGSOptions
+
+    def _check_same_data(self, batches: Sequence[Batch]) -> None:
+        """Under torch.distributed every process scores the whole population on its own batches, so
+        they must all hold the same pruning set (then every rank derives the masks of one process)."""
+        from widetopo.engine.batches import data_digest
+
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        world = torch.distributed.get_world_size()
+        if world == 1:
+            return
+        digests = [None] * world
+        torch.distributed.all_gather_object(digests, data_digest(list(batches)))
+        if len(set(digests)) > 1:
+            raise ValueError(f"{self.name} under torch.distributed needs the same pruning data on every process "
+                             "(each process draws the whole population from whole batch pairs); pass every rank "
+                             "the same batches")
 
     def _member_batch(self, ctx: ScoreContext, batches: Sequence[Batch], j: int) -> Batch:
         n = len(batches)
@@ -138,10 +156,7 @@ class PAGSScorer(Scorer):
         if ctx.keep is None:
             raise ValueError(f"{self.name} picks a whole mask of the round's K weights; widetopo.saliency has no "
                              "target density: use widetopo.prune")
-        if torch.distributed.is_available() and torch.distributed.is_initialized() \
-                and torch.distributed.get_world_size() > 1:
-            raise ValueError(f"{self.name} runs on one process (its members need whole pairs of pruning batches); "
-                             "call it without torch.distributed or with a world size of 1")
+        self._check_same_data(batches)
         opts = self.options
         best: Optional[Tuple[float, int, List[torch.Tensor], List[torch.Tensor]]] = None
         member = [torch.empty(m.shape, dtype=torch.bool, device=m.device) for m in ctx.masks]
