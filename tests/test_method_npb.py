@@ -183,3 +183,19 @@ def test_unsupported_layers_and_missing_scipy_refuse_before_work(monkeypatch):
         widetopo.prune(make_net(), DATA, 0.5, method="npb", alpha=1.5)
     with pytest.raises(ValueError, match="input_term must be one of"):
         widetopo.prune(make_net(), DATA, 0.5, method="npb", input_term="dot")
+
+
+def test_prunable_biases_keep_their_largest_magnitudes():
+    model = make_net()
+    masks = widetopo.prune(model, DATA, 0.03, method="npb", include_bias=True, verbose=False)
+    params = dict(model.named_parameters())
+    names = list(masks)
+    keep = int(0.03 * sum(params[n].numel() for n in names) + 0.5)
+    counts = [int(m.sum()) for m in masks.values()]
+    assert sum(counts) == keep and counts == erk_quotas([params[n].shape for n in names], keep)
+    assert 0 < counts[names.index("conv2.bias")] < 8  # a partial quota (ERK at 3 %)
+    for n in ("conv2.bias", "fc.bias"):
+        w = params[n].detach().abs()
+        expect = torch.zeros_like(w, dtype=torch.bool)
+        expect[w.argsort(descending=True, stable=True)[:int(masks[n].sum())]] = True
+        assert torch.equal(masks[n], expect), n

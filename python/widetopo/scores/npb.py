@@ -264,8 +264,8 @@ class NPBScorer(Scorer):
                     store[f"{pre}{key}"] = torch.full_like(store[f"{pre}{key}"], value)
             if f"{pre}running_var" in buffers:
                 buffers[f"{pre}running_var"] = torch.full_like(buffers[f"{pre}running_var"], 1.0 - bn.eps)
-        for n, m in zip(ctx.names, chosen):
-            params[n] = m.to(torch.float64)
+        for n, m in zip(ctx.names, chosen):  # (a prunable bias stays 0: it carries no path)
+            params[n] = torch.zeros_like(m, dtype=torch.float64) if "bias" in n.rsplit(".", 1)[-1] else m.to(torch.float64)
         return params, buffers
 
     def _input_of(self, ctx: ScoreContext, module: nn.Module, chosen, x) -> Optional[torch.Tensor]:
