@@ -150,3 +150,30 @@ def test_pags_needs_a_target_and_valid_options():
         widetopo.prune(mlp(), [x for x, _ in batches()], 0.5, method="pags")
     with pytest.raises(ValueError, match="population must be an integer >= 1"):
         widetopo.prune(mlp(), batches(), 0.5, method="pags", population=0)
+
+
+def _different_data_worker(rank, world, port, outdir):
+    import datetime
+    import os
+
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                         timeout=datetime.timedelta(seconds=60))
+    try:
+        try:
+            widetopo.prune(bn_net(), labelled(2, seed=10 + rank), 0.2, method="pags", population=2, verbose=False)
+            message = "no error"
+        except ValueError as exc:
+            message = str(exc)
+        with open(os.path.join(outdir, f"rank{rank}.txt"), "w") as f:
+            f.write(message)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_processes_with_different_data_refuse_together(tmp_path):
+    from gloo import spawn
+
+    spawn(_different_data_worker, 2, str(tmp_path))
+    for rank in (0, 1):
+        assert "same pruning data on every process" in (tmp_path / f"rank{rank}.txt").read_text()
