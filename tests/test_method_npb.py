@@ -179,6 +179,8 @@ def test_unsupported_layers_and_missing_scipy_refuse_before_work(monkeypatch):
     monkeypatch.undo()
     with pytest.raises(ValueError, match="use widetopo.prune"):
         widetopo.saliency(make_net(), DATA, "npb")
+    with pytest.raises(ValueError, match="'conv1.weight' must keep .* k_max = 1 taps per kernel allow only 12"):
+        widetopo.prune(make_net(), DATA, 0.5, method="npb", k_max=1, verbose=False)
     with pytest.raises(ValueError, match="alpha must be in"):
         widetopo.prune(make_net(), DATA, 0.5, method="npb", alpha=1.5)
     with pytest.raises(ValueError, match="input_term must be one of"):

@@ -320,6 +320,14 @@ class NPBScorer(Scorer):
         group_of_row = np.arange(rows) // (rows // groups)
         return p[group_of_row[:, None] * cols + np.arange(cols)[None, :]]
 
+    def _upper(self, m: torch.Tensor) -> np.ndarray:
+        """Per (dim 0, dim 1) pair: the taps the program may keep, min(k_max, taps still kept)."""
+        taps = m.reshape(m.shape[0], m.shape[1], -1)
+        upper = taps.sum(-1).cpu().numpy().astype(np.int64)
+        if taps.shape[-1] > 1 and self.options.k_max is not None:
+            upper = np.minimum(upper, self.options.k_max)
+        return upper
+
     # ------------------------------------------------------------------ score
     def score(self, ctx: ScoreContext, batches: Sequence[Batch] = ()) -> List[torch.Tensor]:
         if ctx.keep is None:
@@ -330,6 +338,11 @@ class NPBScorer(Scorer):
         sample = self._sample_shape(batches)
         opts = self.options
         quotas = self.layer_quotas(ctx, ctx.keep)
+        uppers = [self._upper(m) if m.dim() >= 2 else None for m in ctx.masks]
+        for name, q, u in zip(ctx.names, quotas, uppers):
+            if u is not None and q > int(u.sum()):
+                raise ValueError(f"npb: layer {name!r} must keep {q} weights (its ERK count) but k_max = "
+                                 f"{opts.k_max} taps per kernel allow only {int(u.sum())}; raise k_max or leave it None")
         x = torch.ones((1, *sample), dtype=torch.float64, device=ctx.device)
         chosen = [m.clone() for m in ctx.masks]  # the counting net's masks, replaced layer by layer
         out = [torch.zeros(p.shape, dtype=torch.float64, device=p.device) for p in ctx.prunable]
@@ -345,9 +358,7 @@ class NPBScorer(Scorer):
             rows, cols = w.shape[0], w.shape[1]
             k = w[0, 0].numel()
             taps = m.reshape(rows, cols, k)
-            upper = taps.sum(-1).cpu().numpy().astype(np.int64)
-            if k > 1 and opts.k_max is not None:
-                upper = np.minimum(upper, opts.k_max)
+            upper = uppers[j]
             beta = opts.beta if k > 1 else 0.0
             paths = self._pair_paths(module, w, self._input_of(ctx, module, chosen, x))
             if not np.isfinite(paths).all():
