@@ -56,7 +56,6 @@ def make_round(method, model, batches, device) -> Callable[[int], None]:
 
     def one_round(index: int) -> None:
         ctx = state.context(index, seed=0)
-        ctx.keep = keep  # the round's K, as the engine sets it (PAGS and NPB build a mask of K weights)
         scores = rounds.compute_scores(scorer, ctx, batches, device, "bench")
         rounds.select_masks(scorer, ctx, scores, keep, "exact", 5.0, state.kept, state.n_prunable)
         _sync(device)

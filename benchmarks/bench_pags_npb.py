@@ -75,7 +75,6 @@ def rounds_resnet20() -> None:
 
         def one_round():
             ctx = state.context(1, seed=0)
-            ctx.keep = keep
             scores = rounds.compute_scores(scorer, ctx, data, torch.device("cpu"), "bench")
             rounds.select_masks(scorer, ctx, scores, keep, "exact", 5.0, state.kept, state.n_prunable)
 

@@ -177,8 +177,10 @@ def test_unsupported_layers_and_missing_scipy_refuse_before_work(monkeypatch):
     with pytest.raises(ImportError, match="pip install scipy"):
         widetopo.prune(make_net(), DATA, 0.5, method="npb", verbose=False)
     monkeypatch.undo()
-    with pytest.raises(ValueError, match="use widetopo.prune"):
-        widetopo.saliency(make_net(), DATA, "npb")
+    sal = widetopo.saliency(make_net(), DATA, "npb")  # |theta|, the ranking of taps inside a kernel
+    for name, p in make_net().named_parameters():
+        if name in sal:
+            torch.testing.assert_close(sal[name], p.detach().abs())
     with pytest.raises(ValueError, match="'conv1.weight' must keep .* k_max = 1 taps per kernel allow only 12"):
         widetopo.prune(make_net(), DATA, 0.5, method="npb", k_max=1, verbose=False)
     with pytest.raises(ValueError, match="alpha must be in"):

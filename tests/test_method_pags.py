@@ -142,8 +142,8 @@ def test_run_properties_resume_and_two_processes(tmp_path, monkeypatch):
 
 
 def test_pags_needs_a_target_and_valid_options():
-    with pytest.raises(ValueError, match="use widetopo.prune"):
-        widetopo.saliency(mlp(), batches(), "pags", population=1)
+    sal = widetopo.saliency(mlp(), batches(), "pags", population=1)  # no per-weight score: the (dense) mask
+    assert all(torch.equal(s, torch.ones_like(s)) for s in sal.values())
     with pytest.raises(ValueError, match="gap must be one of 'paper', 'port'"):
         widetopo.prune(mlp(), batches(), 0.5, method="pags", gap="eig")
     with pytest.raises(ValueError, match="method 'pags' needs targets"):

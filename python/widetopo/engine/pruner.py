@@ -296,13 +296,12 @@ class Pruner:
         """One round: score, sum across ranks, decay, select at d_t, theta <- theta * m.
         Returns the new kept count."""
         kept = state.kept
+        ctx = state.context(round_index, self.options.seed, kept, self.scorer.needs_double_backward)
+        owner = self._owner
+        scores = compute_scores(self.scorer, ctx, mine, self.device, phase, owner)
         keep, mode = keep_count(d_t, state.n_prunable, state.n_all, self.options.count)
         if mode == "exact":
             keep = min(keep, kept)
-        ctx = state.context(round_index, self.options.seed, kept, self.scorer.needs_double_backward)
-        ctx.keep = min(keep, kept)
-        owner = self._owner
-        scores = compute_scores(self.scorer, ctx, mine, self.device, phase, owner)
         select_masks(self.scorer, ctx, scores, keep, mode, self.options.compression_factor, kept, state.n_prunable,
                      self.layouts, owner)
         return state.kept

@@ -37,8 +37,6 @@ class ScoreContext:
              may overwrite them (calibration) - the caller's model is never touched.
     names:   the prunable parameter names, in `model.named_parameters()` order.
     masks:   bool masks aligned with `names`.
-    keep:    the round's target kept count K (None outside a pruning round, e.g. saliency()),
-             for methods that build a whole mask of K weights (PAGS, NPB).
     """
 
     model: nn.Module
@@ -49,7 +47,6 @@ class ScoreContext:
     round: int = 0
     seed: int = 0
     density: float = 1.0
-    keep: Optional[int] = None
     prepass: Optional[List[torch.Tensor]] = None
     #: route ops without a double backward through twice-differentiable equivalents in
     #: forward() (the engine sets it from the scorer's needs_double_backward)

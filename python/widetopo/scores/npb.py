@@ -23,6 +23,9 @@
    Linear layers: k_max = 1 and beta = 0. Then each kernel keeps its M_rc largest-|theta| taps.
 4. Other prunable tensors (rank 1, e.g. biases when selected) keep their q_l largest |theta|.
 
+The engine takes these masks as they are (selection "mask"); score() returns |theta * m|, the
+ranking of the taps inside a kernel (what widetopo.saliency gives).
+
 Rounding: the per-layer counts are the ERK integers (exact K in total, largest remainder) and each
 chunk's share of them is split in proportion to the chunk's capacity (largest remainder again),
 with sum M = b as an equality. The objective is nondecreasing in M, so the equality loses nothing
@@ -215,22 +218,25 @@ class NPBScorer(Scorer):
     data_dependent = False
     decay = False
     needs_targets = False
-    selection = "layerwise"
+    selection = "mask"
     Options = NPBOptions
 
     # ------------------------------------------------------------------ checks (before any work)
-    def _layers(self, ctx: ScoreContext) -> Dict[str, Tuple[nn.Module, str]]:
-        owners = _owner_modules(ctx.model, ctx.names)
-        bad = [n for n in ctx.names if ctx.params[n].dim() >= 2 and not (
+    @staticmethod
+    def _owners(model: nn.Module, names: Sequence[str], params: Sequence[torch.Tensor]) -> Dict[str, nn.Module]:
+        """name -> the Conv/ConvTranspose/Linear module whose weight it is (rank >= 2 tensors);
+        ValueError naming every other prunable matrix."""
+        owners = _owner_modules(model, names)
+        bad = [n for n, p in zip(names, params) if p.dim() >= 2 and not (
             isinstance(owners[n][0], _PAIR_MODULES + _TRANSPOSED) and owners[n][1] == "weight")]
         if bad:
             raise ValueError(
                 f"npb: the path counts need each prunable matrix to be the weight of a Conv/ConvTranspose/Linear "
                 f"layer (its input units are that layer's input channels); not so for {', '.join(bad)}; prune "
                 "those with another method or leave them out of the prunable set")
-        return owners
+        return {n: owners[n][0] for n in names}
 
-    def layer_quotas(self, ctx: ScoreContext, keep: int) -> List[int]:
+    def _quotas(self, ctx: ScoreContext, keep: int) -> List[int]:
         """ERK counts over ctx's prunable tensors, capped by what each still keeps."""
         caps = widetopo_ext.mask_stats(ctx.masks)[:, 0].tolist()
         return erk_quotas([ctx.params[n].shape for n in ctx.names], keep, self.options.power_scale, caps)
@@ -295,7 +301,7 @@ class NPBScorer(Scorer):
         def hook(mod, args):
             first.setdefault(id(mod), len(first))
 
-        handles = [module.register_forward_pre_hook(hook) for module in {id(o[0]): o[0] for o in owners.values()}.values()]
+        handles = [module.register_forward_pre_hook(hook) for module in {id(o): o for o in owners.values()}.values()]
         try:
             params, buffers = self._path_net(ctx, list(ctx.masks))
             with eval_mode(ctx.model), torch.no_grad():
@@ -303,7 +309,7 @@ class NPBScorer(Scorer):
         finally:
             for h in handles:
                 h.remove()
-        return sorted(range(len(ctx.names)), key=lambda j: (first.get(id(owners[ctx.names[j]][0]), math.inf), j))
+        return sorted(range(len(ctx.names)), key=lambda j: (first.get(id(owners[ctx.names[j]]), math.inf), j))
 
     @staticmethod
     def _pair_paths(module: nn.Module, weight: torch.Tensor, inp: Optional[torch.Tensor]) -> np.ndarray:
@@ -328,16 +334,28 @@ class NPBScorer(Scorer):
             upper = np.minimum(upper, self.options.k_max)
         return upper
 
-    # ------------------------------------------------------------------ score
+    # ------------------------------------------------------------------ score and masks
+    def validate(self, model: nn.Module, names: Sequence[str], options) -> None:
+        """Before any work: scipy is installed and every prunable matrix is a Conv/ConvTranspose/
+        Linear weight."""
+        _milp()
+        self._owners(model, names, [dict(model.named_parameters())[n] for n in names])
+
     def score(self, ctx: ScoreContext, batches: Sequence[Batch] = ()) -> List[torch.Tensor]:
-        if ctx.keep is None:
-            raise ValueError(f"{self.name} builds the mask of the round's K weights; widetopo.saliency has no "
-                             "target density: use widetopo.prune")
-        _milp()  # scipy present, before any work
-        owners = self._layers(ctx)
-        sample = self._sample_shape(batches)
+        """|theta * m|, the ranking of the taps inside a kernel; keeps the sample shape for
+        choose_masks, which builds the masks once the round's K is known."""
+        ctx.extra["npb_sample_shape"] = self._sample_shape(batches)
+        return [p.detach().abs().to(torch.float64 if p.dtype == torch.float64 else torch.float32)
+                for p in ctx.prunable]
+
+    def choose_masks(self, ctx: ScoreContext, scores: List[torch.Tensor], keep: int) -> List[torch.Tensor]:
+        """ERK counts of min(keep, kept) weights, the per-layer programs, the largest taps."""
+        sample = ctx.extra.get("npb_sample_shape")
+        if sample is None:
+            raise RuntimeError("npb: choose_masks needs the sample shape that score() keeps (internal error)")
+        owners = self._owners(ctx.model, ctx.names, ctx.prunable)
         opts = self.options
-        quotas = self.layer_quotas(ctx, ctx.keep)
+        quotas = self._quotas(ctx, min(keep, int(sum(int(m.sum()) for m in ctx.masks))))
         uppers = [self._upper(m) if m.dim() >= 2 else None for m in ctx.masks]
         for name, q, u in zip(ctx.names, quotas, uppers):
             if u is not None and q > int(u.sum()):
@@ -345,16 +363,12 @@ class NPBScorer(Scorer):
                                  f"{opts.k_max} taps per kernel allow only {int(u.sum())}; raise k_max or leave it None")
         x = torch.ones((1, *sample), dtype=torch.float64, device=ctx.device)
         chosen = [m.clone() for m in ctx.masks]  # the counting net's masks, replaced layer by layer
-        out = [torch.zeros(p.shape, dtype=torch.float64, device=p.device) for p in ctx.prunable]
         for j in self._order(ctx, owners, x):
-            name, w, m = ctx.names[j], ctx.prunable[j], ctx.masks[j]
-            mag = w.detach().abs().to(torch.float64)
-            peak = float(mag.max()) if mag.numel() else 0.0
-            if w.dim() < 2:  # rank 1: the q largest |theta| (layerwise selection)
-                out[j] = torch.where(m, mag / peak + 1.0 if peak > 0 else torch.ones_like(mag), 0.0)
-                chosen[j] = m.clone()  # (the exact pick is the engine's; unused as a path weight)
+            name, w, m, mag = ctx.names[j], ctx.prunable[j], ctx.masks[j], scores[j]
+            if w.dim() < 2:  # rank 1: the q largest |theta| (ties: the earlier entry)
+                widetopo_ext.global_threshold([mag.masked_fill(m.logical_not(), -1.0)], [chosen[j]], quotas[j], "exact")
                 continue
-            module = owners[name][0]
+            module = owners[name]
             rows, cols = w.shape[0], w.shape[1]
             k = w[0, 0].numel()
             taps = m.reshape(rows, cols, k)
@@ -372,9 +386,7 @@ class NPBScorer(Scorer):
             ranked = mag.reshape(rows, cols, k).masked_fill(taps.logical_not(), -1.0)
             order = torch.argsort(ranked, dim=-1, descending=True, stable=True)
             rank = torch.empty_like(order).scatter_(-1, order, torch.arange(k, device=order.device).expand_as(order))
-            keep = (rank < torch.as_tensor(pairs, device=rank.device)[..., None]) & taps
-            chosen[j] = keep.reshape(w.shape)
-            base = mag / peak + 1.0 if peak > 0 else torch.ones_like(mag)
-            out[j] = torch.where(chosen[j], base, 0.0)
+            picked = (rank < torch.as_tensor(pairs, device=rank.device)[..., None]) & taps
+            chosen[j] = picked.reshape(w.shape)
             logger.debug("npb: %s keeps %d taps over %d pairs", name, int(pairs.sum()), int((pairs > 0).sum()))
-        return out
+        return chosen

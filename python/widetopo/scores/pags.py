@@ -26,8 +26,8 @@ node of the graph (layers where d < 1 give NaN there and are skipped).
 
 Why: expander-like (Ramanujan) masks keep information flowing through sparse layers; SNIP alone
 ignores the mask's graph structure, so PAGS samples many SNIP masks and keeps the best-connected.
-The chosen mask is returned as scores 1 + S/max S on its K weights (S its SNIP saliency) and 0
-elsewhere, so the engine's exact global top-K keeps exactly that mask.
+The engine takes the chosen mask as it is (selection "mask"): exactly K weights. score() has no
+per-weight saliency (it returns the current mask; widetopo.saliency gives that).
 """
 from __future__ import annotations
 
@@ -114,11 +114,12 @@ class PAGSOptions(Options):
 
 
 class PAGSScorer(Scorer):
-    """PAGS over SNIP (module docstring). Needs the round's K (ctx.keep), so it runs in prune()
-    only. Under torch.distributed every process must pass the same pruning data (checked) and
+    """PAGS over SNIP (module docstring); selection "mask": score() keeps the batches,
+    choose_masks() draws the population for the round's K. Under torch.distributed every process must pass the same pruning data (checked) and
     computes the whole population itself."""
 
     name = "pags"
+    selection = "mask"
     data_dependent = False  # members need whole batch pairs: every process scores all of its batches, no sum
     decay = False
     needs_targets = True
@@ -153,28 +154,34 @@ class PAGSScorer(Scorer):
         return Batch(j, x, y)
 
     def score(self, ctx: ScoreContext, batches: Sequence[Batch]) -> List[torch.Tensor]:
-        if ctx.keep is None:
-            raise ValueError(f"{self.name} picks a whole mask of the round's K weights; widetopo.saliency has no "
-                             "target density: use widetopo.prune")
+        """No per-weight score: the current mask (1 kept, 0 pruned); keeps the batches for
+        choose_masks, which draws the population once the round's K is known."""
+        if not batches:
+            raise ValueError(f"{self.name} draws its population from the pruning batches: pass at least one")
         self._check_same_data(batches)
+        ctx.extra["pags_batches"] = list(batches)
+        return [m.to(torch.float64 if p.dtype == torch.float64 else torch.float32) for m, p in
+                zip(ctx.masks, ctx.prunable)]
+
+    def choose_masks(self, ctx: ScoreContext, scores: List[torch.Tensor], keep: int) -> List[torch.Tensor]:
+        """The member mask (exactly min(keep, kept) weights) with the largest fitness D."""
+        batches = ctx.extra.get("pags_batches")
+        if batches is None:
+            raise RuntimeError("pags: choose_masks needs the batches that score() keeps (internal error)")
+        keep = min(keep, int(sum(int(m.sum()) for m in ctx.masks)))
         opts = self.options
-        best: Optional[Tuple[float, int, List[torch.Tensor], List[torch.Tensor]]] = None
+        best: Optional[Tuple[float, int, List[torch.Tensor]]] = None
         member = [torch.empty(m.shape, dtype=torch.bool, device=m.device) for m in ctx.masks]
         for j in range(opts.population):
             s = snip_sum(ctx, [self._member_batch(ctx, batches, j)], self.name, opts.ignore_index,
                          batchnorm_train_mode)
             torch._foreach_abs_(s)
             ranked = [t.masked_fill(m.logical_not(), -1.0) for t, m in zip(s, ctx.masks)]  # kept weights first
-            widetopo_ext.global_threshold(ranked, member, ctx.keep, "exact")
+            widetopo_ext.global_threshold(ranked, member, keep, "exact")
             d = mask_distance(member, ctx.prunable, opts.gap, opts.min_kept, opts.min_density)
             if best is None or d > best[0]:
-                best = (d, j, [m.clone() for m in member], s)
-        d, j, chosen, s = best
+                best = (d, j, [m.clone() for m in member])
+        d, j, chosen = best
         logger.debug("%s: member %d of %d has the largest fitness %.6g (round %d)", self.name, j,
                      opts.population, d, ctx.round)
-        peak = max([float(t.max()) for t in s if t.numel()] + [0.0])
-        out = []
-        for t, m in zip(s, chosen):
-            score = t / peak + 1.0 if peak > 0 else torch.ones_like(t)
-            out.append(score.masked_fill_(m.logical_not(), 0.0))
-        return out
+        return chosen
