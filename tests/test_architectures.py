@@ -47,8 +47,13 @@ REFUSED = {
 ONE_SHOT = {"rreg": {"rounds": 1, "restorations": 0}}
 
 
+#: method options that keep a cell to seconds (PAGS: 4 SNIP masks per round instead of 1000)
+SMALL = {"pags": {"population": 4, "min_kept": 10}}
+
+
 def _options(method):
-    return dict(ONE_SHOT.get(method) or (SHORT_WIDETOPO if method.startswith("widetopo") else SHORT))
+    return {**(ONE_SHOT.get(method) or (SHORT_WIDETOPO if method.startswith("widetopo") else SHORT)),
+            **SMALL.get(method, {})}
 
 
 def _kept_range(method, shapes, keep):
