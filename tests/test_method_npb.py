@@ -3,7 +3,6 @@ tiny layers (objective written here), exact per-layer counts, k_max and chunk bu
 of an MLP against products of its mask matrices, and the clear errors (no scipy, unsupported
 layers, no target)."""
 import itertools
-import math
 import sys
 
 import numpy as np

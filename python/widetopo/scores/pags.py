@@ -115,8 +115,8 @@ class PAGSOptions(Options):
 
 class PAGSScorer(Scorer):
     """PAGS over SNIP (module docstring); selection "mask": score() keeps the batches,
-    choose_masks() draws the population for the round's K. Under torch.distributed every process must pass the same pruning data (checked) and
-    computes the whole population itself."""
+    choose_masks() draws the population for the round's K. Under torch.distributed every
+    process must pass the same pruning data (checked) and computes the whole population itself."""
 
     name = "pags"
     selection = "mask"
