@@ -93,22 +93,15 @@ MODELS = ("hf-vit", "hf-bert", "hf-gpt2", "vit")
 _PART = re.compile(r"^(?P<name>.*)\[(?P<label>[qkv])(?: head (?P<head>\d+))?\]$")
 
 
-def cell(name: str, method: str, density: float) -> dict:
-    model, batches = case(name)
-    names = widetopo.select_prunable(model)
-    split = model_blocks(model, names)
+def qk_collapse(masks, model) -> dict:
+    """What collapsed_parts finds among the q and k projections of `model`: collapsed_qk of qk
+    projections with no kept weight, heads with none inside the other q/k projections, and the
+    other collapsed tensors / blocks; text: "", ", q/k collapsed" (every q and k projection) or
+    ", n of m q/k collapsed", plus " (+h heads)"."""
+    split = model_blocks(model, list(masks))
     qk = [(n, b.label) for n, bs in split.items() for b in bs if b.head is None and b.label in "qk"]
-    start = time.perf_counter()
-    try:
-        masks = widetopo.prune(model, batches, density, method=method, seed=0)
-    except Exception as exc:  # noqa: BLE001 - the table reports any failure
-        first = (str(exc).strip().splitlines() or [""])[0]
-        return {"text": f"{type(exc).__name__}: {first[:100]}", "seconds": time.perf_counter() - start}
-    parts = collapsed_parts(masks, model)
-    dead = set()
-    heads = 0
-    others = []
-    for p in parts:
+    dead, heads, others = set(), 0, []
+    for p in collapsed_parts(masks, model):
         m = _PART.match(p)
         if p in masks:  # a whole tensor: a separate q/k projection, or any other tensor
             hit = [(n, lab) for n, lab in qk if n == p]
@@ -121,16 +114,23 @@ def cell(name: str, method: str, density: float) -> dict:
             heads += 1
         else:
             others.append(p)
-    if not dead:
-        text = "works"
-    elif len(dead) == len(qk):
-        text = "works, q/k collapsed"
-    else:
-        text = f"works, {len(dead)} of {len(qk)} q/k collapsed"
+    text = "" if not dead else ", q/k collapsed" if len(dead) == len(qk) else f", {len(dead)} of {len(qk)} q/k collapsed"
     if heads:
         text += f" (+{heads} heads)"
-    return {"text": text, "collapsed_qk": len(dead), "qk": len(qk), "heads": heads, "other": others,
-            "density": masks.density, "seconds": time.perf_counter() - start}
+    return {"text": text, "collapsed_qk": len(dead), "qk": len(qk), "heads": heads, "other": others}
+
+
+def cell(name: str, method: str, density: float) -> dict:
+    model, batches = case(name)
+    start = time.perf_counter()
+    try:
+        masks = widetopo.prune(model, batches, density, method=method, seed=0)
+    except Exception as exc:  # noqa: BLE001 - the table reports any failure
+        first = (str(exc).strip().splitlines() or [""])[0]
+        return {"text": f"{type(exc).__name__}: {first[:100]}", "seconds": time.perf_counter() - start}
+    out = qk_collapse(masks, model)
+    out.update(text="works" + out["text"], density=masks.density, seconds=time.perf_counter() - start)
+    return out
 
 
 def main() -> int:
@@ -147,8 +147,13 @@ def main() -> int:
                   + (f" other collapsed: {', '.join(c['other'])}" if c.get("other") else ""), flush=True)
     print("\n| model | " + " | ".join(methods) + " |")
     print("|---|" + "---|" * len(methods))
+    errors: dict = {}
     for name, row in table.items():
-        print(f"| {name} | " + " | ".join(row[m]["text"] for m in methods) + " |")
+        cells = [row[m]["text"] if row[m]["text"].startswith("works")
+                 else f"fails ({errors.setdefault(row[m]['text'], len(errors) + 1)})" for m in methods]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    for message, key in errors.items():
+        print(f"\n({key}) {message}")
     out = os.environ.get("WIDETOPO_BENCH_OUT")
     if out:
         with open(out, "w", encoding="utf-8") as f:

@@ -127,6 +127,37 @@ def test_conv1d_units_stats_report_and_file_agree(transformers, tmp_path):
         assert got == want, label
 
 
+class LastTokenLogits(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(input_ids=x).logits[:, -1]
+
+
+def test_pruned_gpt2_stats_and_report_of_its_file_agree(transformers, tmp_path):
+    """A real run through a wrapper: stats() of the returned masks and the report of the saved
+    file (no model) give the same units, the tied embedding's (E outputs, V tokens) included;
+    re-keyed onto the bare GPT-2 the masks apply there."""
+    gpt2 = tiny_gpt2(transformers)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(0, V, (4, P), generator=g), torch.randint(0, V, (4,), generator=g)
+    masks = widetopo.prune(LastTokenLogits(gpt2), [(x, y)], 0.2, method="snip", seed=0)
+    assert list(masks) == [f"model.{n}" for n in GPT2_WEIGHTS]
+    stats = {s.name: (s.out_units, s.in_units, s.active_out, s.active_in, s.kept) for s in masks.stats()}
+    assert stats["model.transformer.wte.weight"][:2] == (E, V)
+    assert stats["model.transformer.h.0.attn.c_attn.weight"][:2] == (3 * E, E)
+    masks.save(tmp_path / "m.wtm")
+    rows = mask_report(Masks.load(tmp_path / "m.wtm"))["layers"]
+    assert {r["name"]: (r["out_units"], r["in_units"], r["active_out"], r["active_in"], r["kept"]) for r in rows} == stats
+    bare = masks.rename(strip_prefix="model.")
+    before = {n: p.detach().clone() for n, p in gpt2.named_parameters()}
+    bare.apply_(gpt2)
+    for n in GPT2_WEIGHTS:
+        assert torch.equal(dict(gpt2.named_parameters())[n].detach(), before[n] * bare[n]), n
+
+
 def test_own_in_out_layer_units(in_out_registered):
     model = nn.Sequential(InOut(4, 6), nn.ReLU(), InOut(6, 3))
     m0 = torch.zeros(4, 6, dtype=torch.bool)
