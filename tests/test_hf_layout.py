@@ -178,11 +178,20 @@ def _reference_decay(s, m, exponent):
     return torch.where(m, s * denom ** -exponent, torch.zeros_like(s))
 
 
-def test_decay_on_conv1d_equals_the_transposed_linear():
+def _layouts_of_conv1d_and_linear(transformers):
+    """The unit layouts the engine reads for a Conv1D(nf=7, nx=5) (weight (5, 7)) and for the
+    nn.Linear(5, 7) (weight (7, 5)) computing the same map."""
+    conv = nn.Sequential(transformers.pytorch_utils.Conv1D(7, 5))
+    lin = nn.Sequential(nn.Linear(5, 7))
+    assert tuple(conv[0].weight.shape) == (5, 7)
+    return topology.unit_layouts(conv, ["0.weight"])[0], topology.unit_layouts(lin, ["0.weight"])[0]
+
+
+def test_decay_on_conv1d_equals_the_transposed_linear(transformers):
     g = torch.Generator().manual_seed(1)
     s_io = torch.rand(5, 7, generator=g)                     # (in, out), as Conv1D stores it
     m_io = torch.rand(5, 7, generator=g) < 0.4
-    in_out, dense = topology.UnitLayout(transposed=True), topology.DENSE
+    in_out, dense = _layouts_of_conv1d_and_linear(transformers)
     a, b = s_io.clone(), s_io.t().contiguous()
     topology.density_decay_([a], [m_io], [in_out], 0.7)
     topology.density_decay_([b], [m_io.t().contiguous()], [dense], 0.7)
@@ -190,13 +199,14 @@ def test_decay_on_conv1d_equals_the_transposed_linear():
     torch.testing.assert_close(a.double(), _reference_decay(s_io.t(), m_io.t(), 0.7).t(), rtol=1e-5, atol=1e-7)
 
 
-def test_restoration_on_conv1d_equals_the_transposed_linear():
+def test_restoration_on_conv1d_equals_the_transposed_linear(transformers):
     g = torch.Generator().manual_seed(2)
     m_io = torch.rand(5, 7, generator=g) < 0.4
     n_io = torch.randn(5, 7, generator=g)
     scale = 0.1
-    a = topology.restoration_scores([m_io], [n_io], scale, [topology.UnitLayout(transposed=True)])[0]
-    b = topology.restoration_scores([m_io.t().contiguous()], [n_io.t().contiguous()], scale, [topology.DENSE])[0]
+    in_out, dense = _layouts_of_conv1d_and_linear(transformers)
+    a = topology.restoration_scores([m_io], [n_io], scale, [in_out])[0]
+    b = topology.restoration_scores([m_io.t().contiguous()], [n_io.t().contiguous()], scale, [dense])[0]
     torch.testing.assert_close(a, b.t())
     # hand formula on the (in, out) storage: out density of column o, in density of row i
     mf = m_io.double()

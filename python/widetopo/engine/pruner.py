@@ -31,7 +31,8 @@ from widetopo.engine.rounds import NonFiniteScoresError, ZeroScoresError, comput
 from widetopo.engine.schedule import _check_density, density_schedule, keep_count
 from widetopo.scores.base import Batch, Scorer
 from widetopo.engine.options import EngineOptions
-from widetopo.sparsity import blocks, topology
+from widetopo.sparsity import topology
+from widetopo.sparsity.blocks import collapsed_parts, model_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -329,8 +330,8 @@ class Pruner:
         }
         meta.update(self.meta)
         result = Masks(OrderedDict(zip(self.names, state.masks)), meta, self.layouts,
-                       blocks.model_blocks(self.model, self.names))
-        collapsed = blocks.collapsed_parts(result)  # tensors, then q/k/v projections and heads with no weight
+                       model_blocks(self.model, self.names))
+        collapsed = collapsed_parts(result)  # tensors, then q/k/v projections and heads with no weight
         tensors = [c for c in collapsed if c in result]
         parts = [c for c in collapsed if c not in result]
         if tensors:

@@ -170,8 +170,7 @@ def _blocks_of(split: Split, size: int) -> List[Block]:
     return out
 
 
-def _split(model: nn.Module, name: str, owners, modules) -> List[Block]:
-    params = dict(model.named_parameters())
+def _split(name: str, params, owners, modules) -> List[Block]:
     uses = owners.get(name)
     if name not in params or not uses or params[name].dim() < 2:
         return []
@@ -188,15 +187,15 @@ def _split(model: nn.Module, name: str, owners, modules) -> List[Block]:
 def fused_blocks(model: nn.Module, name: str) -> List[Block]:
     """The projections (head None) and heads of parameter `name` of `model`, by SPLIT_RULES;
     [] for a tensor that is no attention projection."""
-    return _split(model, name, parameter_owners(model), dict(model.named_modules()))
+    return _split(name, dict(model.named_parameters()), parameter_owners(model), dict(model.named_modules()))
 
 
 def model_blocks(model: nn.Module, names: Sequence[str]) -> Dict[str, List[Block]]:
     """name -> its blocks, for the names that have any."""
-    owners, modules = parameter_owners(model), dict(model.named_modules())
+    params, owners, modules = dict(model.named_parameters()), parameter_owners(model), dict(model.named_modules())
     out = {}
     for name in names:
-        blocks = _split(model, name, owners, modules)
+        blocks = _split(name, params, owners, modules)
         if blocks:
             out[name] = blocks
     return out
