@@ -42,7 +42,6 @@ from widetopo.models import build_model
 from widetopo.sparsity.blocks import collapsed_parts, model_blocks
 
 logging.getLogger("transformers").setLevel(logging.ERROR)
-torch.set_num_threads(1)
 
 BATCH, TOKENS, VOCAB, CLASSES = 16, 8, 64, 4
 
@@ -134,6 +133,7 @@ def cell(name: str, method: str, density: float) -> dict:
 
 
 def main() -> int:
+    torch.set_num_threads(1)
     methods = [m for m in os.environ.get("WIDETOPO_BENCH_METHODS", ",".join(method_names())).split(",") if m]
     models = [m for m in os.environ.get("WIDETOPO_BENCH_MODELS", ",".join(MODELS)).split(",") if m]
     density = float(os.environ.get("WIDETOPO_BENCH_DENSITY", "0.1"))
