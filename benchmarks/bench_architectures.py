@@ -3,7 +3,8 @@
 1. Table: every method of the registry on every architecture of tests/arch_models.py (ViT,
    torchvision-style ResNet-18 and MobileNetV3-small, LSTM classifier, U-Net on the shapes
    dataset) at the tiny sizes of tests/test_architectures.py: "works" (exact K, caller's model
-   unchanged) or the error.
+   unchanged; ", q/k collapsed" when no query and no key projection keeps a weight, see
+   benchmarks/bench_collapse.py) or the error.
 2. Timing at CIFAR shape: WideTopo-S on the zoo's `vit` (defaults: dim 64, depth 4, 4 heads,
    4 px patches, 65 tokens) and `resnet18` (CIFAR stem) on 2 batches of 32 random 3x32x32
    images, 10 classes; a short schedule (rounds=2, restorations=0), reported as seconds per
@@ -93,7 +94,9 @@ def run_cell(arch: str, method: str, density: float = 0.2) -> str:
     after = model.state_dict()
     if any(not torch.equal(after[k], v) for k, v in before.items()) or not all(m.training for m in model.modules()):
         return "model changed"
-    return "works"
+    from bench_collapse import qk_collapse  # ", q/k collapsed" where no q and no k projection keeps a weight
+
+    return "works" + qk_collapse(masks, model)["text"]
 
 
 def method_table() -> dict:
@@ -109,8 +112,8 @@ def print_table(table: dict) -> None:
     for arch, row in table.items():
         cells = []
         for m in methods:
-            if row[m] == "works":
-                cells.append("works")
+            if row[m].startswith("works"):
+                cells.append(row[m])
             else:
                 key = errors.setdefault(row[m], len(errors) + 1)
                 cells.append(f"fails ({key})")

@@ -89,6 +89,7 @@ def test_compare_end_to_end_resume_and_option_change(tmp_path, monkeypatch, caps
         masks = load_masks(out / row["mask_file"])
         assert row["kept_fraction"] == pytest.approx(masks.density)
         assert masks.kept == round(row["density_target"] * masks.numel)  # exact-K
+        assert row["collapsed"] == "; ".join(n for n, m in masks.items() if not m.any())  # a cnn: no attention blocks
         assert row["effective"] <= row["kept"] == masks.kept
         assert 0.0 < row["node_ratio"] <= 1.0 and row["nodes"] == dense["nodes"]
         meta = read_header(out / row["mask_file"])["meta"]

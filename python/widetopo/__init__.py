@@ -20,6 +20,8 @@ _EXPORTS = {
     "Masks": "widetopo.sparsity.masks",
     "LayerStats": "widetopo.sparsity.masks",
     "select_prunable": "widetopo.sparsity.selection",
+    "register_in_out_layer": "widetopo.sparsity.selection",
+    "collapsed_parts": "widetopo.sparsity.blocks",
     "density_schedule": "widetopo.engine.schedule",
     "restore_masks": "widetopo.engine.restoration",
     "Scorer": "widetopo.scores",

@@ -18,7 +18,6 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-import widetopo_ext
 from widetopo.distributed import collectives as dist_utils
 from widetopo.engine.batches import data_digest, materialize_batches, model_digest
 from widetopo.engine.checkpoint import Checkpoint
@@ -33,6 +32,7 @@ from widetopo.engine.schedule import _check_density, density_schedule, keep_coun
 from widetopo.scores.base import Batch, Scorer
 from widetopo.engine.options import EngineOptions
 from widetopo.sparsity import topology
+from widetopo.sparsity.blocks import collapsed_parts, model_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -329,10 +329,16 @@ class Pruner:
             "version": __version__,
         }
         meta.update(self.meta)
-        result = Masks(OrderedDict(zip(self.names, state.masks)), meta, self.layouts)
-        collapsed = [n for n, row in zip(self.names, widetopo_ext.mask_stats(state.masks).tolist()) if row[0] == 0]
-        if collapsed:
-            logger.warning("no weights kept in %d prunable tensor(s): %s", len(collapsed), ", ".join(collapsed))
+        result = Masks(OrderedDict(zip(self.names, state.masks)), meta, self.layouts,
+                       model_blocks(self.model, self.names))
+        collapsed = collapsed_parts(result)  # tensors, then q/k/v projections and heads with no weight
+        tensors = [c for c in collapsed if c in result]
+        parts = [c for c in collapsed if c not in result]
+        if tensors:
+            logger.warning("no weights kept in %d prunable tensor(s): %s", len(tensors), ", ".join(tensors))
+        if parts:
+            logger.warning("no weights kept in %d attention projection(s)/head(s) (the tensor keeps weights, "
+                           "these blocks of it none): %s", len(parts), ", ".join(parts))
         logger.info("pruning done: kept %d of %d prunable weights (density %g)", kept, state.n_prunable,
                     kept / state.n_prunable)
         return result

@@ -41,6 +41,7 @@ from widetopo.errors import CompareError  # noqa: F401  (raised here; importable
 from widetopo.methods import get_method
 from widetopo.options import format_value
 from widetopo.scores.differentiable import DoubleBackwardError
+from widetopo.sparsity.blocks import collapsed_parts
 from widetopo.sparsity.effective import effective_sparsity, input_shape_from_meta
 from widetopo.sparsity.report import check_plot_format, mask_report
 from widetopo.sparsity.selection import select_prunable
@@ -66,7 +67,7 @@ RESULT_OPTIONS = (
 CSV_COLUMNS = (
     "method", "density_target", "kept_fraction", "effective_density", "node_ratio", "test_accuracy",
     "prune_seconds", "train_seconds", "seed", "kept", "effective", "numel", "effective_nodes", "nodes",
-    "collapsed_layers", "epochs", "model", "dataset", "mask_file", "widetopo_version", "torch_version",
+    "collapsed_layers", "collapsed", "epochs", "model", "dataset", "mask_file", "widetopo_version", "torch_version",
     "options_sha", "options",
 )
 
@@ -291,15 +292,16 @@ def run_cell(recipe: Recipe, cell: Cell, data: Datasets, out_dir: str, options: 
     net = build(setup, train_ds)  # the same initialisation the masks were computed for
     out = train_network(setup, recipe.train, net, masks, data.train_aug, test_ds, quiet=True, label=cell.label)
     if masks is not None:
-        collapsed = len(mask_report(masks)["collapsed"])
+        collapsed, parts = len(mask_report(masks)["collapsed"]), "; ".join(collapsed_parts(masks, model))
     else:
-        collapsed = 0
+        collapsed, parts = 0, ""
     row.update({
         "kept_fraction": eff["density"], "effective_density": eff["effective_density"], "node_ratio": eff["node_ratio"],
         "test_accuracy": out["final"]["accuracy"], "prune_seconds": round(prune_seconds, 3),
         "train_seconds": round(out["seconds"], 3), "kept": eff["kept"], "effective": eff["effective"],
         "numel": eff["numel"], "effective_nodes": eff["effective_nodes"], "nodes": eff["nodes"],
-        "collapsed_layers": collapsed, "epochs": recipe.train.epochs, "model": setup.model, "dataset": setup.dataset,
+        "collapsed_layers": collapsed, "collapsed": parts, "epochs": recipe.train.epochs, "model": setup.model,
+        "dataset": setup.dataset,
         "mask_file": mask_file, **versions(), "options_sha": options_sha(options), "options": options,
     })
     return row

@@ -19,7 +19,9 @@ forward and a backward pass:
   would mark every query/key weight ineffective although it lies on a path;
 * a weight is *effective* iff it is kept and d(Σ outputs)/dw != 0, i.e. its input unit is
   reached from the input and its output unit reaches the output;
-* the units of a Conv/Linear layer are its output channels/features (dim 0 of the weight); a
+* the units of a Conv/Linear layer (and of an (in, out) layer such as GPT-2's Conv1D,
+  widetopo.sparsity.selection.IN_OUT_LAYERS, whose output features are dim 1) are its output
+  channels/features (dim 0 of a Conv/Linear weight); a
   unit is an *effective node* iff at some position its activation and the gradient of the
   summed output with respect to it are both non-zero;
 * the node ratio = effective nodes of the pruned net / units of the dense net.
@@ -50,6 +52,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from widetopo.sparsity.selection import is_in_out_layer
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["effective_sparsity", "input_shape_from_meta"]
@@ -67,11 +71,12 @@ def input_shape_from_meta(meta: Mapping) -> Optional[tuple]:
     return (int(meta["in_channels"]), int(h), int(w))
 
 
-def _scaled(values: torch.Tensor) -> torch.Tensor:
-    """values / (largest per-output-unit sum): a positive rescale that keeps the zero pattern."""
+def _scaled(values: torch.Tensor, in_out: bool = False) -> torch.Tensor:
+    """values / (largest per-output-unit sum): a positive rescale that keeps the zero pattern.
+    in_out: the tensor is stored (in, out), so output units are its columns."""
     if values.dim() < 2:
         return values
-    per_unit = values.flatten(1).sum(1)
+    per_unit = values.sum(0).flatten() if in_out else values.flatten(1).sum(1)
     top = float(per_unit.max()) if per_unit.numel() else 0.0
     return values / top if top > 0 else values
 
@@ -141,6 +146,8 @@ def effective_sparsity(model: nn.Module, masks: Mapping[str, torch.Tensor], inpu
                 and all(d == 1 for d in torch.nn.modules.utils._ntuple(3)(module.dilation))):
             module.register_forward_hook(_avg_pool_hook)
 
+    in_out = {f"{mod}.{local}" if mod else local for mod, module in model.named_modules() if is_in_out_layer(module)
+              for local in ("weight",)}
     values: Dict[str, torch.Tensor] = {}
     for name, p in params.items():
         with torch.no_grad():
@@ -151,7 +158,7 @@ def effective_sparsity(model: nn.Module, masks: Mapping[str, torch.Tensor], inpu
                 v = p.detach().double().abs() if magnitudes else torch.ones_like(p, dtype=torch.float64)
             else:
                 v = torch.zeros_like(p, dtype=torch.float64)
-            v = _scaled(v) if p.dim() >= 2 else v
+            v = _scaled(v, name in in_out) if p.dim() >= 2 else v
         values[name] = v.requires_grad_(True)
     buffers = {n: (b.double() if b.is_floating_point() else b) for n, b in net.named_buffers()}
 
@@ -159,7 +166,7 @@ def effective_sparsity(model: nn.Module, masks: Mapping[str, torch.Tensor], inpu
     owners = {}
     for mod_name, module in net.named_modules():
         weight = f"{mod_name}.weight" if mod_name else "weight"
-        if isinstance(module, _UNIT_MODULES) and weight in masks:
+        if (isinstance(module, _UNIT_MODULES) or is_in_out_layer(module)) and weight in masks:
             owners[weight] = module
     captured: Dict[str, torch.Tensor] = {}
 

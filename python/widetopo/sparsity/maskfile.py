@@ -5,8 +5,11 @@ Layout (all integers little-endian):
     magic          8 bytes   b"\\x89WTMASK\\n"
     format version 4 bytes   uint32 (FORMAT_VERSION)
     header length  8 bytes   uint64, length H of the JSON header
-    header         H bytes   UTF-8 JSON: entries (name, shape, kept, offset, nbytes), meta,
-                             package version, payload length
+    header         H bytes   UTF-8 JSON: entries (name, shape, kept, offset, nbytes; and, when
+                             the masks carry them, layout = [groups, transposed, elementwise]
+                             of widetopo.sparsity.topology.UnitLayout and blocks = the
+                             projections/heads of widetopo.sparsity.blocks as [label, dim,
+                             start, stop, head]), meta, package version, payload length
     payload        P bytes   for each entry, numpy.packbits(mask.flatten(), bitorder="little")
     checksum      32 bytes   SHA-256 of every byte before it
 
@@ -104,11 +107,19 @@ def save_masks(masks, path, meta: Optional[dict] = None) -> None:
     merged = {str(k): _jsonable(v, str(k)) for k, v in merged.items()}
 
     entries, chunks, offset, kept_total, numel_total = [], [], 0, 0, 0
+    layouts = getattr(masks, "layouts", None)
+    layouts = dict(zip(tensors, layouts)) if layouts is not None and len(layouts) == len(tensors) else {}
+    split = getattr(masks, "blocks", None) or {}
     for name, mask in tensors.items():
         flat = mask.detach().to("cpu").contiguous().reshape(-1).numpy()
         packed = np.packbits(flat, bitorder="little").tobytes()
         kept = int(flat.sum())
         entries.append({"name": name, "shape": list(mask.shape), "kept": kept, "offset": offset, "nbytes": len(packed)})
+        if name in layouts:  # the unit topology, so a report without the model reads the same units
+            lay = layouts[name]
+            entries[-1]["layout"] = [int(lay.groups), bool(lay.transposed), bool(lay.elementwise)]
+        if split.get(name):
+            entries[-1]["blocks"] = [b.to_list() for b in split[name]]
         chunks.append(packed)
         offset += len(packed)
         kept_total += kept
@@ -233,8 +244,11 @@ def load_masks(path, model: Optional[nn.Module] = None, strict: Optional[bool] =
     """
     from widetopo.sparsity.masks import Masks
 
+    from widetopo.sparsity.blocks import Block
+    from widetopo.sparsity.topology import UnitLayout
+
     header, payload = _read_verified(path)
-    shapes, tensors = {}, {}
+    shapes, tensors, layouts, split = {}, {}, {}, {}
     for i, entry in enumerate(header["entries"]):
         try:
             name, shape, offset, nbytes = entry["name"], [int(s) for s in entry["shape"]], int(entry["offset"]), int(entry["nbytes"])
@@ -249,6 +263,14 @@ def load_masks(path, model: Optional[nn.Module] = None, strict: Optional[bool] =
             raise MaskFileError(f"{os.fspath(path)!r}: entry {name!r} holds {int(mask.sum())} kept weights, header says {entry['kept']}")
         shapes[name] = shape
         tensors[name] = mask
+        try:
+            if "layout" in entry:
+                groups, transposed, elementwise = entry["layout"]
+                layouts[name] = UnitLayout(int(groups), bool(transposed), bool(elementwise))
+            if "blocks" in entry:
+                split[name] = [Block.from_list(b) for b in entry["blocks"]]
+        except (TypeError, ValueError):
+            raise MaskFileError(f"{os.fspath(path)!r}: entry {name!r} has a malformed layout or blocks") from None
     if model is not None:
         if strict is None:
             strict = "selection" not in (header.get("meta") or {})
@@ -260,4 +282,5 @@ def load_masks(path, model: Optional[nn.Module] = None, strict: Optional[bool] =
     meta["package_version"] = header.get("package_version")
     meta["format_version"] = header.get("format_version")
     logger.info("loaded %d masks (density %.4f) from %s", len(tensors), header.get("density", float("nan")), os.fspath(path))
-    return Masks(tensors, meta=meta)
+    carried = [layouts[n] for n in tensors] if len(layouts) == len(tensors) and tensors else None
+    return Masks(tensors, meta=meta, layouts=carried, blocks=split or None)

@@ -7,6 +7,11 @@ The counts come from one topology-aware mask_stats call over all masks (units of
 transposed convolutions read as widetopo.sparsity.topology says). With the model, the
 report also gives effective weights (kept and on an input -> output path of kept weights),
 effective nodes and the node ratio (widetopo.sparsity.effective, docs/design.md §6).
+
+Inside a fused attention tensor (q, k, v in one weight) and per attention head, a projection
+can keep nothing while the tensor keeps weights; the report lists those blocks too
+(widetopo.sparsity.blocks: "collapsed_parts" names every tensor, projection and head left with
+no weight).
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ from typing import List, Optional
 import torch
 from torch import nn
 
+from widetopo.sparsity import blocks as fused
 from widetopo.sparsity import topology
 
 logger = logging.getLogger(__name__)
@@ -49,7 +55,11 @@ def mask_report(masks, model: Optional[nn.Module] = None, input_shape=None) -> d
 
     Per layer: name, shape, numel, kept, density = kept / numel, out_units / in_units (dims 0 and
     1; each entry for rank < 2), active_out / active_in (units with at least one kept weight),
-    collapsed (reason or None); with `model`, also the module type and whether the mask fits.
+    collapsed (reason or None); blocks (the kept weights of each projection and attention head
+    of a fused attention tensor, when known from `model` or the masks' .blocks); with `model`,
+    also the module type and whether the mask fits. collapsed: the tensors that collapsed;
+    collapsed_parts: every tensor, projection (`name[q]`) and head (`name[k head 1]`) left
+    with no kept weight.
     Totals: numel, kept, density over all masks; with `model`, the model's parameter count and
     the density over all its parameters (unmasked ones counted as kept).
     Effective sparsity, with `model` and an input shape (`input_shape`, else from the masks'
@@ -69,6 +79,7 @@ def mask_report(masks, model: Optional[nn.Module] = None, input_shape=None) -> d
         if model is not None and name not in params:
             raise ValueError(f"masks[{name!r}] is not a parameter of the model")
     layouts = _layouts(masks, model, names)
+    split = fused.model_blocks(model, names) if model is not None else dict(getattr(masks, "blocks", None) or {})
     table = topology.mask_stats([m.cpu() for m in tensors], layouts).tolist() if tensors else []
     layers, collapsed = [], []
     for name, m, layout, (kept, act_out, act_in) in zip(names, tensors, layouts, table):
@@ -87,6 +98,9 @@ def mask_report(masks, model: Optional[nn.Module] = None, input_shape=None) -> d
             "active_in": int(act_in),
             "collapsed": reason,
         }
+        if name in split:
+            row["blocks"] = [{"label": b.label, "head": b.head, "dim": b.dim, "start": b.start, "stop": b.stop,
+                              "kept": b.kept, "numel": b.numel} for b in fused.block_stats(m.cpu(), split[name])]
         if model is not None:
             owner = modules.get(name.rpartition(".")[0])
             row["module"] = type(owner).__name__ if owner is not None else None
@@ -103,6 +117,7 @@ def mask_report(masks, model: Optional[nn.Module] = None, input_shape=None) -> d
     report = {
         "layers": layers,
         "collapsed": collapsed,
+        "collapsed_parts": fused.collapsed_parts(dict(zip(names, [m.cpu() for m in tensors])), blocks=split),
         "total": {"numel": numel, "kept": kept, "density": kept / numel if numel else 1.0, "layers": len(layers)},
         "meta": _plain(dict(getattr(masks, "meta", None) or {})),
     }
@@ -174,6 +189,9 @@ def format_table(report: dict) -> str:
         lines.append(f"{len(report['collapsed'])} collapsed layer(s): {', '.join(report['collapsed'])}")
     else:
         lines.append("no collapsed layers")
+    parts = [p for p in report.get("collapsed_parts", ()) if p not in report["collapsed"]]
+    if parts:
+        lines.append(f"{len(parts)} collapsed attention projection(s)/head(s) (no kept weight): {', '.join(parts)}")
     if eff:
         ratio = t["node_ratio"]
         lines.append(f"effective density {t['effective_density']:.4f} ({t['effective']} of {t['kept']} kept weights on an "

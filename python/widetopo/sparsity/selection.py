@@ -5,6 +5,8 @@ Default set: the matrix weights of
   MultiheadAttention                            `in_proj_weight` (or `q_proj_weight`,
                                                 `k_proj_weight`, `v_proj_weight` when kdim/vdim
                                                 differ) and `out_proj.weight` (a Linear)
+  the (in, out) layers of IN_OUT_LAYERS         `weight` (transformers' Conv1D: GPT-2's c_attn,
+                                                c_proj, c_fc), read with dim 0 = input units
 (subclasses included, e.g. LazyLinear). Recurrent layers, embeddings, norms, biases and tokens
 are opt-in:
   include=(types...)  the matrix parameters of those module types (replaces the default types):
@@ -17,8 +19,8 @@ are opt-in:
   include_bias        + the biases of the selected modules (`bias`, `in_proj_bias`, `bias_k`,
                       `bias_v`, `bias_ih_l*`, `bias_hh_l*`, ...).
   include_tokens      + Embedding/EmbeddingBag weights and every parameter owned directly by a
-                      module that is not a torch.nn layer (a ViT's `cls_token`, `pos_embed`,
-                      `dist_token`, ...), biases excepted.
+                      module that is not a torch.nn layer nor an (in, out) layer (a ViT's
+                      `cls_token`, `pos_embed`, `dist_token`, ...), biases excepted.
   pattern             a regular expression (re.search on the full name). With `include` it
                       filters that selection; without, it selects among *all* parameters, except
                       biases (unless include_bias) and norm-layer parameters (unless include_norm).
@@ -51,6 +53,15 @@ NORM_TYPES: Tuple[Type[nn.Module], ...] = tuple(
     ) if t is not None
 )
 EMBEDDING_TYPES: Tuple[Type[nn.Module], ...] = (nn.Embedding, nn.EmbeddingBag)
+
+#: Layers outside torch.nn whose `weight` is stored (in_features, out_features), the transpose
+#: of nn.Linear: y = x @ W + b. One entry per class, (package or module prefix, class name),
+#: matched by name against the module's class and its bases, so the package (transformers) stays
+#: optional. They are selected by default and read with dim 0 = input units, dim 1 = output
+#: units (widetopo.sparsity.topology). register_in_out_layer adds a class of your own.
+IN_OUT_LAYERS: List[Tuple[str, str]] = [
+    ("transformers", "Conv1D"),  # transformers.pytorch_utils.Conv1D (GPT-2, GPT, ...)
+]
 
 _RNN_WEIGHT = re.compile(r"^weight_(ih|hh|hr)_l\d+(_reverse)?$")
 _CELL_WEIGHT = re.compile(r"^weight_(ih|hh)$")
@@ -92,6 +103,27 @@ def is_torch_layer(module: nn.Module) -> bool:
     return type(module).__module__.split(".")[0] == "torch"
 
 
+def _class_key_matches(cls: type, prefix: str, name: str) -> bool:
+    mod = getattr(cls, "__module__", "") or ""
+    return cls.__name__ == name and (mod == prefix or mod.startswith(prefix + "."))
+
+
+def is_in_out_layer(module: nn.Module) -> bool:
+    """True when `module` (or a base class) is listed in IN_OUT_LAYERS: its weight is (in, out)."""
+    return any(_class_key_matches(cls, prefix, name)
+               for cls in type(module).__mro__ for prefix, name in IN_OUT_LAYERS)
+
+
+def register_in_out_layer(cls: type) -> None:
+    """Declare that `cls` (an nn.Module subclass) stores its `weight` as (in, out): it is then
+    selected by default and read the right way round. Idempotent."""
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise TypeError(f"register_in_out_layer: cls must be an nn.Module subclass, got {cls!r}")
+    key = (cls.__module__, cls.__name__)
+    if key not in IN_OUT_LAYERS:
+        IN_OUT_LAYERS.append(key)
+
+
 def matrix_parameters(module: nn.Module) -> List[Tuple[nn.Module, str]]:
     """(owning module, local name) of the weights `include=(type(module),)` selects."""
     if isinstance(module, nn.MultiheadAttention):
@@ -106,7 +138,7 @@ def matrix_parameters(module: nn.Module) -> List[Tuple[nn.Module, str]]:
         return [(module, k) for k, _ in _own(module) if _CELL_WEIGHT.match(_base(k))]
     weight = _weight_name(module)
     out = [(module, weight)] if weight else []
-    if isinstance(module, DEFAULT_TYPES + NORM_TYPES + EMBEDDING_TYPES + (nn.Bilinear,)):
+    if isinstance(module, DEFAULT_TYPES + NORM_TYPES + EMBEDDING_TYPES + (nn.Bilinear,)) or is_in_out_layer(module):
         return out
     return out + [(module, k) for k, p in _own(module) if k != weight and p.dim() >= 2 and not is_bias(k)]
 
@@ -127,7 +159,7 @@ def token_parameters(module: nn.Module) -> List[Tuple[nn.Module, str]]:
     if isinstance(module, EMBEDDING_TYPES):
         weight = _weight_name(module)
         return [(module, weight)] if weight else []
-    if is_torch_layer(module):
+    if is_torch_layer(module) or is_in_out_layer(module):
         return []
     return [(module, k) for k, _ in _own(module) if not is_bias(k)]
 
@@ -237,7 +269,7 @@ def select_prunable(
                 if (include_bias or not is_bias(k)) and (include_norm or not norm))
     else:
         for module in modules:
-            if isinstance(module, types):
+            if isinstance(module, types) or (include is None and is_in_out_layer(module)):
                 add(matrix_parameters(module))
                 if include_bias:
                     add(bias_parameters(module))
@@ -254,7 +286,8 @@ def select_prunable(
     if not selected:
         raise ValueError(
             "no prunable parameters selected: the model has no "
-            + (f"weights of the selected module types ({', '.join(t.__name__ for t in types)})"
+            + (f"weights of the selected module types ({', '.join(t.__name__ for t in types)}"
+               + (", " + ", ".join(n for _, n in IN_OUT_LAYERS) if include is None else "") + ")"
                if regex is None or include is not None else "parameters")
             + (f" matching pattern {pattern!r}" if pattern is not None else "")
             + "; pass include=(module types), names=[...] or pattern=..."

@@ -14,6 +14,9 @@ input units, the rest = kernel. That is right for Linear and ungrouped Conv weig
   connected unit pair either way). Groups split dim 0 exactly as above.
 * Embedding weight (num_embeddings, dim): a one-hot lookup, so dim 0 = input units (tokens),
   dim 1 = output units (features): read as transposed.
+* (in, out) layers (widetopo.sparsity.selection.IN_OUT_LAYERS, e.g. transformers' Conv1D of
+  GPT-2, y = x @ W + b with W (in, out)): dim 0 = input units, dim 1 = output units: read as
+  transposed, exactly like the nn.Linear holding W^T.
 * tokens (a parameter of a non-torch.nn module whose first dimension is 1, e.g. cls_token
   (1, 1, D) or pos_embed (1, N, D)): no units connect through them; every entry is its own unit
   (elementwise), like a rank-1 tensor: no decay, restoration score 1 when pruned.
@@ -31,7 +34,7 @@ import torch
 from torch import nn
 
 import widetopo_ext
-from widetopo.sparsity.selection import EMBEDDING_TYPES, _base, is_torch_layer, parameter_owners
+from widetopo.sparsity.selection import EMBEDDING_TYPES, _base, is_in_out_layer, is_torch_layer, parameter_owners
 
 __all__ = [
     "UnitLayout", "DENSE", "layout_of", "unit_layouts", "unit_counts",
@@ -64,6 +67,8 @@ def layout_of(module: nn.Module, local: str, param: torch.Tensor) -> UnitLayout:
     if isinstance(module, nn.modules.conv._ConvNd) and base == "weight":
         return UnitLayout(groups=int(module.groups), transposed=bool(module.transposed))
     if isinstance(module, EMBEDDING_TYPES) and base == "weight":
+        return UnitLayout(transposed=True)
+    if is_in_out_layer(module) and base == "weight":
         return UnitLayout(transposed=True)
     if not is_torch_layer(module) and param.shape[0] == 1:
         return UnitLayout(elementwise=True)
