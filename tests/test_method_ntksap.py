@@ -160,3 +160,25 @@ def test_resume_after_kill(tmp_path, monkeypatch, kill_after):
 
 def test_two_processes_equal_one():
     check_two_processes("ntk-sap")
+
+
+def test_reinit_of_an_in_out_layer_draws_with_fan_in_of_dim_0(monkeypatch):
+    """transformers' Conv1D stores (in, out): its Kaiming std is sqrt(2 / in), not sqrt(2 / out)."""
+    from widetopo.sparsity import selection
+    from widetopo.sparsity.selection import register_in_out_layer
+
+    monkeypatch.setattr(selection, "IN_OUT_LAYERS", list(selection.IN_OUT_LAYERS))  # registration undone after
+
+    class InOut(nn.Module):
+        def __init__(self, n_in, n_out):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(n_in, n_out))
+
+        def forward(self, x):
+            return x @ self.weight
+
+    register_in_out_layer(InOut)
+    model = nn.Sequential(InOut(50, 8), nn.ReLU(), nn.Linear(8, 3))
+    plan = {name: (kind, scale) for name, kind, scale, _ in reinit_plan(model, ["0.weight", "2.weight"])}
+    assert plan["0.weight"] == ("normal", pytest.approx((2.0 / 50) ** 0.5))
+    assert plan["2.weight"] == ("normal", pytest.approx((2.0 / 8) ** 0.5))

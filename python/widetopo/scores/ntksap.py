@@ -20,6 +20,8 @@ theta), per owning module type, drawn as tensors from the batch's generator:
     BatchNorm / GroupNorm / LayerNorm / InstanceNorm   weight 1, bias 0
     Embedding weight              N(0, 1), the padding row 0 (nn.Embedding's own init)
     MultiheadAttention projection weights   Xavier uniform (its own init), its biases 0
+    (in, out) layers (transformers' Conv1D, widetopo.sparsity.selection.IN_OUT_LAYERS)
+                                  N(0, 2 / fan_in), fan_in = shape[0]
     any other prunable tensor of rank >= 2  N(0, 2 / fan_in), fan_in = prod(shape[1:])
     everything else               the model's own values
 Random streams (ctx.generator(batch.index, stream)): NTKSAP_INPUT_STREAM for xi,
@@ -46,7 +48,7 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 
 import widetopo_ext
 from widetopo.options import Options, between, boolean, option
-from widetopo.sparsity.selection import _base, parameter_owners
+from widetopo.sparsity.selection import _base, is_in_out_layer, parameter_owners
 from widetopo.scores.base import Batch, ScoreContext, Scorer
 from widetopo.scores.bn import calibrate_batchnorm, eval_mode
 from widetopo.scores.ita import _HALF, _upcast, no_tf32
@@ -94,6 +96,8 @@ def reinit_plan(model: nn.Module, prunable: Sequence[str]) -> Plan:
                 entry = ("uniform", math.sqrt(6.0 / (shape[0] + shape[1])), None)
             else:
                 entry = ("const", 0.0, None)
+        elif is_in_out_layer(module) and local == "weight" and p.dim() == 2:  # (in, out): fan_in = dim 0
+            entry = ("normal", math.sqrt(2.0 / shape[0]), None)
         elif name in prunable and p.dim() >= 2:
             entry = ("normal", math.sqrt(2.0 / _fan_in(shape)), None)
         else:
