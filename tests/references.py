@@ -187,12 +187,16 @@ def per_pixel_loss(logits, y):
 
 
 # --------------------------------------------------------------------------------------------- SNIP
-def reference_snip(model, ctx, batches, buffers_per_batch=None, per_batch_abs=False):
+def reference_snip(model, ctx, batches, buffers_per_batch=None, per_batch_abs=False, bn_train=False):
     """|sum_b grad L_b * theta| with the gradient accumulated over the batches (per_batch_abs:
-    sum_b |grad L_b * theta| instead, only to show that the two differ on the test data)."""
+    sum_b |grad L_b * theta| instead, only to show that the two differ on the test data);
+    bn_train: BatchNorm layers in train mode (batch statistics), everything else in eval mode."""
     total = None
     for k, b in enumerate(batches):
         net = masked_copy(model, ctx, buffers_per_batch[k] if buffers_per_batch else None).eval()
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d) and bn_train:
+                m.train()
         loss = F.cross_entropy(net(b.x), b.y)
         loss.backward()
         named = dict(net.named_parameters())
@@ -421,37 +425,54 @@ def reference_px_R(model, ctx, x):
     return float((z1 * h).sum())
 
 
-def reference_px(model, ctx, batches, bn_train=True):
+class PathBN(nn.Module):
+    """PX's batchnorm="running" written out from the running statistics: y = s^2 x + c in the
+    h-net, x + c in the g-net, s = gamma / sqrt(var + eps), c = beta - s * mean."""
+
+    def __init__(self, bn, square):
+        super().__init__()
+        s = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
+        self.c = (bn.bias.detach() - s * bn.running_mean).view(1, -1, 1, 1)
+        self.f = (s * s if square else torch.ones_like(s)).view(1, -1, 1, 1)
+
+    def forward(self, x):
+        return x * self.f + self.c
+
+
+def reference_px(model, ctx, batches, bn="running"):
     """Straightforward PX: three deep copies per batch, activations replaced by hand, the h-net
-    on a full all-ones batch, one backward per batch, |summed gradient| * theta^2."""
+    on a full all-ones batch, one backward per batch, |summed gradient| * theta^2. bn: the
+    BatchNorm2d layers of the g-net and h-net as PathBN ("running"), in train or eval mode."""
     total = {n: torch.zeros_like(ctx.params[n], dtype=torch.float64) for n in ctx.names}
     masks = dict(zip(ctx.names, ctx.masks))
 
-    def copy_with(values, bn_train):
+    def copy_with(values, bn_mode, square=False):
         net = copy.deepcopy(model).double().eval()
         with torch.no_grad():
             for n, p in net.named_parameters():
                 p.copy_(values(n))
             for n, b in net.named_buffers():
                 b.copy_(ctx.buffers[n])
-        for m in net.modules():
-            if isinstance(m, nn.BatchNorm2d) and bn_train:
+        for name, m in list(net.named_modules()):
+            if isinstance(m, nn.BatchNorm2d) and bn_mode == "train":
                 m.train()
+            if isinstance(m, nn.BatchNorm2d) and bn_mode == "running":
+                net.set_submodule(name, PathBN(m, square))
         return net
 
     for b in batches:
         gates = []
-        act_net = copy_with(lambda n: ctx.params[n], bn_train=False)
+        act_net = copy_with(lambda n: ctx.params[n], "eval")
         act_net.act = lambda z: (gates.append((z > 0).double()), torch.relu(z))[1]
         with torch.no_grad():
             act_net(b.x)
-        g_net = copy_with(lambda n: masks[n].double() if n in masks else ctx.params[n], bn_train=bn_train)
+        g_net = copy_with(lambda n: masks[n].double() if n in masks else ctx.params[n], bn)
         queue = list(gates)
         g_net.act = lambda z: z * queue.pop(0)
         with torch.no_grad():
             z1 = g_net(b.x ** 2)
         assert not queue
-        h_net = copy_with(lambda n: ctx.params[n] ** 2 if n in masks else ctx.params[n], bn_train=bn_train)
+        h_net = copy_with(lambda n: ctx.params[n] ** 2 if n in masks else ctx.params[n], bn, square=True)
         h_net.act = lambda z: z
         z2 = h_net(torch.ones_like(b.x))
         (z1 * z2).sum().backward()

@@ -130,7 +130,8 @@ def test_snip_on_segmentation_ignores_border_pixels():
     """The U-Net x SNIP cell keeps the top-K of per-pixel cross-entropy saliencies that leave out
     the ignore_index pixels; counting those pixels as background picks a different mask."""
     model, batches = tiny_case("unet")
-    masks = widetopo.prune(model, batches, DENSITY, method="snip", verbose=False)
+    # (eval-mode BatchNorm, as the reference; the default train mode is checked in test_method_snip.py)
+    masks = widetopo.prune(model, batches, DENSITY, method="snip", batchnorm="eval", verbose=False)
     for ignore, should_match in ((-100, True), (None, False)):
         data = batches if ignore is not None else [(x, torch.where(y == -100, 0, y)) for x, y in batches]
         ref = reference_snip_ignore_index(model, data, -100)

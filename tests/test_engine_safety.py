@@ -49,11 +49,12 @@ def test_snip_with_every_target_ignored_is_refused_not_arbitrary():
 
 
 def test_snip_ignores_the_ignored_targets():
-    """Targets equal to ignore_index drop out: same scores as the batch without those samples."""
+    """Targets equal to ignore_index drop out of the loss: same scores as the batch without those
+    samples (eval-mode BatchNorm, so that they do not enter batch statistics either)."""
     (x, y), = data(1, bs=6)
     y_ign = y.clone()
     y_ign[:2] = 7
-    a = widetopo.saliency(bn_mlp().eval(), [(x, y_ign)], "snip", ignore_index=7)
+    a = widetopo.saliency(bn_mlp().eval(), [(x, y_ign)], "snip", ignore_index=7, batchnorm="eval")
     model = bn_mlp().eval()
     ref = {n: torch.zeros_like(p) for n, p in model.named_parameters() if n in a}
     loss = nn.functional.cross_entropy(model(x)[2:], y[2:])

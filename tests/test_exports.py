@@ -53,6 +53,7 @@ def test_every_error_class_is_exported_and_is_a_widetopo_error():
 @pytest.mark.parametrize("module, name, builtin", [
     ("widetopo.engine.rounds", "NonFiniteScoresError", RuntimeError),
     ("widetopo.engine.rounds", "ZeroScoresError", RuntimeError),
+    ("widetopo.engine.rounds", "NoiseScoresError", RuntimeError),
     ("widetopo.scores.differentiable", "DoubleBackwardError", RuntimeError),
     ("widetopo.engine.checkpoint", "CheckpointMismatch", ValueError),
     ("widetopo.sparsity.maskfile", "MaskFileError", ValueError),

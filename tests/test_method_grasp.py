@@ -46,7 +46,7 @@ def batches_of(pairs):
 def test_registry_entry():
     m = get_method("grasp")
     assert m.schedule.rounds == 1 and m.schedule.restorations == 0
-    assert m.defaults() == {"temperature": 200.0, "ignore_index": -100}
+    assert m.defaults() == {"temperature": 200.0, "ignore_index": -100, "hessian": "prunable"}
     s = m.make_scorer(temperature=1.0)
     assert isinstance(s, GraSPScorer) and s.needs_double_backward and s.needs_targets and s.data_dependent
     with pytest.raises(ValueError, match="temperature"):
@@ -112,6 +112,28 @@ def test_kept_set_is_the_top_of_theta_hg_also_when_its_sum_is_negative():
     raw = widetopo.saliency(model, pairs, "grasp")
     for n, r in zip(names, ref):
         torch.testing.assert_close(raw[n], r, rtol=1e-9, atol=1e-15 + 1e-9 * float(r.abs().max()), msg=n)
+
+
+@pytest.mark.parametrize("hessian", ["prunable", "all"])
+def test_hessian_block_against_float64_reference(hessian):
+    """hessian='all': g and Hg over every parameter (conv and linear biases, BatchNorm gamma and
+    beta too); the scores are theta * Hg on the prunable weights. The reference takes the double
+    backward over the parameters it is given: all of them, or the prunable ones."""
+    model = bn_net()
+    pairs = labelled(2, seed=4)
+    named = dict(model.named_parameters())
+    prunable = [n for n, p in named.items() if p.dim() > 1]
+    names = list(named) if hessian == "all" else prunable
+    assert len(names) > len(prunable) or hessian == "prunable"
+    w = [named[n].detach() for n in names]
+    ref, _ = reference_grasp(model, w, [torch.ones_like(t) for t in w], names, pairs)
+    ref = dict(zip(names, ref))
+    got = widetopo.saliency(model, pairs, "grasp", hessian=hessian)
+    other = widetopo.saliency(model, pairs, "grasp", hessian="prunable" if hessian == "all" else "all")
+    for n in prunable:
+        r = ref[n]
+        torch.testing.assert_close(got[n], r, rtol=1e-9, atol=1e-15 + 1e-9 * float(r.abs().max()), msg=n)
+    assert any(not torch.allclose(got[n], other[n], rtol=1e-6, atol=0) for n in prunable)
 
 
 def test_temperature_option():

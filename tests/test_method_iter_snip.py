@@ -46,8 +46,8 @@ def test_one_round_equals_hand_written_snip_through_mask():
     for n, a, r, m in zip(ctx.names, got, ref, ctx.masks):
         torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-13, msg=n)
         assert torch.all(a[~m] == 0)
-    # the test tells BatchNorm modes apart: with eval-mode BN (one-shot SNIP) the scores differ
-    snip = get_method("snip").make_scorer()
+    # the test tells BatchNorm modes apart: with eval-mode BN (SNIP's batchnorm="eval") the scores differ
+    snip = get_method("snip").make_scorer(batchnorm="eval")
     other = snip.finalize(ctx, snip.score(ctx, batches_of(pairs)))
     assert not all(torch.allclose(a, b) for a, b in zip(got, other))
 

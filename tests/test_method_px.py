@@ -13,7 +13,8 @@ import widetopo
 from gloo import spawn
 from method_checks import check_resume, check_run_properties
 from references import px_closed_form, reference_px, reference_px_R
-from scoring_nets import make_ctx, make_model
+from scoring_nets import TinyCNN, make_ctx, make_model
+from widetopo.engine.rounds import NoiseScoresError
 from widetopo.scores.base import Batch, ScoreContext
 from widetopo.scores.px import PXScorer
 from widetopo.scores.synflow_l2 import SynFlowL2Scorer
@@ -161,7 +162,7 @@ class ActCNN(nn.Module):
         return self.fc(x.flatten(1))
 
 
-@pytest.mark.parametrize("bn", ["train", "eval"])
+@pytest.mark.parametrize("bn", ["running", "train", "eval"])
 def test_cnn_with_batchnorm_and_biases_matches_reference(bn):
     model = make_model(ActCNN)
     model.train()
@@ -174,11 +175,69 @@ def test_cnn_with_batchnorm_and_biases_matches_reference(bn):
     assert torch.equal(rng, torch.random.get_rng_state())
     assert all(torch.equal(buffers[n], ctx.buffers[n]) for n in buffers)  # the eval statistics are kept
     assert all(m.training for m in model.modules())
-    ref = reference_px(model, ctx, batches, bn_train=bn == "train")
+    ref = reference_px(model, ctx, batches, bn=bn)
     for n, a, r, m in zip(ctx.names, got, ref, ctx.masks):
         torch.testing.assert_close(a, r, rtol=1e-9, atol=1e-12 * float(r.max()), msg=n)
         assert torch.all(a[~m] == 0)
         assert float(a[m].max()) > 0
+
+
+class BNPoolNet(nn.Module):
+    """Bias-free conv -> BN -> ReLU -> conv -> BN -> ReLU -> global average pool -> linear: the
+    net where train-mode BatchNorm makes the h-net constant."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 4, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 5, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(5)
+        self.fc = nn.Linear(5, 3, bias=False)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        return self.fc(F.relu(self.bn2(self.conv2(x))).mean((2, 3)))
+
+
+def test_per_layer_conservation_with_running_batchnorm():
+    """Default batchnorm="running" with zero shifts (running mean 0, beta 0; gamma and the running
+    variance random): sum_{j in layer} S_j = R for every layer, R written out with F.conv2d."""
+    torch.manual_seed(11)
+    model = BNPoolNet().double()
+    with torch.no_grad():
+        for bn in (model.bn1, model.bn2):
+            bn.weight.uniform_(0.5, 1.5)
+            bn.running_var.uniform_(0.5, 2.0)
+    ctx = make_ctx(model, keep=0.7)
+    g = torch.Generator().manual_seed(12)
+    xs = [torch.randn(3, 2, 5, 5, dtype=torch.float64, generator=g) for _ in range(2)]
+    scores, diag = px(ctx, [Batch(i, x) for i, x in enumerate(xs)])
+    W1, W2, W3 = (ctx.params[n] for n in ctx.names)
+    M1, M2, M3 = (m.double() for m in ctx.masks)
+    s1, s2 = ((bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach().view(1, -1, 1, 1)
+              for bn in (model.bn1, model.bn2))
+    h = torch.ones(1, 2, 5, 5, dtype=torch.float64)
+    h = F.conv2d(F.conv2d(h, W1 ** 2, padding=1) * s1 ** 2, W2 ** 2, padding=1) * s2 ** 2
+    z2 = h.mean((2, 3)) @ (W3 ** 2).T
+    r = 0.0
+    for x in xs:
+        a1 = F.conv2d(x, W1, padding=1) * s1
+        z1 = F.conv2d(x ** 2, M1, padding=1) * (a1 > 0)
+        a2 = F.conv2d(torch.relu(a1), W2, padding=1) * s2
+        z1 = F.conv2d(z1, M2, padding=1) * (a2 > 0)
+        r += float(((z1.mean((2, 3)) @ M3.T) * z2).sum())
+    assert diag["R"] == pytest.approx(r, rel=1e-12)
+    for name, s in zip(ctx.names, scores):
+        assert float(s.sum()) == pytest.approx(r, rel=1e-10), name
+
+
+def test_running_batchnorm_needs_running_statistics():
+    model = make_model(TinyCNN, track=False)
+    ctx = make_ctx(model)
+    x = [Batch(0, torch.randn(2, 1, 8, 8, dtype=torch.float64))]
+    with pytest.raises(ValueError, match="batchnorm='running'.*track_running_stats=False.*batchnorm='train'"):
+        PXScorer().score(ctx, x)
+    PXScorer(batchnorm="train").score(ctx, x)
 
 
 def test_saliency_api_matches_reference():
@@ -229,10 +288,10 @@ def test_deep_net_without_batchnorm_does_not_overflow_float32():
 
 
 def test_batchnorm1d_and_dropout():
-    """Train-mode BatchNorm1d works (the h-net and the scale reference use two identical samples),
-    and dropout stays off: the scores equal those of the same network without the dropout.
-    With train-mode BatchNorm the h-net's BatchNorm1d sees identical samples (variance 0), so
-    the layer before it scores exactly 0; batchnorm="eval" keeps its dependence."""
+    """Dropout stays off: the scores equal those of the same network without the dropout.
+    BatchNorm1d as the running-statistics map (default) and in eval mode keeps the dependence of
+    the layer before it; with batchnorm="train" the h-net's BatchNorm1d sees identical samples
+    (variance 0, two of them so that it runs) and outputs its shift: the round is refused."""
     torch.manual_seed(9)
     body = [nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)]
     with_dropout = nn.Sequential(*body[:3], nn.Dropout(0.5), body[3]).double()
@@ -243,9 +302,13 @@ def test_batchnorm1d_and_dropout():
     assert list(a) == ["0.weight", "4.weight"] and list(b) == ["0.weight", "3.weight"]
     torch.testing.assert_close(a["0.weight"], b["0.weight"], rtol=1e-12, atol=0)
     torch.testing.assert_close(a["4.weight"], b["3.weight"], rtol=1e-12, atol=0)
-    assert float(a["0.weight"].abs().max()) == 0 and float(a["4.weight"].min()) > 0
+    assert float(a["0.weight"].min()) > 0 and float(a["4.weight"].min()) > 0
     e = widetopo.saliency(with_dropout, x, "px", batchnorm="eval")
     assert float(e["0.weight"].min()) > 0 and float(e["4.weight"].min()) > 0
+    # train: the BatchNorm1d outputs its shift beta = 0 plus rounding noise, so the last layer's
+    # scores are noise too; the engine refuses the round, naming the layer and the option
+    with pytest.raises(NoiseScoresError, match=r"'px' scores of '4.weight' in round 1.*batchnorm='running'"):
+        widetopo.saliency(with_dropout, x, "px", batchnorm="train")
 
 
 def test_registered_name_and_defaults():

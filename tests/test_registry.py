@@ -77,8 +77,10 @@ def test_methods_markdown_lists_every_method_and_option():
 
 
 def test_mask_metadata_records_method_and_options():
-    masks = widetopo.prune(tiny_mlp(), data(), 0.5, method="snip", calibrate_bn=True, verbose=False)
+    masks = widetopo.prune(tiny_mlp(), data(), 0.5, method="snip", batchnorm="eval", calibrate_bn=True,
+                           verbose=False)
     assert masks.meta["method"] == "snip" and masks.meta["calibrate_bn"] is True
+    assert masks.meta["batchnorm"] == "eval"
     assert masks.meta["ignore_index"] == -100 and masks.meta["rounds"] == 1
 
 
@@ -291,14 +293,15 @@ def test_cli_methods_lists_schedules_and_options(capsys):
 
 def test_cli_option_sets_a_method_option(tmp_path, capsys):
     out = tmp_path / "m.wtm"
-    rc = cli.main(["-q", "prune", "--method", "snip", "--option", "calibrate_bn=true", "--samples", "64",
+    rc = cli.main(["-q", "prune", "--method", "snip", "--option", "batchnorm=eval", "--option", "calibrate_bn=true",
+                   "--samples", "64",
                    "--density", "0.3", "-o", str(out)])
     assert rc == 0
     assert widetopo.load_masks(out).meta["calibrate_bn"] is True
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["prune", "--method", "snip", "--option", "eps=1"], "unknown option 'eps'; allowed: calibrate_bn, ignore_index"),
+    (["prune", "--method", "snip", "--option", "eps=1"], "unknown option 'eps'; allowed: batchnorm, calibrate_bn, ignore_index"),
     (["prune", "--option", "probes=0"], "probes must be an integer >= 1"),
     (["prune", "--option", "probes"], "expected key=value"),
     (["prune", "--method", "grasp2"], "invalid choice 'grasp2'"),

@@ -123,24 +123,31 @@ def test_random_rejects_unknown_distribution():
 
 # -------------------------------------------------------------------------------------- SNIP
 @needs_acc
-def test_snip_matches_hand_autograd():
+@pytest.mark.parametrize("bn", ["train", "eval"])
+def test_snip_matches_hand_autograd(bn):
     model = make_model(TinyCNN)
     model.train()
     ctx = make_ctx(model)
+    buffers = {n: b.clone() for n, b in ctx.buffers.items()}
     bs = labelled_batches()
-    scorer = SNIPScorer()
+    scorer = SNIPScorer() if bn == "train" else SNIPScorer(batchnorm="eval")
     assert scorer.needs_targets and scorer.data_dependent and not scorer.decay
     rng = torch.random.get_rng_state()
     signed = scorer.score(ctx, bs)
     assert any(bool((s < 0).any()) for s in signed)  # the sum is signed until finalize
     got = scorer.finalize(ctx, signed)
     assert torch.equal(rng, torch.random.get_rng_state())
-    ref = reference_snip(model, ctx, bs)
+    ref = reference_snip(model, ctx, bs, bn_train=bn == "train")
     for n, a, r in zip(ctx.names, got, ref):
         torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-12, msg=n)
-    # the test data tells the two conventions apart: per-batch absolute values would not match
-    other = reference_snip(model, ctx, bs, per_batch_abs=True)
+    # the test data tells the conventions apart: per-batch absolute values, or the other
+    # BatchNorm mode, would not match
+    other = reference_snip(model, ctx, bs, per_batch_abs=True, bn_train=bn == "train")
     assert not all(torch.allclose(a, r) for a, r in zip(got, other))
+    other_mode = reference_snip(model, ctx, bs, bn_train=bn != "train")
+    assert not all(torch.allclose(a, r) for a, r in zip(got, other_mode))
+    if bn == "eval":  # (train mode may write the engine's private copies, ctx.buffers)
+        assert all(torch.equal(buffers[n], ctx.buffers[n]) for n in buffers)
     assert all(m.training for m in model.modules())
 
 
@@ -151,11 +158,16 @@ def test_snip_with_batchnorm_calibration():
     model = make_model(TinyCNN)
     ctx = make_ctx(model)
     bs = labelled_batches()
-    scorer = SNIPScorer(calibrate_bn=True)
+    scorer = SNIPScorer(batchnorm="eval", calibrate_bn=True)
     got = scorer.finalize(ctx, scorer.score(ctx, bs))
     ref = reference_snip(model, ctx, bs, [calibrated_buffers(model, ctx, b.x) for b in bs])
     for a, r in zip(got, ref):
         torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-12)
+
+
+def test_snip_calibration_needs_eval_mode():
+    with pytest.raises(ValueError, match="calibrate_bn=True needs batchnorm='eval'"):
+        SNIPScorer(calibrate_bn=True)
 
 
 def test_snip_requires_targets():

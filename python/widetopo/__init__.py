@@ -49,7 +49,8 @@ _EXPORTS = {
 }
 # every exception class a user may catch (widetopo.errors; all derive from WidetopoError)
 _EXPORTS.update(dict.fromkeys((
-    "WidetopoError", "NonFiniteScoresError", "ZeroScoresError", "DoubleBackwardError", "CheckpointMismatch",
+    "WidetopoError", "NonFiniteScoresError", "ZeroScoresError", "NoiseScoresError", "DoubleBackwardError",
+    "CheckpointMismatch",
     "MaskFileError", "MaskMismatchError", "DatasetNotFoundError", "InitMismatchError", "RecipeError",
     "CompareError"), "widetopo.errors"))
 

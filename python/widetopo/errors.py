@@ -17,6 +17,7 @@ __all__ = [
     "WidetopoError",
     "NonFiniteScoresError",
     "ZeroScoresError",
+    "NoiseScoresError",
     "DoubleBackwardError",
     "CheckpointMismatch",
     "MaskFileError",
@@ -40,6 +41,11 @@ class NonFiniteScoresError(WidetopoError, RuntimeError):
 
 class ZeroScoresError(WidetopoError, RuntimeError):
     """Every kept weight scored 0: any mask would be an arbitrary choice."""
+
+
+class NoiseScoresError(ZeroScoresError):
+    """The scores of some prunable tensor are rounding noise: the output they differentiate does
+    not depend on its weights (mathematically the scores are 0, numerically they are not)."""
 
 
 class DoubleBackwardError(WidetopoError, RuntimeError):

@@ -11,14 +11,54 @@ from typing import List, Optional, Sequence
 import torch
 
 import widetopo_ext
-from widetopo.errors import NonFiniteScoresError, ZeroScoresError  # noqa: F401  (re-exported)
+from widetopo.errors import NoiseScoresError, NonFiniteScoresError, ZeroScoresError  # noqa: F401  (re-exported)
 from widetopo.distributed import collectives as dist_utils
 from widetopo.distributed import owners as shard_plan
 from widetopo.sparsity import topology
 from widetopo.scores._util import score_dtype, score_zeros
 from widetopo.scores.base import Batch, ScoreContext, Scorer
 
-__all__ = ["NonFiniteScoresError", "ZeroScoresError", "compute_scores", "select_masks"]
+__all__ = ["NonFiniteScoresError", "ZeroScoresError", "NoiseScoresError", "NOISE_MARGIN", "compute_scores",
+           "select_masks"]
+
+#: a tensor's score total within this many times its rounding error (the scorer's noise floor)
+#: is rounding noise. Measured total/floor: rounding noise 0.6-4.7 (most tensors of a noisy round
+#: ~1); healthy rounds ~1e15 (PX, float64) and >= 176 (GraSP, SNIP in float32 on a CIFAR
+#: ResNet-20; the low end: GraSP's Hg of early layers)
+NOISE_MARGIN = 16.0
+
+
+def _check_not_noise(scorer: Scorer, ctx: ScoreContext, scores: List[torch.Tensor], device: torch.device,
+                     owner: Optional[Sequence[int]] = None) -> None:
+    """Refuse a round where a tensor's score total sum_j |S_j| (kept entries, > 0) is at most
+    NOISE_MARGIN times its rounding error, the noise floor the scorer reported in ctx.noise_floor
+    (per tensor, per process; summed over processes here). Cost: one norm per tensor and, with
+    several processes, one small all_reduce. Scorers without reports_noise_floor are not checked."""
+    if not scorer.reports_noise_floor or not scores:
+        return
+    n = len(scores)
+    floor = ctx.noise_floor
+    if floor is None:  # this process scored no batch
+        floor = [0.0] * n
+    if len(floor) != n:
+        raise RuntimeError(f"scorer {scorer.name!r}: ctx.noise_floor must hold one float per prunable tensor "
+                           f"({n}), got {len(floor)}")
+    rank = dist_utils.rank_world()[0]
+    totals = [float(t) if o == rank else 0.0 for t, o in zip(
+        torch._foreach_norm([s.masked_fill(m.logical_not(), 0) for s, m in zip(scores, ctx.masks)], 1),
+        owner or [rank] * n)]
+    flags = torch.tensor([list(floor), totals], dtype=torch.float64, device=device)
+    if scorer.data_dependent:
+        dist_utils.all_reduce_sum_([flags[0]])
+    if owner is not None:
+        dist_utils.all_reduce_sum_([flags[1]])
+    for name, f, t in zip(ctx.names, flags[0].tolist(), flags[1].tolist()):
+        if 0.0 < t <= NOISE_MARGIN * f:
+            raise NoiseScoresError(
+                f"the {scorer.name!r} scores of {name!r} in round {ctx.round} are rounding noise (their total "
+                f"{t:.3g} is within {NOISE_MARGIN:g} times its rounding error {f:.3g}): "
+                f"{scorer.noise_advice()}"
+            )
 
 
 def _check_list(scorer: Scorer, what: str, scores, names: Sequence[str], working: Sequence[torch.Tensor]):
@@ -85,6 +125,7 @@ def compute_scores(scorer: Scorer, ctx: ScoreContext, mine: Sequence[Batch], dev
         if scorer.data_dependent:
             dist_utils.all_reduce_sum_(pre)
         ctx.prepass = pre
+    ctx.noise_floor = None
     with dist_utils.fail_together(device, what):
         if mine:
             scores = _check_list(scorer, "score()", scorer.score(ctx, mine), ctx.names, working)
@@ -102,6 +143,7 @@ def compute_scores(scorer: Scorer, ctx: ScoreContext, mine: Sequence[Batch], dev
         rank = dist_utils.rank_world()[0]
         with dist_utils.fail_together(device, what):
             _check_finite(scorer, ctx, [s if o == rank else s.new_zeros(()) for s, o in zip(scores, owner)], phase)
+    _check_not_noise(scorer, ctx, scores, device, owner)
     return scores
 
 

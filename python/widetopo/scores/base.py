@@ -51,6 +51,10 @@ class ScoreContext:
     #: route ops without a double backward through twice-differentiable equivalents in
     #: forward() (the engine sets it from the scorer's needs_double_backward)
     twice_differentiable: bool = True
+    #: set by score() of a scorer with reports_noise_floor: per prunable tensor, the rounding
+    #: error of its score total (this process's share, same units as the finalized scores); the
+    #: engine sums it over processes and refuses a round whose scores are rounding noise
+    noise_floor: Optional[List[float]] = None
     extra: dict = field(default_factory=dict)
 
     @property
@@ -102,6 +106,10 @@ class Scorer(abc.ABC):
                               "layerwise": keep layer_quotas(ctx, K)[l] highest in each tensor l;
                               "mask": the scorer builds the masks itself (choose_masks), for
                               methods that keep whole kernels or graphs (K up to their rounding)
+      reports_noise_floor   - score() sets ctx.noise_floor (one float per prunable tensor: the
+                              rounding error of that tensor's score total); the engine refuses
+                              a round where some tensor's total is within NOISE_MARGIN of it
+                              (widetopo.engine.rounds.NoiseScoresError, with noise_advice())
       Options               - the options dataclass (widetopo.options.Options); an instance is
                               built from the constructor's keywords and kept as `self.options`
 
@@ -116,6 +124,7 @@ class Scorer(abc.ABC):
     needs_targets: bool = False
     needs_double_backward: bool = False
     selection: str = "global"
+    reports_noise_floor: bool = False
     Options: ClassVar[Type[Options]] = NoOptions
     #: replaced in __init__; this default serves subclasses that do not call Scorer.__init__
     options: Options = NoOptions()
@@ -141,6 +150,11 @@ class Scorer(abc.ABC):
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in as_dict(self.options).items())
         return f"{type(self).__name__}({opts})"
+
+    def noise_advice(self) -> str:
+        """What to change when a round's scores are rounding noise (named in NoiseScoresError)."""
+        return ("the output the scores differentiate does not depend on these weights (e.g. train-mode "
+                "BatchNorm on identical samples followed by a global pool); check the model and the options")
 
     def prepass(self, ctx: ScoreContext, batches: Sequence[Batch]) -> Optional[List[torch.Tensor]]:
         """Tensors summed over this process's batches that the score needs summed over the whole

@@ -18,7 +18,7 @@ from widetopo.options import Options, any_integer, boolean, format_shape, one_of
 from widetopo.scores.base import Batch, ScoreContext, Scorer
 from widetopo.scores.losses import IGNORE_INDEX, task_loss
 from widetopo.scores._util import as_dtypes, score_zeros
-from widetopo.scores.bn import calibrate_batchnorm, eval_mode
+from widetopo.scores.bn import batchnorm_train_mode, calibrate_batchnorm, eval_mode
 from widetopo.scores.widetopo import check_finite
 
 logger = logging.getLogger(__name__)
@@ -77,9 +77,22 @@ class MagnitudeScorer(Scorer):
 
 @dataclass(frozen=True)
 class SNIPOptions(Options):
-    calibrate_bn: bool = option(False, "calibrate BatchNorm statistics on each batch first", boolean)
+    batchnorm: str = option(
+        "train", "BatchNorm in the scoring forward: 'train' (the batch's statistics, on the engine's copy of "
+        "the buffers, as the official SNIP configurations run it) or 'eval' (the running statistics)",
+        one_of("train", "eval"))
+    calibrate_bn: bool = option(False, "with batchnorm='eval': calibrate BatchNorm statistics on each batch "
+                                "first", boolean)
     ignore_index: int = option(IGNORE_INDEX, "target value excluded from the loss (segmentation)",
                                any_integer)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.calibrate_bn and self.batchnorm != "eval":
+            raise ValueError(
+                "calibrate_bn=True needs batchnorm='eval' (train mode normalises with each batch's own "
+                f"statistics already), got batchnorm={self.batchnorm!r}"
+            )
 
 
 def require_targets(batches: Sequence[Batch], method: str) -> None:
@@ -92,46 +105,108 @@ def require_targets(batches: Sequence[Batch], method: str) -> None:
             )
 
 
+def _loss_grads(ctx: ScoreContext, params: Dict[str, torch.Tensor], buffers, x: torch.Tensor, y: torch.Tensor,
+                ignore_index: int) -> Tuple[torch.Tensor, ...]:
+    """dL/dw of L = task_loss(f(x; params), y) for the prunable entries of `params`."""
+    params = dict(params)
+    leaves = [params[n].detach().requires_grad_(True) for n in ctx.names]
+    params.update(zip(ctx.names, leaves))
+    with torch.enable_grad():
+        loss = task_loss(ctx.forward(params, x, buffers), y, ignore_index)
+        return torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)
+
+
+#: samples of the first batch that the rounding-noise probe recomputes (in two precisions)
+PROBE_SAMPLES = 2
+
+
+def relative_errors(own, other, weights, masks, dtype: torch.dtype, probe: torch.dtype) -> List[float]:
+    """Per tensor, the relative rounding error sum_j |w_j| |own_j - other_j| m_j / sum_j |w_j own_j| m_j
+    of `own` (computed in `dtype`) measured against `other` (the same computed in `probe`), times
+    eps(dtype)/eps(probe) when the probe is the coarser one; 0 where the total is 0."""
+    factor = min(1.0, torch.finfo(dtype).eps / torch.finfo(probe).eps)
+    out = []
+    for a, b, w, m in zip(own, other, weights, masks):
+        a, w = a.to(torch.float64), w.detach().abs().to(torch.float64) * m
+        total, err = float((a.abs() * w).sum()), float(((b.to(torch.float64) - a).abs() * w).sum())
+        out.append(err / total * factor if total > 0 and math.isfinite(err) else 0.0)
+    return out
+
+
+def _relative_errors(ctx: ScoreContext, x: torch.Tensor, y: torch.Tensor, ignore_index: int) -> Optional[List[float]]:
+    """Per prunable tensor, the relative rounding error of sum_j |theta_j dL/dw_j| m_j, measured on
+    the first PROBE_SAMPLES samples of a batch (all of a one-sample batch: the trap's case): the
+    gradient in the model's dtype against the same in a second precision (float64, or float32 for
+    a float64 model). None (no check) when the model cannot run in the probe dtype."""
+    dtype = ctx.prunable[0].dtype if ctx.names else torch.float32
+    if not dtype.is_floating_point:
+        return None
+    probe = torch.float32 if dtype == torch.float64 else torch.float64
+    x, y = x[:PROBE_SAMPLES], y[:PROBE_SAMPLES]
+    cast = lambda t: t.detach().to(probe) if t.is_floating_point() else t.detach().clone()  # noqa: E731
+    own = {n: b.detach().clone() for n, b in ctx.buffers.items()}  # train mode writes running stats
+    try:
+        grads = _loss_grads(ctx, ctx.params, own, x, y, ignore_index)
+        other = _loss_grads(ctx, {n: cast(p) for n, p in ctx.params.items()},
+                            {n: cast(b) for n, b in ctx.buffers.items()}, cast(x), y, ignore_index)
+    except (RuntimeError, TypeError, ValueError) as exc:  # a module that cannot run in the probe dtype
+        logger.debug("no rounding-noise probe in %s: %s", probe, exc)
+        return None
+    return relative_errors(grads, other, ctx.prunable, ctx.masks, dtype, probe)
+
+
+def noise_floors(relative: Optional[List[float]], scores: List[torch.Tensor]) -> Optional[List[float]]:
+    """ctx.noise_floor from the probe's relative errors: relative error times sum_j |S_j| per tensor."""
+    if relative is None:
+        return None
+    return [r * float(s.abs().sum()) for r, s in zip(relative, scores)]
+
+
 def snip_sum(ctx: ScoreContext, batches: Sequence[Batch], method: str, ignore_index: int = IGNORE_INDEX,
-             mode: Callable = eval_mode, calibrate: bool = False) -> List[torch.Tensor]:
+             mode: Callable = eval_mode, calibrate: bool = False, probe: bool = False) -> List[torch.Tensor]:
     """sum_b dL_b/dw * w * m over `batches`, signed, with w = theta * m (ctx.params) and
     L_b = task_loss(f(x_b; w), y_b, ignore_index) (mean cross entropy of the batch).
 
     The gradient is taken at the masked weights, so d/dtheta of L(theta * m) = m * dL/dw and
-    pruned entries get 0. `mode(model)` is the context the forwards run in: eval_mode (SNIP:
-    BatchNorm as a fixed map with the context's buffers) or batchnorm_train_mode (iterative
-    SNIP: batch statistics). calibrate=True calibrates BatchNorm on each batch first."""
+    pruned entries get 0. `mode(model)` is the context the forwards run in: eval_mode (BatchNorm
+    as a fixed map with the context's buffers) or batchnorm_train_mode (batch statistics).
+    calibrate=True calibrates BatchNorm on each batch first. probe=True sets ctx.noise_floor to
+    the relative rounding error measured on the first batch (_relative_errors: two forwards and
+    backwards of PROBE_SAMPLES samples) times each tensor's total sum_j |S_j|;
+    SNIP and iterative SNIP probe in round 1 only: the trap it detects, an output that does not
+    depend on the weights, is a property of the model and the data)."""
     require_targets(batches, method)
     prunable = ctx.prunable
     out = score_zeros(prunable)
+    relative = None
     with mode(ctx.model):
-        for batch in batches:
+        for k, batch in enumerate(batches):
             x = batch.x.to(ctx.device)
             y = batch.y.to(ctx.device)
             if calibrate:
                 calibrate_batchnorm(ctx, x)
-            params = dict(ctx.params)
-            leaves = [p.detach().requires_grad_(True) for p in prunable]
-            params.update(zip(ctx.names, leaves))
-            with torch.enable_grad():
-                logits = ctx.forward(params, x)
-                loss = task_loss(logits, y, ignore_index)
-                grads = torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)
+            grads = _loss_grads(ctx, ctx.params, None, x, y, ignore_index)
+            if probe and k == 0:
+                relative = _relative_errors(ctx, x, y, ignore_index)
             widetopo_ext.accumulate_score_(out, as_dtypes(grads, out), as_dtypes(prunable, out), ctx.masks,
                                            absolute=False)
     check_finite(out, ctx, method)
+    if probe:
+        ctx.noise_floor = noise_floors(relative, out)
     return out
 
 
 class SNIPScorer(Scorer):
     """SNIP connection sensitivity |g * theta * m| with g = sum_b dL_b/dtheta, L_b = mean cross
-    entropy of batch b's logits against its targets, forward in eval mode (the gradient is
-    accumulated over the pruning set, as in the original method and the official code).
+    entropy of batch b's logits against its targets (the gradient is accumulated over the
+    pruning set, as in the original method and the official code). BatchNorm in train mode by
+    default (batch statistics, written only to the engine's private buffers; other modules in
+    eval mode), as the official configurations run it: one-shot SNIP is then iterative SNIP
+    with one round. batchnorm='eval' uses the running statistics instead; with it,
+    calibrate_bn=True first sets them to each batch's statistics.
 
     score() returns the signed sum_b g_b * theta * m of its batches; finalize() takes the
-    absolute value after the engine has summed the batches of every process. calibrate_bn=True
-    calibrates the BatchNorm statistics on each batch first (default False: the context's
-    buffers as given).
+    absolute value after the engine has summed the batches of every process.
     """
 
     name = "snip"
@@ -140,9 +215,19 @@ class SNIPScorer(Scorer):
     needs_targets = True
     Options = SNIPOptions
 
+    reports_noise_floor = True
+
     def score(self, ctx: ScoreContext, batches: Sequence[Batch]) -> List[torch.Tensor]:
-        return snip_sum(ctx, batches, self.name, self.options.ignore_index, eval_mode,
-                        calibrate=self.options.calibrate_bn)
+        mode = batchnorm_train_mode if self.options.batchnorm == "train" else eval_mode
+        return snip_sum(ctx, batches, self.name, self.options.ignore_index, mode,
+                        calibrate=self.options.calibrate_bn, probe=ctx.round <= 1)
+
+    def noise_advice(self) -> str:
+        if self.options.batchnorm == "train":
+            return ("with batchnorm='train' a batch of one sample (or of identical samples) makes a BatchNorm "
+                    "followed by a global pool output its shift whatever the weights before it; use larger "
+                    "batches of distinct samples, or batchnorm='eval'")
+        return super().noise_advice()
 
     def finalize(self, ctx: ScoreContext, scores: List[torch.Tensor]) -> List[torch.Tensor]:
         """|sum over all batches of g_b * theta * m|."""

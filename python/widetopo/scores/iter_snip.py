@@ -4,9 +4,10 @@ Per round, with w = theta * m the current masked weights:
     S = | theta * d/dtheta sum_b L_b(theta * m) | = | sum_b w * dL_b/dw * m |,
 L_b the mean cross entropy of batch b (per position for segmentation logits). The gradient goes
 through the mask, so pruned entries score exactly 0 and a weight pruned in one round can never
-outscore a kept one later: the masks of the rounds are nested. Unlike one-shot SNIP, BatchNorm
-runs in train mode (batch statistics) on the engine's private buffers; other modules (dropout)
-stay in eval mode so the scores depend on nothing but the data and the masks.
+outscore a kept one later: the masks of the rounds are nested. BatchNorm runs in train mode
+(batch statistics) on the engine's private buffers, as one-shot SNIP's default does (so SNIP is
+this method with one round); other modules (dropout) stay in eval mode so the scores depend on
+nothing but the data and the masks.
 
 Why: SNIP's saliency is the first-order change of the loss when a weight is removed; recomputing
 it on the already-pruned network over many rounds (T = 100) accounts for the weights removed
@@ -46,8 +47,16 @@ class IterSNIPScorer(Scorer):
     needs_double_backward = False
     Options = IterSNIPOptions
 
+    reports_noise_floor = True
+
     def score(self, ctx: ScoreContext, batches: Sequence[Batch]) -> List[torch.Tensor]:
-        return snip_sum(ctx, batches, self.name, self.options.ignore_index, batchnorm_train_mode)
+        return snip_sum(ctx, batches, self.name, self.options.ignore_index, batchnorm_train_mode,
+                        probe=ctx.round <= 1)
+
+    def noise_advice(self) -> str:
+        return ("a batch of one sample (or of identical samples) makes a train-mode BatchNorm followed by a "
+                "global pool output its shift whatever the weights before it; use larger batches of distinct "
+                "samples")
 
     def finalize(self, ctx: ScoreContext, scores: List[torch.Tensor]) -> List[torch.Tensor]:
         torch._foreach_abs_(scores)

@@ -5,9 +5,9 @@ Per batch x, three evaluations of the masked network (docs/design.md §5.1):
   1. gates:  a = 1[z > 0] of every ReLU pre-activation z of f(x; theta*m), BatchNorm in eval
              mode, no gradient;
   2. g-net:  weights m (1 on kept entries, 0 on pruned ones), every ReLU replaced by its recorded
-             gate (z -> a * z), input x^2, BatchNorm in train mode, no gradient -> z1[n, k];
+             gate (z -> a * z), input x^2, no gradient -> z1[n, k];
   3. h-net:  weights (theta*m)^2, every ReLU replaced by the identity, all-ones input shaped
-             like one sample, BatchNorm in train mode -> z2[k] (the same for every sample).
+             like one sample -> z2[k] (the same for every sample).
 R = sum_n sum_k z1[n, k] * z2[k] and S = |dR/d(theta^2)| * theta^2, the gradient summed over all
 batches (and processes) before the absolute value (score() returns the signed sum, finalize()
 takes |.| * theta^2). Only the h-net depends on theta, so dR/d(theta^2) is the gradient of
@@ -25,13 +25,21 @@ z = 0). Activations with a(0) != 0 (sigmoid, softplus, logsigmoid, hardsigmoid) 
 gate and raise ValueError, as does rrelu (random). Everything else (pooling, softmax, ...) is
 computed as the model defines it.
 
-BatchNorm in train mode (the default, as published) has a consequence worth knowing: the h-net
-sees identical all-ones samples, so a BatchNorm's batch statistics are those of one sample and
-its output does not change when the weights feeding it are scaled. For BatchNorm1d the batch
-variance is 0 and the output is its bias beta: every weight before the last BatchNorm1d scores
-exactly 0. For BatchNorm2d only the zero-padded borders make the feature maps non-constant, and
-they alone carry the h-net's dependence on the weights before a BatchNorm. batchnorm="eval"
-runs both nets with BatchNorm as the fixed affine map of the running statistics instead.
+BatchNorm (option batchnorm). Default 'running': each BatchNorm is the fixed per-channel affine
+map y = s*x + c of its running statistics, s = gamma / sqrt(running_var + eps),
+c = beta - s * running_mean. s is a path weight, treated like the prunable weights: s^2 in the
+h-net, 1 in the g-net; c is a bias, kept as it is in both nets like every other non-prunable
+bias. Then a bias-free net (c = 0, e.g. fresh BatchNorm statistics) keeps the per-layer
+conservation sum_{j in layer} S_j = R (Euler: z2 is homogeneous of degree 1 in each layer's
+theta^2). 'eval' runs the module's own eval-mode forward in both nets (s and c in both).
+'train' (the WideTopo port; a later release of the authors' code) uses batch statistics in both
+nets. It is a trap: the h-net sees identical all-ones samples, so a BatchNorm's batch statistics
+are those of one sample and its output does not change when the weights feeding it are scaled;
+for BatchNorm1d the batch variance is 0 and the output is its bias beta, and a BatchNorm2d
+followed by a global average pool gives exactly beta whatever the weights. The h-net then does
+not depend on theta and the scores are rounding noise; the engine refuses such rounds
+(widetopo.engine.rounds.NoiseScoresError; ctx.noise_floor: the rounding error of each
+tensor's score total, estimated by rerunning the h-net backward in float32).
 
 Numerics: the g-net has 0/1 weights, so a deep BatchNorm-free net grows like (fan-in)^depth and
 overflows float32; both nets run in float64. The signed gradients are divided by a power of two
@@ -42,6 +50,7 @@ diagnostics["scale"] holds 2^e, diagnostics["R"] this process's R.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
@@ -55,7 +64,7 @@ import widetopo_ext
 from widetopo.options import Options, one_of, option
 from widetopo.scores.base import Batch, ScoreContext, Scorer
 from widetopo.scores._util import score_zeros
-from widetopo.scores.bn import batchnorm_train_mode, eval_mode
+from widetopo.scores.bn import batchnorm_train_mode, eval_mode, uses_batch_statistics
 from widetopo.scores.widetopo import check_finite
 
 __all__ = ["PXScorer", "PXOptions", "path_gates", "gated_output", "hnet_output"]
@@ -149,8 +158,56 @@ class _PathActivations(TorchFunctionMode):
 
 # ---------------------------------------------------------------------------- the three nets
 
-def _bn_mode(model: nn.Module, bn_mode: str):
-    return batchnorm_train_mode(model) if bn_mode == "train" else eval_mode(model)
+class _RunningBatchNorm(TorchFunctionMode):
+    """BatchNorm as the fixed per-channel affine map of its running statistics, y = s*x + c with
+    s = gamma / sqrt(running_var + eps) and c = beta - s * running_mean, split the way PX splits
+    a layer: s is a path weight (s^2 in the h-net, 1 in the g-net, like theta^2 and m), c a bias
+    (as it is in both nets, like every non-prunable bias). Intercepts F.batch_norm."""
+
+    def __init__(self, square: bool):
+        super().__init__()
+        self.square = square
+
+    def __torch_function__(self, func, types_, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not F.batch_norm:
+            return func(*args, **kwargs)
+        names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+        a = dict(zip(names, args), **kwargs)
+        x, mean, var = a["input"], a.get("running_mean"), a.get("running_var")
+        if mean is None or var is None:
+            raise ValueError(_NO_RUNNING_STATS)
+        weight, bias, eps = a.get("weight"), a.get("bias"), a.get("eps", 1e-5)
+        s = torch.rsqrt(var.to(x.dtype) + eps)
+        if weight is not None:
+            s = s * weight.to(x.dtype)
+        c = -(mean.to(x.dtype) * s)
+        if bias is not None:
+            c = c + bias.to(x.dtype)
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        y = x * s.square().view(shape) if self.square else x
+        return y + c.view(shape)
+
+
+_NO_RUNNING_STATS = (
+    "px: batchnorm='running' (the default) needs the running statistics of every BatchNorm, but the model "
+    "has a BatchNorm with track_running_stats=False; use batchnorm='train' (batch statistics)"
+)
+
+
+@contextlib.contextmanager
+def _bn_mode(model: nn.Module, bn_mode: str, square: bool = False):
+    """BatchNorm of a g-net (square=False) or h-net (square=True) forward: 'running' the path
+    map of _RunningBatchNorm, 'eval' the module's eval-mode forward, 'train' batch statistics."""
+    if bn_mode == "train":
+        with batchnorm_train_mode(model):
+            yield
+    elif bn_mode == "eval":
+        with eval_mode(model):
+            yield
+    else:
+        with eval_mode(model), _RunningBatchNorm(square):
+            yield
 
 
 def _float64(tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -171,7 +228,7 @@ def path_gates(ctx: ScoreContext, x: torch.Tensor) -> List[torch.Tensor]:
 @torch.no_grad()
 def gated_output(ctx: ScoreContext, x2: torch.Tensor, gates: Optional[List[torch.Tensor]],
                  params: Dict[str, torch.Tensor], buffers: Dict[str, torch.Tensor],
-                 bn_mode: str = "train") -> torch.Tensor:
+                 bn_mode: str = "running") -> torch.Tensor:
     """The g-net f(x2; m) (params: masks in place of the prunable weights) with the activations
     replaced by `gates` (None: by the identity), BatchNorm in `bn_mode`."""
     mode = _PathActivations("identity") if gates is None else _PathActivations("apply", gates)
@@ -186,13 +243,14 @@ def gated_output(ctx: ScoreContext, x2: torch.Tensor, gates: Optional[List[torch
 
 
 def hnet_output(ctx: ScoreContext, sample_shape: Sequence[int], params: Dict[str, torch.Tensor],
-                buffers: Dict[str, torch.Tensor], bn_mode: str = "train") -> torch.Tensor:
+                buffers: Dict[str, torch.Tensor], bn_mode: str = "running",
+                dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """The h-net f(1; params) for one all-ones sample (params: (theta*m)^2 in place of the prunable
     weights), activations replaced by the identity, BatchNorm in `bn_mode`. Two identical samples
     are evaluated (train-mode BatchNorm1d needs more than one value per channel); their batch
     statistics are those of one sample."""
-    x = torch.ones((2, *sample_shape), dtype=torch.float64, device=ctx.device)
-    with _bn_mode(ctx.model, bn_mode), _PathActivations("identity"):
+    x = torch.ones((2, *sample_shape), dtype=dtype, device=ctx.device)
+    with _bn_mode(ctx.model, bn_mode, square=True), _PathActivations("identity"):
         return ctx.forward(params, x, buffers)[0]
 
 
@@ -209,8 +267,14 @@ def _pow2_peak(t: torch.Tensor) -> int:
 @dataclass(frozen=True)
 class PXOptions(Options):
     batchnorm: str = option(
-        "train", "BatchNorm in the g-net and h-net: 'train' (batch statistics, as published) or 'eval' "
-        "(the fixed affine map of the running statistics)", one_of("train", "eval"))
+        "running",
+        "BatchNorm in the g-net and h-net: 'running' (the fixed affine map s*x + c of the running "
+        "statistics, s = gamma/sqrt(var+eps) a path weight: s^2 in the h-net, 1 in the g-net; c a bias, "
+        "as is in both), 'eval' (the module's eval-mode forward, s and c as they are in both nets) or "
+        "'train' (batch statistics in both nets, as the WideTopo port and a later release of the authors' "
+        "code; on the h-net's identical samples a BatchNorm followed by a global pool no longer depends on "
+        "the weights, and such rounds are refused as rounding noise)",
+        one_of("running", "eval", "train"))
 
 
 class PXScorer(Scorer):
@@ -222,6 +286,7 @@ class PXScorer(Scorer):
     data_dependent = True
     decay = False
     needs_targets = False
+    reports_noise_floor = True
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -236,6 +301,8 @@ class PXScorer(Scorer):
                 f"px: the pruning batches of one process must share one sample shape, got {sorted(shapes)}"
             )
         bn_mode = self.options.batchnorm
+        if bn_mode == "running" and uses_batch_statistics(ctx.model):
+            raise ValueError(_NO_RUNNING_STATS)
         prunable = set(ctx.names)
         g_params = _float64(ctx.params)
         for name, m in zip(ctx.names, ctx.masks):
@@ -261,8 +328,10 @@ class PXScorer(Scorer):
             reference = gated_output(ctx, torch.ones((2, *sample_shape), dtype=torch.float64, device=ctx.device),
                                      None, g_params, g_buffers, bn_mode)
             e1, e2 = _pow2_peak(reference), _pow2_peak(z2)
-            r = (torch.ldexp(total, total.new_tensor(-e1)) * z2).sum() * 2.0 ** -e2  # R / 2^(e1 + e2)
+            g_scaled = torch.ldexp(total, total.new_tensor(-e1))
+            r = (g_scaled * z2).sum() * 2.0 ** -e2  # R / 2^(e1 + e2)
             grads = torch.autograd.grad(r, leaves, allow_unused=True, materialize_grads=True)
+        ctx.noise_floor = self._noise_floor(ctx, sample_shape, h_params, g_buffers, g_scaled, e2, grads)
         r = float(r.detach())
         self.diagnostics.update(scale=2.0 ** -(e1 + e2), R=r * 2.0 ** (e1 + e2))
         if not math.isfinite(r):
@@ -273,6 +342,34 @@ class PXScorer(Scorer):
         out = [g.detach() for g in grads]
         check_finite(out, ctx, self.name)
         return out
+
+    def _noise_floor(self, ctx: ScoreContext, sample_shape, h_params, buffers, g_scaled: torch.Tensor, e2: int,
+                     grads) -> List[float]:
+        """Per prunable tensor, the rounding error of its score total sum_j |dR/d(theta_j^2)| theta_j^2:
+        the h-net backward is rerun in float32 (one forward and backward of two samples) and
+        sum_j |grad32_j - grad64_j| theta_j^2 m_j, scaled by eps(float64) / eps(float32), estimates
+        the float64 error. Healthy totals are ~1e14 times it; rounding noise about once (the
+        engine's NoiseScoresError). A non-finite float32 pass gives floors of 0 (no check)."""
+        params32 = {n: p.detach().to(torch.float32) if p.is_floating_point() else p for n, p in h_params.items()}
+        leaves = [params32[n].requires_grad_(True) for n in ctx.names]
+        buffers32 = {n: b.to(torch.float32) if b.is_floating_point() else b.clone() for n, b in buffers.items()}
+        with torch.enable_grad():
+            z2 = hnet_output(ctx, sample_shape, params32, buffers32, self.options.batchnorm, torch.float32)
+            r = (g_scaled.to(torch.float32) * torch.ldexp(z2, z2.new_tensor(-e2))).sum()
+            grads32 = torch.autograd.grad(r, leaves, allow_unused=True, materialize_grads=True)
+        ratio = torch.finfo(torch.float64).eps / torch.finfo(torch.float32).eps
+        floors = []
+        for name, g, g32, m in zip(ctx.names, grads, grads32, ctx.masks):
+            err = ((g32.to(torch.float64) - g).abs() * h_params[name].detach() * m).sum()
+            floors.append(float(err) * ratio if bool(torch.isfinite(err)) else 0.0)
+        return floors
+
+    def noise_advice(self) -> str:
+        if self.options.batchnorm == "train":
+            return ("with batchnorm='train' the h-net's BatchNorm layers see identical all-ones samples, so a "
+                    "BatchNorm1d, or a BatchNorm2d followed by a global pool, outputs its shift whatever the "
+                    "weights before it; use batchnorm='running' (the default)")
+        return super().noise_advice()
 
     def finalize(self, ctx: ScoreContext, scores: List[torch.Tensor]) -> List[torch.Tensor]:
         """|sum over every batch and process of dR/d(theta^2)| * theta^2, masked."""
