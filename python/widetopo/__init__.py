@@ -46,6 +46,8 @@ _EXPORTS = {
     "unregister_method": "widetopo.methods",
     "Method": "widetopo.methods",
     "Schedule": "widetopo.methods",
+    "ntk_spectrum": "widetopo.sparsity.spectrum",
+    "ntk_matrix": "widetopo.sparsity.spectrum",
 }
 # every exception class a user may catch (widetopo.errors; all derive from WidetopoError)
 _EXPORTS.update(dict.fromkeys((
