@@ -20,6 +20,9 @@ from typing import List
 
 logger = logging.getLogger("widetopo.cli.spectrum")
 
+#: largest N (samples x outputs) for --mode full: a 20000 x 20000 float64 matrix is 3.2 GB
+MAX_FULL = 20000
+
 _KEYS = ("model", "dataset", "seed", "in_channels", "num_classes", "image_size", "init_sha256")
 
 
@@ -150,6 +153,15 @@ def run(args) -> int:
         if meta.get("init_sha256") and info["init_sha256"] != meta["init_sha256"]:
             raise ValueError(f"init file {meta['init_file']!r} changed since the masks were computed")
     model = model.to(args.device)
+    per_sample = 1
+    if args.outputs == "per_logit":
+        with torch.no_grad():
+            model.eval()  # freshly built: nothing to restore
+            per_sample = model(inputs[:1]).numel()
+    if args.mode == "full" and n * per_sample > MAX_FULL:
+        raise ValueError(f"--mode full would build a {n * per_sample} x {n * per_sample} matrix ({n} samples x "
+                         f"{per_sample} outputs; at most {MAX_FULL} here): pass fewer --samples, --outputs sum, "
+                         "or --mode topk --k K")
 
     by_label = {"dense": None} if args.dense else {}
     for label, path in zip(_labels(paths), paths):
