@@ -207,6 +207,18 @@ def test_lanczos_finds_repeated_eigenvalues():
     torch.testing.assert_close(top, expected, rtol=1e-9, atol=1e-12)
 
 
+def test_lanczos_past_the_rank_of_theta():
+    """Θ = X Xᵀ ⊗ I_2 has rank 4 of N = 20: the Krylov space closes after one product and
+    the block is refilled with random directions; the top 6 are the 4 non-zero ones and 0, 0."""
+    g = torch.Generator().manual_seed(26)
+    X = torch.randn(10, 2, generator=g, dtype=torch.float64)
+    net = nn.Linear(2, 2, bias=False).double()
+    expected = torch.cat([torch.linalg.eigvalsh(X.T @ X).flip(0).repeat_interleave(2),
+                          torch.zeros(2, dtype=torch.float64)])
+    top = widetopo.ntk_spectrum(net, X, mode="topk", k=6, tol=1e-10)
+    torch.testing.assert_close(top, expected, rtol=1e-9, atol=1e-9 * float(expected[0]))
+
+
 def test_hutchinson_trace_within_its_standard_deviation():
     """Rademacher probes: Var(vᵀΘv) = 2 Σ_{i≠j} Θ_ij², so p probes are within 4 standard deviations,
     sqrt(2 Σ_{i≠j} Θ_ij² / p), of tr Θ (fixed seed: a deterministic check)."""

@@ -12,13 +12,17 @@ Everything runs in float64 (J's rounding in float32, ≈ √n·ε·λ_max, hides
 eigenvalues), and J is never stored whole:
 
 * full   Θ block by block: rows of J for a block of samples by per-sample VJPs
-         (vmapped over the sample's outputs), Θ_ab = R_a R_bᵀ, two blocks in memory at a time; then
+         (vmapped over the sample's outputs), Θ_ab = R_a R_bᵀ, two blocks in memory at a time
+         (blocks after the first are recomputed: 1 + B(B-1)/2 block passes for B blocks); then
          torch.linalg.eigvalsh. (Columns Θ e_j = J(m ⊙ J_jᵀ) by one JVP each cost one
-         forward-mode pass over *all* n samples per column: measured ~20x slower on ResNet-20.)
+         forward-mode pass over *all* n samples per column: ~20x slower on ResNet-20, from the
+         measured cost of one vmapped JVP.)
 * topk   block Lanczos (block Krylov with full reorthogonalisation and Rayleigh-Ritz) on
          V ↦ Θ V = J(m ⊙ Jᵀ V): one batched VJP then one batched JVP per step. The block
          (default k vectors) also finds eigenvalues repeated up to k times, which per-logit
-         NTKs have (Θ ≈ K ⊗ I for independent logits).
+         NTKs have (Θ ≈ K ⊗ I for independent logits). A block product costs about 2.5 J-row
+         passes per vector, so for N up to a few thousand "full" is faster (ResNet-20, N = 1000,
+         k = 10: ~5x); top-k pays when Θ (N² memory, N²·P Gram) is what does not fit.
 * trace  exactly, Σ_rows ‖J_row‖², or by Hutchinson, E‖m ⊙ Jᵀv‖² for Rademacher v.
 
 BatchNorm: "eval" uses the running statistics (samples independent, so rows are computed per
@@ -306,8 +310,9 @@ def _orthonormal_block(W: torch.Tensor, basis: Optional[torch.Tensor], gen, widt
     have = sum(c.shape[1] for c in cols)
     while have < width:
         extra = torch.randn(W.shape[0], width - have, generator=gen, dtype=W.dtype).to(W.device)
-        full = torch.cat([basis] + cols, dim=1) if basis is not None or cols else None
-        if full is not None:
+        known = ([basis] if basis is not None else []) + cols
+        if known:
+            full = torch.cat(known, dim=1)
             for _ in range(2):
                 extra = extra - full @ (full.T @ extra)
         Q, R = torch.linalg.qr(extra)
@@ -483,6 +488,9 @@ def spectrum_report(model: nn.Module, inputs: torch.Tensor, masks_by_label: Mapp
     for label, masks in masks_by_label.items():  # every argument checked before any work
         _check_masks(model, masks, names)
     _check_inputs(inputs)
+    parent = os.path.dirname(os.path.abspath(out_path))
+    if not os.path.isdir(parent):
+        raise ValueError(f"out_path: directory {parent!r} does not exist")
     stem = os.path.splitext(out_path)[0]
     kw = dict(outputs=outputs, batchnorm=batchnorm, parameters=parameters, seed=seed, **options)
     result = {"mode": mode, "k": k, "outputs": outputs, "batchnorm": batchnorm,
