@@ -138,14 +138,15 @@ def test_chunked_blocks_equal_explicit_jacobian_conv_bn(batchnorm):
     torch.testing.assert_close(vals, descending_eigvals(expected), rtol=1e-9, atol=1e-11)
 
 
-def test_trace_exact_equals_sum_of_eigenvalues_and_row_norms():
+@pytest.mark.parametrize("batchnorm", ["eval", "train"])
+def test_trace_exact_equals_sum_of_eigenvalues_and_row_norms(batchnorm):
     net = conv_net(seed=5)
     x = torch.randn(4, 2, 5, 5, generator=torch.Generator().manual_seed(6))
     masks = random_masks(net, CONV_PRUNABLE, 0.3, seed=7)
-    J = reference_jacobian(net, x, masks, CONV_PRUNABLE)
+    J = reference_jacobian(net, x, masks, CONV_PRUNABLE, bn_train=batchnorm == "train")
     row_norms = float((J ** 2).sum())
-    trace = widetopo.ntk_spectrum(net, x, masks, mode="trace", chunk_size=3)
-    vals = widetopo.ntk_spectrum(net, x, masks)
+    trace = widetopo.ntk_spectrum(net, x, masks, mode="trace", chunk_size=3, batchnorm=batchnorm)
+    vals = widetopo.ntk_spectrum(net, x, masks, batchnorm=batchnorm)
     assert trace.dim() == 0 and trace.dtype == torch.float64
     assert math.isclose(float(trace), row_norms, rel_tol=1e-11)
     assert math.isclose(float(vals.sum()), row_norms, rel_tol=1e-10)
@@ -184,13 +185,15 @@ def test_masking_lowers_every_sorted_eigenvalue():
 
 # ----------------------------------------------------------------------------- Lanczos, Hutchinson
 
-def test_lanczos_topk_equals_eigvalsh():
+@pytest.mark.parametrize("batchnorm", ["eval", "train"])
+def test_lanczos_topk_equals_eigvalsh(batchnorm):
     net = conv_net(seed=13)
     x = torch.randn(12, 2, 5, 5, generator=torch.Generator().manual_seed(14))
     masks = random_masks(net, CONV_PRUNABLE, 0.5, seed=15)
-    J = reference_jacobian(net, x, masks, CONV_PRUNABLE)
+    J = reference_jacobian(net, x, masks, CONV_PRUNABLE, bn_train=batchnorm == "train")
     expected = descending_eigvals(J @ J.T)[:4]  # N = 36
-    top = widetopo.ntk_spectrum(net, x, masks, mode="topk", k=4, tol=1e-10, chunk_size=5)
+    # chunk_size=5: 3 sample chunks (eval); 3 vectors per vmapped call over all 12 samples (train)
+    top = widetopo.ntk_spectrum(net, x, masks, mode="topk", k=4, tol=1e-10, chunk_size=5, batchnorm=batchnorm)
     assert top.shape == (4,) and top.dtype == torch.float64
     torch.testing.assert_close(top, expected, rtol=1e-9, atol=1e-12)
 
@@ -219,20 +222,21 @@ def test_lanczos_past_the_rank_of_theta():
     torch.testing.assert_close(top, expected, rtol=1e-9, atol=1e-9 * float(expected[0]))
 
 
-def test_hutchinson_trace_within_its_standard_deviation():
+@pytest.mark.parametrize("batchnorm", ["eval", "train"])
+def test_hutchinson_trace_within_its_standard_deviation(batchnorm):
     """Rademacher probes: Var(vᵀΘv) = 2 Σ_{i≠j} Θ_ij², so p probes are within 4 standard deviations,
     sqrt(2 Σ_{i≠j} Θ_ij² / p), of tr Θ (fixed seed: a deterministic check)."""
     net = conv_net(seed=17)
     x = torch.randn(5, 2, 5, 5, generator=torch.Generator().manual_seed(18))
     masks = random_masks(net, CONV_PRUNABLE, 0.5, seed=19)
-    J = reference_jacobian(net, x, masks, CONV_PRUNABLE)
+    J = reference_jacobian(net, x, masks, CONV_PRUNABLE, bn_train=batchnorm == "train")
     theta = J @ J.T
     probes = 64
     std = math.sqrt(2 * float((theta ** 2).sum() - (theta.diagonal() ** 2).sum()) / probes)
-    est = widetopo.ntk_spectrum(net, x, masks, mode="trace", probes=probes, seed=3)
+    est = widetopo.ntk_spectrum(net, x, masks, mode="trace", probes=probes, seed=3, batchnorm=batchnorm)
     assert abs(float(est) - float(theta.trace())) <= 4 * std
     assert float(est) != float(theta.trace())  # an estimate, not the exact path
-    again = widetopo.ntk_spectrum(net, x, masks, mode="trace", probes=probes, seed=3)
+    again = widetopo.ntk_spectrum(net, x, masks, mode="trace", probes=probes, seed=3, batchnorm=batchnorm)
     assert float(again) == float(est)
 
 

@@ -183,6 +183,13 @@ class _NTK:
         self.numel = [t.numel() for t in self.u]
         self.P = sum(self.numel)
         self.m_flat = [None if mk is None else mk.reshape(-1) for mk in self.m]
+        # vectors per vmapped call: all of them over chunk_size samples (independent samples),
+        # else so many that vectors x n samples stays near 8 * chunk_size sample passes
+        self.group = None if self.independent else max(1, 8 * chunk_size // self.n)
+
+    def _groups(self, b: int):
+        step = b if self.group is None else self.group
+        return [(a, min(a + step, b)) for a in range(0, b, step)]
 
     def _f(self, u, x) -> torch.Tensor:
         """Outputs (b, d) of the masked network: every logit, or their sum."""
@@ -219,7 +226,7 @@ class _NTK:
                     o[r:r + self.d] = g.reshape(self.d, -1)
         else:
             _, fn = vjp(lambda u: self._f(u, self.x).reshape(-1), self.u)
-            step = self.chunk * self.d
+            step = self.group
             for a in range(start * self.d, stop * self.d, step):
                 b = min(a + step, stop * self.d)
                 basis = torch.zeros(b - a, self.N, dtype=dtype, device=device)
@@ -238,7 +245,9 @@ class _NTK:
         total = None
         for s, t in self._chunks():
             _, fn = vjp(lambda u: self._f(u, self.x[s:t]).reshape(-1), self.u)
-            grads = vmap(fn)(V[s * self.d:t * self.d].T.contiguous())[0]
+            Vt = V[s * self.d:t * self.d].T.contiguous()
+            parts = [vmap(fn)(Vt[a:b])[0] for a, b in self._groups(Vt.shape[0])]
+            grads = [torch.cat(g) if len(parts) > 1 else g[0] for g in zip(*parts)]
             total = list(grads) if total is None else [a + g for a, g in zip(total, grads)]
         return self._masked(total)
 
@@ -248,7 +257,8 @@ class _NTK:
         for s, t in self._chunks():
             xs = self.x[s:t]
             one = lambda *tangent: jvp(lambda *u: self._f(u, xs).reshape(-1), self.u, tangent)[1]  # noqa: E731
-            cols.append(vmap(one)(*G))  # (b, rows)
+            parts = [vmap(one)(*[g[a:b] for g in G]) for a, b in self._groups(G[0].shape[0])]
+            cols.append(torch.cat(parts) if len(parts) > 1 else parts[0])  # (b, rows)
         return torch.cat(cols, dim=1).T
 
     def matvec(self, V: torch.Tensor) -> torch.Tensor:
@@ -413,7 +423,9 @@ def ntk_spectrum(model: nn.Module, inputs: torch.Tensor, masks=None, *, outputs:
     parameters  "prunable" (widetopo.select_prunable), "all" (every floating parameter) or names
     seed        seeds the Lanczos start block and the Hutchinson probes (own generator)
     dtype       float64 (default) or float32 for the whole computation
-    chunk_size  samples per vmapped VJP/JVP call (activation memory)
+    chunk_size  samples per vmapped VJP/JVP call (activation memory); with coupled samples
+                (batchnorm="train") every call runs over all n samples and vmaps over
+                max(1, 8·chunk_size // n) vectors
     max_block_bytes  memory of one block of rows of J in mode "full" (two are held)
     """
     _choice("mode", mode, MODES)
