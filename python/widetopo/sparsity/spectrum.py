@@ -515,7 +515,8 @@ def spectrum_report(model: nn.Module, inputs: torch.Tensor, masks_by_label: Mapp
             kept = sum(int(m.sum()) for m in masks.values())
             density = kept / max(1, sum(m.numel() for m in masks.values()))
         result["spectra"][label] = {
-            "density": density, "eigenvalues": vals.tolist(),
+            "density": density, "method": (getattr(masks, "meta", None) or {}).get("method"),
+            "eigenvalues": vals.tolist(),
             "trace": float(vals.sum()) if mode == "full" else None,
             "nonpositive": int((vals <= 0).sum()),
         }
@@ -525,7 +526,9 @@ def spectrum_report(model: nn.Module, inputs: torch.Tensor, masks_by_label: Mapp
     ax = fig.add_subplot(1, 1, 1)
     for label, s in result["spectra"].items():
         vals = [v for v in s["eigenvalues"] if v > 0]
-        name = label if s["density"] is None else f"{label} (density {s['density']:.4g})"
+        what = ", ".join(([s["method"]] if s["method"] else [])
+                         + ([f"density {s['density']:.4g}"] if s["density"] is not None else []))
+        name = f"{label} ({what})" if what else label
         ax.plot(range(1, len(vals) + 1), vals, label=name, lw=1.2)
     ax.set_yscale("log")
     ax.set_xlabel("rank")
