@@ -359,7 +359,7 @@ def test_cli_spectrum_rebuilds_network_and_samples(tmp_path, capsys):
     cli_spectrum.add_parser(parser.add_subparsers())
     out = tmp_path / "s.png"
     args = parser.parse_args(["spectrum", str(path), "--dense", "-o", str(out), "--samples", "3"])
-    assert cli_spectrum.run(args) == 0
+    assert cli_spectrum.run(args, True) == 0
     assert "wrote" in capsys.readouterr().out
     data = json.load(open(tmp_path / "s.json"))
     assert list(data["spectra"]) == ["dense", "m"]
@@ -372,6 +372,13 @@ def test_cli_spectrum_rebuilds_network_and_samples(tmp_path, capsys):
         got = torch.tensor(data["spectra"][label]["eigenvalues"], dtype=torch.float64)
         torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-10 * float(expected[0]))
 
-    bad = parser.parse_args(["spectrum", "-o", str(out)])
-    with pytest.raises(ValueError, match="--dense"):
-        cli_spectrum.run(bad)
+    from widetopo.cli.args import CLIError, UsageError
+
+    with pytest.raises(UsageError, match="--dense"):
+        cli_spectrum.run(parser.parse_args(["spectrum", "-o", str(out)]), True)
+    with pytest.raises(UsageError, match="--k"):
+        cli_spectrum.run(parser.parse_args(["spectrum", str(path), "--mode", "topk", "-o", str(out)]), True)
+    other = widetopo.Masks(dict(masks), meta={**masks.meta, "seed": 4})
+    other.save(tmp_path / "other.wtm")
+    with pytest.raises(CLIError, match="different seed"):
+        cli_spectrum.run(parser.parse_args(["spectrum", str(path), str(tmp_path / "other.wtm"), "-o", str(out)]), True)
