@@ -382,3 +382,27 @@ def test_cli_spectrum_rebuilds_network_and_samples(tmp_path, capsys):
     other.save(tmp_path / "other.wtm")
     with pytest.raises(CLIError, match="different seed"):
         cli_spectrum.run(parser.parse_args(["spectrum", str(path), str(tmp_path / "other.wtm"), "-o", str(out)]), True)
+
+
+def test_tied_weights_and_token_inputs():
+    """A language model whose head is tied to its embedding: the tied tensor is one prunable
+    parameter (its canonical name), integer token ids are not cast; J by the explicit Jacobian."""
+    from arch_models import TiedLM
+
+    torch.manual_seed(27)
+    net = TiedLM()
+    x = torch.randint(0, 7, (3, 5), generator=torch.Generator().manual_seed(28))
+    names = ["emb.weight", "mid.weight"]  # the head's weight is emb.weight
+    masks = random_masks(net, names, 0.5, seed=29)
+    net64 = copy.deepcopy(net).double()
+    base = {n: p.detach() for n, p in net64.named_parameters()}
+    shapes, sizes = [base[n].shape for n in names], [base[n].numel() for n in names]
+
+    def f(flat):
+        new = dict(base)
+        for n, shape, piece in zip(names, shapes, flat.split(sizes)):
+            new[n] = piece.view(shape) * masks[n].double()
+        return torch.func.functional_call(net64, new, (x,)).reshape(-1)
+
+    J = torch.autograd.functional.jacobian(f, torch.cat([base[n].reshape(-1) for n in names]))
+    torch.testing.assert_close(widetopo.ntk_matrix(net, x, masks), J @ J.T, rtol=1e-10, atol=1e-13)
