@@ -376,6 +376,12 @@ def test_cli_spectrum_rebuilds_network_and_samples(tmp_path, capsys):
 
     with pytest.raises(UsageError, match="--dense"):
         cli_spectrum.run(parser.parse_args(["spectrum", "-o", str(out)]), True)
+    # wired into the console script: the same numbers, and a usage error is exit status 2
+    from widetopo.cli import main
+
+    assert main(["-q", "spectrum", str(path), "-o", str(tmp_path / "t.png"), "--samples", "3"]) == 0
+    assert json.load(open(tmp_path / "t.json"))["spectra"]["m"] == data["spectra"]["m"]
+    assert main(["-q", "spectrum", "-o", str(tmp_path / "u.png")]) == 2
     with pytest.raises(UsageError, match="--k"):
         cli_spectrum.run(parser.parse_args(["spectrum", str(path), "--mode", "topk", "-o", str(out)]), True)
     other = widetopo.Masks(dict(masks), meta={**masks.meta, "seed": 4})

@@ -6,10 +6,11 @@
     widetopo report r20.wtm --json r20.json --plots plots/
     widetopo compare                      # accuracy vs density of several methods (built-in demo, ~10 min)
     widetopo compare --methods snip,widetopo-s --densities 0.1,0.01 --seeds 0,1 -o results/
+    widetopo spectrum r20.wtm --dense -o spectrum.png
     widetopo bench
 
 One module per command (cli/prune.py, train.py, run.py, report.py, methods.py, bench.py,
-compare.py: add_parser, OUTPUTS, run), the shared flags in cli/args.py, and the work itself in
+compare.py, spectrum.py: add_parser, OUTPUTS, run), the shared flags in cli/args.py, and the work itself in
 the library (widetopo.experiments.recipe, widetopo.experiments.compare). Global flags (-q, -v,
 --threads) go before or after the command.
 
@@ -27,7 +28,7 @@ import torch
 
 from widetopo import __version__
 from widetopo.cli import args as cli_args
-from widetopo.cli import bench, compare, methods, prune, report, run, train
+from widetopo.cli import bench, compare, methods, prune, report, run, spectrum, train
 from widetopo.experiments.recipe import method_options
 
 __all__ = ["main", "build_parser", "COMMANDS"]
@@ -36,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 #: command name -> its module (add_parser(sub), OUTPUTS, run(args, quiet) -> exit status)
 COMMANDS = {"prune": prune, "train": train, "run": run, "report": report, "methods": methods, "bench": bench,
-            "compare": compare}
+            "compare": compare, "spectrum": spectrum}
 
 
 def build_parser() -> argparse.ArgumentParser:
