@@ -98,6 +98,10 @@ def _worker(rank, world, port, outdir):
             out["meta"][method] = masks.meta["data_split"]
         explicit = widetopo.prune(make_model(), mine, DENSITY, method="snip", data_split="per_rank", verbose=False)
         out["explicit"] = dict(explicit)
+        # equal parts on every rank: "auto" reads them as replicated; "per_rank" counts each once
+        same_parts = widetopo.prune(make_model(), union(2), DENSITY, method="snip", data_split="per_rank",
+                                    verbose=False)
+        out["same_parts"] = dict(same_parts)
         replicated = widetopo.prune(make_model(), full, DENSITY, method="widetopo-s", **RUNS["widetopo-s"])
         out["replicated"] = dict(replicated)
         out["replicated_meta"] = replicated.meta["data_split"]
@@ -156,6 +160,15 @@ def test_per_rank_parts_give_the_masks_of_one_process_over_their_union(spawned):
         if method == "snip":
             assert all(_equal(r["explicit"], single) for r in ranks)
             assert all(_equal(r["checkpointed"], single) and r["resumed"] for r in ranks)
+
+
+def test_equal_parts_declared_per_rank_are_each_counted(spawned):
+    import widetopo
+
+    world, ranks = spawned
+    single = widetopo.prune(make_model(), union(2) * world, DENSITY, method="snip", verbose=False)
+    for result in ranks:
+        assert _equal(result["same_parts"], single)
 
 
 def test_the_comparison_can_fail():
