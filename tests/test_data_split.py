@@ -2,9 +2,10 @@
 
 2 and 3 gloo processes, each passing its own part of the pruning set (unequal batch counts, one
 rank with none), must give the masks of ONE process over the concatenation of the parts in rank
-order, for a data-free control (magnitude) and methods that use batch-seeded randomness
-(widetopo-s), a signed sum finalized after the all_reduce (snip) and a whole-set prepass
-(grasp); all in float64, masks compared for equality. The replicated form (every rank the whole
+order, for a data-free control (magnitude), methods that use batch-seeded randomness
+(widetopo-s), a signed sum finalized after the all_reduce (snip), a whole-set prepass (grasp) and
+a data-free method that reads every batch pair (pags); all in float64, masks compared for
+equality. The replicated form (every rank the whole
 list) keeps working. Ranks that disagree (density, a method option, the model, replicated data
 that differs, samples of different shapes) all raise the same RankMismatchError before round 1,
 well within the process group's timeout. One spawn per world size runs every check.
@@ -34,6 +35,8 @@ RUNS = {
     "snip": dict(verbose=False),
     "widetopo-s": dict(rounds=2, restorations=1, restore_steps=2, restore_rounds=1, seed=3, verbose=False),
     "grasp": dict(verbose=False),
+    # data-free (no sum over batches) but reads every batch: the union is gathered onto every rank
+    "pags": dict(population=4, min_kept=0, verbose=False),
 }
 TIMEOUT = 60  # the process group's timeout: a disagreement must be reported long before it
 

@@ -6,9 +6,10 @@ is their union in rank order, so rank r's local batch j gets the global index
 the index that batch has in one process over the concatenated list (rank 0's batches first).
 Every random draw is seeded by (seed, round, i) and BatchNorm is calibrated per batch, so each
 batch is scored exactly as that one process scores it; the sums (the prepass too: GraSP's g)
-are all-reduced. Each rank scores all of its batches. A data-free method sees, on every rank,
-global batch 0 (broadcast from the rank that holds it), which is the batch one process gives it
-first; data-free methods read only the sample shape of the first batch.
+are all-reduced. Each rank scores all of its batches. A data-free method (no sum over batches)
+gets what one process gives it, on every rank: the whole union, gathered (PAGS draws its
+population from batch pairs), or, when it reads at most the first batch (Scorer.first_batch_only:
+SynFlow's sample shape, PHEW's probe input), global batch 0 alone, broadcast from its rank.
 
 replicated: every rank passes the whole set; rank r scores the batches with i % world == r.
 
@@ -42,6 +43,7 @@ class DataSplit:
     digests: List[Optional[str]]  # [None] in one process: computed only if a checkpoint asks
     shapes: List[List[List[int]]]
     first: Optional[dict] = None  # shapes/dtypes of global batch 0 (for the broadcast)
+    targets: Optional[List[list]] = None  # each rank's [target shape, dtype name] (None: no target) per batch
     batches: Optional[List[Batch]] = None  # one process: its batches (for the lazy digest)
 
     @property
@@ -63,7 +65,7 @@ class DataSplit:
             self.digests = [data_digest(self.batches)]
         return self.digests[0] if self.mode == "replicated" else "+".join(self.digests)
 
-    def mine(self, batches: List[Batch], data_dependent: bool, store: torch.device,
+    def mine(self, batches: List[Batch], data_dependent: bool, first_batch_only: bool, store: torch.device,
              device: torch.device) -> List[Batch]:
         """The batches this rank hands to the scorer (a collective for data-free per_rank runs)."""
         rank, world = collectives.rank_world()
@@ -71,7 +73,22 @@ class DataSplit:
             return collectives.shard(batches, rank, world) if data_dependent else batches
         if data_dependent:
             return batches
-        return [_broadcast_first(batches, self.first, self.counts, store, device)]
+        if first_batch_only:
+            src = next(r for r, n in enumerate(self.counts) if n)
+            return [_broadcast_batch(batches[0] if rank == src else None, 0, src, self.first["x"],
+                                     self.first["y"], store, device)]
+        return self._gather_union(batches, store, device)
+
+    def _gather_union(self, batches: List[Batch], store: torch.device, device: torch.device) -> List[Batch]:
+        """The whole union on every rank, in global order (one broadcast per batch)."""
+        rank, _ = collectives.rank_world()
+        x_dtype = self.first["x"][1]  # (one input dtype: materialize_batches and _check_samples)
+        out = []
+        for src, (offset, shapes, targets) in enumerate(zip(self.offsets, self.shapes, self.targets)):
+            for j, (shape, y_spec) in enumerate(zip(shapes, targets)):
+                own = batches[j] if src == rank else None
+                out.append(_broadcast_batch(own, offset + j, src, [shape, x_dtype], y_spec, store, device))
+        return out
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -88,6 +105,7 @@ def _describe(batches: Sequence[Batch], digest: bool) -> dict:
         "count": len(batches),
         "digest": data_digest(batches) if digest else None,
         "shapes": [list(b.x.shape) for b in batches],
+        "targets": [None if b.y is None else [list(b.y.shape), str(b.y.dtype)] for b in batches],
         "x": _sample(first.x) if first else None,
         "y": [_sample(first.y)] if first else None,
         "first": None if first is None else {
@@ -149,21 +167,18 @@ def resolve_split(option: str, batches: List[Batch], device: torch.device) -> Da
             b.index += offset
     first = next(d["first"] for d in described if d["count"])
     return DataSplit(mode, counts, digests, [d["shapes"] for d in described], first,
-                     batches if world == 1 else None)
+                     [d["targets"] for d in described], batches if world == 1 else None)
 
 
-def _broadcast_first(batches: List[Batch], first: dict, counts: List[int], store: torch.device,
+def _broadcast_batch(own: Optional[Batch], index: int, src: int, x_spec, y_spec, store: torch.device,
                      device: torch.device) -> Batch:
-    """Global batch 0 on every rank, from the first rank that passed a batch."""
-    rank, _ = collectives.rank_world()
-    src = next(r for r, n in enumerate(counts) if n)
-    if rank == src:
-        x, y = batches[0].x, batches[0].y
+    """Rank `src`'s batch `own` on every rank, as global batch `index` (x_spec, y_spec: [shape,
+    dtype name] of its input and target, known to every rank; y_spec None: no target)."""
+    if own is not None:
+        x, y = own.x, own.y
     else:
-        x = torch.empty(first["x"][0], dtype=_dtype(first["x"][1]))
-        y = None if first["y"] is None else torch.empty(first["y"][0], dtype=_dtype(first["y"][1]))
+        x = torch.empty(x_spec[0], dtype=_dtype(x_spec[1]))
+        y = None if y_spec is None else torch.empty(y_spec[0], dtype=_dtype(y_spec[1]))
     tensors = [t.to(device) for t in (x, y) if t is not None]
     collectives.broadcast_(tensors, src=src)
-    x = tensors[0].to(store)
-    y = tensors[1].to(store) if len(tensors) > 1 else None
-    return Batch(0, x, y)
+    return Batch(index, tensors[0].to(store), tensors[1].to(store) if len(tensors) > 1 else None)

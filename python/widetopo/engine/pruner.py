@@ -180,7 +180,8 @@ class Pruner:
                     from widetopo.scores.differentiable import check_double_backward
 
                     check_double_backward(state.context(0, self.options.seed), batches[0].x, method=self.scorer.name)
-        mine = self._split.mine(batches, self.scorer.data_dependent, store, self.device)
+        mine = self._split.mine(batches, self.scorer.data_dependent, self.scorer.first_batch_only, store,
+                                self.device)
         return state, batches, mine
 
     def _settings(self) -> dict:
@@ -196,6 +197,7 @@ class Pruner:
             "method options": [f"{k}={v!r}" for k, v in sorted(as_dict(scorer.options).items())],
             "scorer": [f"data_dependent={scorer.data_dependent}", f"prepass={has_prepass(scorer)}",
                        f"selection={scorer.selection}", f"decay={scorer.decay}",
+                       f"first_batch_only={scorer.first_batch_only}",
                        f"needs_double_backward={scorer.needs_double_backward}"],
             "density": self.density,
         }
