@@ -101,6 +101,9 @@ def _worker(rank, world, port, outdir):
             out["meta"][method] = masks.meta["data_split"]
         explicit = widetopo.prune(make_model(), mine, DENSITY, method="snip", data_split="per_rank", verbose=False)
         out["explicit"] = dict(explicit)
+        # per-rank data with sharded scores (each score tensor summed into and selected by one rank)
+        out["shard_scores"] = dict(widetopo.prune(make_model(), mine, DENSITY, method="widetopo-s", shard_scores=True,
+                                                  **RUNS["widetopo-s"]))
         # equal parts on every rank: "auto" reads them as replicated; "per_rank" counts each once
         same_parts = widetopo.prune(make_model(), union(2), DENSITY, method="snip", data_split="per_rank",
                                     verbose=False)
@@ -160,6 +163,8 @@ def test_per_rank_parts_give_the_masks_of_one_process_over_their_union(spawned):
         for rank, result in enumerate(ranks):
             assert result["meta"][method] == "per_rank", (method, rank)
             assert _equal(result["per_rank"][method], single), (method, rank)
+        if method == "widetopo-s":
+            assert all(_equal(r["shard_scores"], single) for r in ranks)
         if method == "snip":
             assert all(_equal(r["explicit"], single) for r in ranks)
             assert all(_equal(r["checkpointed"], single) and r["resumed"] for r in ranks)
