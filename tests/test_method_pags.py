@@ -160,20 +160,28 @@ def _different_data_worker(rank, world, port, outdir):
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                                          timeout=datetime.timedelta(seconds=60))
     try:
+        part = labelled(2, seed=10 + rank)
+        per_rank = widetopo.prune(bn_net(), part, 0.2, method="pags", population=2, verbose=False)
         try:
-            widetopo.prune(bn_net(), labelled(2, seed=10 + rank), 0.2, method="pags", population=2, verbose=False)
+            widetopo.prune(bn_net(), part, 0.2, method="pags", population=2, data_split="replicated", verbose=False)
             message = "no error"
         except ValueError as exc:
             message = str(exc)
-        with open(os.path.join(outdir, f"rank{rank}.txt"), "w") as f:
-            f.write(message)
+        torch.save({"per_rank": dict(per_rank), "message": message}, os.path.join(outdir, f"rank{rank}.pt"))
     finally:
         torch.distributed.destroy_process_group()
 
 
-def test_two_processes_with_different_data_refuse_together(tmp_path):
+def test_two_processes_with_different_data_prune_their_union(tmp_path):
+    """Each rank passes its own part (docs/distributed.md): the engine gathers the union onto every
+    rank, so both give the masks of one process over rank 0's batches then rank 1's; declared
+    replicated, the different data is refused on both ranks."""
     from gloo import spawn
 
     spawn(_different_data_worker, 2, str(tmp_path))
+    single = widetopo.prune(bn_net(), labelled(2, seed=10) + labelled(2, seed=11), 0.2, method="pags",
+                            population=2, verbose=False)
     for rank in (0, 1):
-        assert "same pruning data on every process" in (tmp_path / f"rank{rank}.txt").read_text()
+        out = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert all(torch.equal(out["per_rank"][n], single[n]) for n in single), rank
+        assert "data_split='replicated' needs the same pruning data on every rank" in out["message"]

@@ -26,6 +26,7 @@ __all__ = [
     "InitMismatchError",
     "RecipeError",
     "CompareError",
+    "RankMismatchError",
 ]
 
 
@@ -54,6 +55,17 @@ class DoubleBackwardError(WidetopoError, RuntimeError):
 
 class CheckpointMismatch(WidetopoError, ValueError):
     """The checkpoint file belongs to a different run."""
+
+
+class RankMismatchError(WidetopoError, ValueError):
+    """Under torch.distributed, the ranks were called with runs that cannot be pruned together
+    (a different method, option, density, schedule, model or prunable selection; data that is not
+    replicated under data_split="replicated"; samples of different shapes). Every rank raises
+    it with the same message, before round 1; `differences` lists each disagreement."""
+
+    def __init__(self, message: str, differences: List[str]):
+        super().__init__(message)
+        self.differences = differences
 
 
 # ------------------------------------------------------------------------------ files

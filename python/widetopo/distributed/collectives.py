@@ -1,8 +1,9 @@
 """torch.distributed helpers of the engine (docs/design.md §2.4).
 
-Each rank scores the batches whose global index i satisfies i % world == rank; the per-rank
-score sums are added with all_reduce, so every rank thresholds identical scores and derives
-identical masks. The engine also broadcasts rank 0's parameters and buffers into its private
+Each rank scores its batches of the pruning set (its own part with per-rank data; with
+replicated data, the batches whose global index i satisfies i % world == rank:
+widetopo.distributed.data_split); the per-rank score sums are added with all_reduce, so every
+rank thresholds identical scores and derives identical masks. The engine also broadcasts rank 0's parameters and buffers into its private
 copies, so all ranks start from the same theta even if their models were initialised
 differently. Without an initialised process group everything is a no-op (rank 0 of 1).
 
@@ -35,6 +36,25 @@ def shard(batches: Sequence[T], rank: int, world: int) -> List[T]:
     if world < 1 or not 0 <= rank < world:
         raise ValueError(f"rank must be in [0, world) with world >= 1, got rank={rank}, world={world}")
     return [b for b in batches if b.index % world == rank]
+
+
+def all_gather_bytes(payload: bytes, device: torch.device) -> List[bytes]:
+    """Every rank's `payload`, in rank order (two all_gathers: the lengths, then the bytes
+    padded to the longest). Tensors live on `device`, so it works with gloo and NCCL alike.
+    Without a process group: [payload]."""
+    if not is_distributed():
+        return [payload]
+    _, world = rank_world()
+    n = torch.tensor([len(payload)], dtype=torch.int64, device=device)
+    lengths = [torch.zeros_like(n) for _ in range(world)]
+    torch.distributed.all_gather(lengths, n)
+    sizes = [int(t) for t in lengths]
+    mine = torch.zeros(max(sizes), dtype=torch.uint8)
+    mine[:len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if payload else mine[:0]
+    mine = mine.to(device)
+    parts = [torch.empty_like(mine) for _ in range(world)]
+    torch.distributed.all_gather(parts, mine)
+    return [bytes(p[:size].cpu().numpy().tobytes()) for p, size in zip(parts, sizes)]
 
 
 def all_reduce_sum_(tensors: List[torch.Tensor]) -> None:

@@ -61,13 +61,16 @@ def _place(t: Optional[torch.Tensor], store: torch.device, pin: bool) -> Optiona
 
 
 def materialize_batches(data: Iterable, store: torch.device, max_samples: Optional[int] = None,
-                        pin: bool = False) -> List[Batch]:
+                        pin: bool = False, allow_empty: bool = False) -> List[Batch]:
     """Batch objects on `store`, indexed 0, 1, ... in iteration order (the index seeds the
-    batch's randomness).
+    batch's randomness; with per-rank data under torch.distributed the engine shifts it to the
+    batch's place in the union, widetopo.distributed.data_split).
 
     max_samples: read batches only until this many samples are collected (the last batch is
     cut to fit, and the iterator is not advanced further), so a full training DataLoader can be
-    passed; None reads everything. pin: pin CPU batches (for asynchronous copies to a GPU)."""
+    passed; None reads everything. pin: pin CPU batches (for asynchronous copies to a GPU).
+    allow_empty: return [] for empty data (one rank's part of a per-rank set may be empty; the
+    engine checks the union)."""
     if isinstance(data, torch.Tensor):
         raise TypeError("data must be an iterable of batches (e.g. a DataLoader or a list of tensors), not one tensor")
     try:
@@ -87,7 +90,7 @@ def materialize_batches(data: Iterable, store: torch.device, max_samples: Option
         taken += x.shape[0]
         if max_samples is not None and taken >= max_samples:
             break
-    if not batches:
+    if not batches and not allow_empty:
         raise ValueError("data is empty: the pruning set must contain at least one batch")
     return batches
 

@@ -12,7 +12,13 @@ import widetopo_ext
 from widetopo.options import Options, any_integer, as_dict, between, boolean, integer, one_of, option, optional
 from widetopo.engine.schedule import COUNTS, schedule_kind
 
-__all__ = ["EngineOptions", "RESULT_NEUTRAL"]
+__all__ = ["EngineOptions", "RESULT_NEUTRAL", "DATA_SPLITS"]
+
+#: data_split values: how the ranks' data arguments form the pruning set under torch.distributed
+#: (docs/distributed.md): "replicated" = every rank passes the whole set, "per_rank" = each rank
+#: passes its own part (DistributedSampler style; the set is their union in rank order), "auto" =
+#: "replicated" when every rank's data has the same digest, else "per_rank"
+DATA_SPLITS = ("auto", "per_rank", "replicated")
 
 def _schedule(name: str, value) -> str:
     try:
@@ -71,6 +77,10 @@ class EngineOptions(Options):
                                     "'cpu' moves one batch at a time)", _device)
     shard_scores: bool = option(False, "under torch.distributed: each process sums and selects only its share "
                                        "of the prunable tensors (sharded top-k); same masks", boolean)
+    data_split: str = option("auto", "under torch.distributed: 'per_rank' (each process passes its own part "
+                                     "of the pruning set, which is their union), 'replicated' (each passes "
+                                     "the whole set) or 'auto' (replicated iff every process's data is equal)",
+                             one_of(*DATA_SPLITS, aliases={"per-rank": "per_rank"}))
 
     @property
     def post_rounds(self) -> int:
@@ -83,5 +93,6 @@ class EngineOptions(Options):
         return out
 
 
-#: options that do not change the masks
-RESULT_NEUTRAL = ("verbose", "checkpoint", "device", "data_device", "shard_scores")
+#: options that do not change the masks (data_split: the masks depend on the split it resolves
+#: to, which the engine records itself as "data_split" in the metadata and checkpoint fingerprint)
+RESULT_NEUTRAL = ("verbose", "checkpoint", "device", "data_device", "shard_scores", "data_split")

@@ -19,7 +19,7 @@ from torch import nn
 from torch.func import functional_call
 
 from widetopo.distributed import collectives as dist_utils
-from widetopo.engine.batches import data_digest, materialize_batches, model_digest
+from widetopo.engine.batches import materialize_batches, model_digest
 from widetopo.engine.checkpoint import Checkpoint
 from widetopo.sparsity.masks import Masks
 from widetopo.options import as_dict
@@ -153,27 +153,64 @@ class Pruner:
         return out
 
     def _prepare(self, data: Iterable):
-        """Read the data, build the working state, run one probe forward. Returns (state,
-        batches, this process's batches)."""
+        """Check that every rank runs the same pruning, read the data, resolve how the ranks'
+        data form the pruning set (widetopo.distributed.data_split), build the working state, run
+        one probe forward. Returns (state, this process's batches, the batches it scores)."""
+        from widetopo.distributed.agreement import check_agreement
+        from widetopo.distributed.data_split import resolve_split
         from widetopo.engine.state import PruneState
 
         rank, world = dist_utils.rank_world()
         store = self.options.data_device or self.device
+        if world > 1:  # before any collective whose shapes depend on the run (one all_gather)
+            check_agreement(self._settings(), self.device, "the pruning run before round 1")
         with dist_utils.fail_together(self.device, "reading the pruning data"):
             batches = materialize_batches(data, store, self.options.max_samples,
-                                          pin=store.type == "cpu" and self.device.type == "cuda")
+                                          pin=store.type == "cpu" and self.device.type == "cuda",
+                                          allow_empty=world > 1)
             if self.scorer.needs_targets and any(b.y is None for b in batches):
                 raise ValueError(f"method {self.scorer.name!r} needs targets: data must yield (input, target) batches")
+        self._split = resolve_split(self.options.data_split, batches, self.device)
         state = PruneState(self.model, self.names, self.device)
         with dist_utils.fail_together(self.device, "the model's forward on the pruning data"):
-            self._probe(state, batches[0])
-            self._probe_calibration(state, batches)
-            if self.scorer.needs_double_backward:
-                from widetopo.scores.differentiable import check_double_backward
+            if batches:  # (a rank whose part of per-rank data is empty has nothing to probe)
+                self._probe(state, batches[0])
+                self._probe_calibration(state, batches)
+                if self.scorer.needs_double_backward:
+                    from widetopo.scores.differentiable import check_double_backward
 
-                check_double_backward(state.context(0, self.options.seed), batches[0].x, method=self.scorer.name)
-        mine = dist_utils.shard(batches, rank, world) if self.scorer.data_dependent else batches
+                    check_double_backward(state.context(0, self.options.seed), batches[0].x, method=self.scorer.name)
+        mine = self._split.mine(batches, self.scorer.data_dependent, self.scorer.first_batch_only, store,
+                                self.device)
         return state, batches, mine
+
+    def _settings(self) -> dict:
+        """What every rank must agree on before round 1 (JSON values, compared across ranks):
+        the method and its options, the density, the engine options (schedule included), the
+        prunable selection and every parameter and buffer (the engine broadcasts them)."""
+        from widetopo.engine.rounds import has_prepass
+
+        scorer = self.scorer
+        params = dict(self.model.named_parameters())
+        out = {
+            "method": f"{scorer.name} ({type(scorer).__module__}.{type(scorer).__qualname__})",
+            "method options": [f"{k}={v!r}" for k, v in sorted(as_dict(scorer.options).items())],
+            "scorer": [f"data_dependent={scorer.data_dependent}", f"prepass={has_prepass(scorer)}",
+                       f"selection={scorer.selection}", f"decay={scorer.decay}",
+                       f"first_batch_only={scorer.first_batch_only}",
+                       f"needs_double_backward={scorer.needs_double_backward}"],
+            "density": self.density,
+        }
+        out.update({f"option {k}": repr(v) for k, v in as_dict(self.options).items()
+                    if k not in ("verbose", "checkpoint", "device", "data_device")})
+        options = set(as_dict(scorer.options))
+        out.update({f"meta {k}": repr(v) for k, v in sorted(self.meta.items()) if k not in options})
+        out["prunable parameters"] = [f"{n} {list(params[n].shape)}" for n in self.names]
+        out["model parameters and buffers"] = [
+            f"{kind} {n} {list(t.shape)} {t.dtype}" for kind, items in
+            (("parameter", self.model.named_parameters()), ("buffer", self.model.named_buffers()))
+            for n, t in items if t is not None]
+        return out
 
     def _probe(self, state, batch: Batch) -> None:
         x = batch.x[:2].to(self.device)
@@ -217,8 +254,9 @@ class Pruner:
             "shapes": [list(p.shape) for p in state.working],
             "layouts": [repr(layout) for layout in self.layouts],
             "model_digest": model_digest(self.model),
-            "batches": [[b.index, list(b.x.shape)] for b in batches],
-            "data_digest": data_digest(batches),
+            "data_split": self._split.mode,
+            "batches": self._split.global_batches(),
+            "data_digest": self._split.global_digest(),
             "world": world,
         }
 
@@ -325,6 +363,7 @@ class Pruner:
             "target_density": self.density,
             "density": kept / state.n_prunable,
             **self.options.result_settings(),
+            "data_split": self._split.mode,
             "world_size": world,
             "version": __version__,
         }

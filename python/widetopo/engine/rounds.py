@@ -129,7 +129,7 @@ def compute_scores(scorer: Scorer, ctx: ScoreContext, mine: Sequence[Batch], dev
     with dist_utils.fail_together(device, what):
         if mine:
             scores = _check_list(scorer, "score()", scorer.score(ctx, mine), ctx.names, working)
-        else:  # more processes than batches: this rank contributes nothing to the sum
+        else:  # no batch on this rank (an empty per-rank part, or more ranks than batches): zeros
             scores = score_zeros(working)
     if scorer.data_dependent:
         if owner is None:

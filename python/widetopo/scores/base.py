@@ -101,6 +101,10 @@ class Scorer(abc.ABC):
       data_dependent        - scores are sums over batches (summed across processes with all_reduce)
       decay                 - the engine applies density-aware decay after summing
       needs_targets         - the data must carry targets
+      first_batch_only      - a data-free scorer that reads at most the first batch (its sample
+                              shape, a probe input): with per-rank data under torch.distributed
+                              every rank gets global batch 0; otherwise a data-free scorer gets
+                              the whole pruning set on every rank (widetopo.distributed.data_split)
       needs_double_backward - the scores differentiate a gradient (checked before round 1)
       selection             - "global": keep the K highest scores over all tensors;
                               "layerwise": keep layer_quotas(ctx, K)[l] highest in each tensor l;
@@ -122,6 +126,7 @@ class Scorer(abc.ABC):
     data_dependent: bool = True
     decay: bool = False
     needs_targets: bool = False
+    first_batch_only: bool = False
     needs_double_backward: bool = False
     selection: str = "global"
     reports_noise_floor: bool = False

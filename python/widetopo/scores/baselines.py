@@ -42,6 +42,7 @@ class RandomScorer(Scorer):
 
     name = "random"
     data_dependent = False
+    first_batch_only = True  # reads no batch
     decay = False
     needs_targets = False
     Options = RandomOptions
@@ -65,6 +66,7 @@ class MagnitudeScorer(Scorer):
 
     name = "magnitude"
     data_dependent = False
+    first_batch_only = True  # reads no batch
     decay = False
     needs_targets = False
 
@@ -331,6 +333,7 @@ class SynFlowScorer(Scorer):
 
     name = "synflow"
     data_dependent = False
+    first_batch_only = True  # the sample shape of the first batch
     decay = False
     needs_targets = False
     Options = SynFlowOptions

@@ -216,6 +216,7 @@ class NPBScorer(Scorer):
 
     name = "npb"
     data_dependent = False
+    first_batch_only = True  # the sample shape of the first batch
     decay = False
     needs_targets = False
     selection = "mask"

@@ -116,31 +116,15 @@ class PAGSOptions(Options):
 class PAGSScorer(Scorer):
     """PAGS over SNIP (module docstring); selection "mask": score() keeps the batches,
     choose_masks() draws the population for the round's K. Under torch.distributed every
-    process must pass the same pruning data (checked) and computes the whole population itself."""
+    process is handed the whole pruning set (a data-free scorer without first_batch_only: gathered
+    from per-rank parts, widetopo.distributed.data_split) and computes the whole population itself."""
 
     name = "pags"
     selection = "mask"
-    data_dependent = False  # members need whole batch pairs: every process scores all of its batches, no sum
+    data_dependent = False  # members need whole batch pairs: every process scores the whole set, no sum
     decay = False
     needs_targets = True
     Options = PAGSOptions
-
-    def _check_same_data(self, batches: Sequence[Batch]) -> None:
-        """Under torch.distributed every process scores the whole population on its own batches, so
-        they must all hold the same pruning set (then every rank derives the masks of one process)."""
-        from widetopo.engine.batches import data_digest
-
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return
-        world = torch.distributed.get_world_size()
-        if world == 1:
-            return
-        digests = [None] * world
-        torch.distributed.all_gather_object(digests, data_digest(list(batches)))
-        if len(set(digests)) > 1:
-            raise ValueError(f"{self.name} under torch.distributed needs the same pruning data on every process "
-                             "(each process draws the whole population from whole batch pairs); pass every rank "
-                             "the same batches")
 
     def _member_batch(self, ctx: ScoreContext, batches: Sequence[Batch], j: int) -> Batch:
         n = len(batches)
@@ -158,7 +142,6 @@ class PAGSScorer(Scorer):
         choose_masks, which draws the population once the round's K is known."""
         if not batches:
             raise ValueError(f"{self.name} draws its population from the pruning batches: pass at least one")
-        self._check_same_data(batches)
         ctx.extra["pags_batches"] = list(batches)
         return [m.to(torch.float64 if p.dtype == torch.float64 else torch.float32) for m, p in
                 zip(ctx.masks, ctx.prunable)]

@@ -342,6 +342,7 @@ class PHEWScorer(Scorer):
 
     name = "phew"
     data_dependent = False
+    first_batch_only = True  # traces on the first batch
     decay = False
     needs_targets = False
     selection = "mask"

@@ -148,6 +148,7 @@ class RRegScorer(Scorer):
 
     name = "rreg"
     data_dependent = False
+    first_batch_only = True  # reads no batch
     decay = False
     needs_targets = False
     selection = "mask"

@@ -1,0 +1,184 @@
+"""Which pruning set the ranks' data arguments form under torch.distributed (docs/distributed.md).
+
+per_rank (the DistributedSampler convention): each rank passes its own part; the pruning set
+is their union in rank order, so rank r's local batch j gets the global index
+    i = n_0 + ... + n_{r-1} + j            (n_q: the number of batches rank q passed),
+the index that batch has in one process over the concatenated list (rank 0's batches first).
+Every random draw is seeded by (seed, round, i) and BatchNorm is calibrated per batch, so each
+batch is scored exactly as that one process scores it; the sums (the prepass too: GraSP's g)
+are all-reduced. Each rank scores all of its batches. A data-free method (no sum over batches)
+gets what one process gives it, on every rank: the whole union, gathered (PAGS draws its
+population from batch pairs), or, when it reads at most the first batch (Scorer.first_batch_only:
+SynFlow's sample shape, PHEW's probe input), global batch 0 alone, broadcast from its rank.
+
+replicated: every rank passes the whole set; rank r scores the batches with i % world == r.
+
+auto (the default): replicated when every rank's data has the same digest
+(widetopo.engine.batches.data_digest), otherwise per_rank. Equal parts on every rank are read
+as replicated data: pass data_split="per_rank" when equal parts are meant to be counted once each.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+import torch
+
+from widetopo.distributed import collectives
+from widetopo.engine.batches import data_digest
+from widetopo.errors import RankMismatchError
+from widetopo.scores.base import Batch
+
+__all__ = ["DataSplit", "resolve_split"]
+
+
+@dataclass
+class DataSplit:
+    """The resolved split: mode ("per_rank" or "replicated"), each rank's batch count and data
+    digest, and each rank's batch shapes (global batch list, for the checkpoint fingerprint)."""
+
+    mode: str
+    counts: List[int]
+    digests: List[Optional[str]]  # [None] in one process: computed only if a checkpoint asks
+    shapes: List[List[List[int]]]
+    first: Optional[dict] = None  # shapes/dtypes of global batch 0 (for the broadcast)
+    targets: Optional[List[list]] = None  # each rank's [target shape, dtype name] (None: no target) per batch
+    batches: Optional[List[Batch]] = None  # one process: its batches (for the lazy digest)
+
+    @property
+    def offsets(self) -> List[int]:
+        out, total = [], 0
+        for n in self.counts:
+            out.append(total)
+            total += n
+        return out
+
+    def global_batches(self) -> List[list]:
+        """[[global index, shape]] of the whole pruning set (identical on every rank)."""
+        if self.mode == "replicated":
+            return [[i, s] for i, s in enumerate(self.shapes[0])]
+        return [[off + j, s] for off, shapes in zip(self.offsets, self.shapes) for j, s in enumerate(shapes)]
+
+    def global_digest(self) -> str:
+        if self.digests == [None]:
+            self.digests = [data_digest(self.batches)]
+        return self.digests[0] if self.mode == "replicated" else "+".join(self.digests)
+
+    def mine(self, batches: List[Batch], data_dependent: bool, first_batch_only: bool, store: torch.device,
+             device: torch.device) -> List[Batch]:
+        """The batches this rank hands to the scorer (a collective for data-free per_rank runs)."""
+        rank, world = collectives.rank_world()
+        if self.mode == "replicated" or world == 1:
+            return collectives.shard(batches, rank, world) if data_dependent else batches
+        if data_dependent:
+            return batches
+        if first_batch_only:
+            src = next(r for r, n in enumerate(self.counts) if n)
+            return [_broadcast_batch(batches[0] if rank == src else None, 0, src, self.first["x"],
+                                     self.first["y"], store, device)]
+        return self._gather_union(batches, store, device)
+
+    def _gather_union(self, batches: List[Batch], store: torch.device, device: torch.device) -> List[Batch]:
+        """The whole union on every rank, in global order (one broadcast per batch)."""
+        rank, _ = collectives.rank_world()
+        x_dtype = self.first["x"][1]  # (one input dtype: materialize_batches and _check_samples)
+        out = []
+        for src, (offset, shapes, targets) in enumerate(zip(self.offsets, self.shapes, self.targets)):
+            for j, (shape, y_spec) in enumerate(zip(shapes, targets)):
+                own = batches[j] if src == rank else None
+                out.append(_broadcast_batch(own, offset + j, src, [shape, x_dtype], y_spec, store, device))
+        return out
+
+
+def _dtype(name: str) -> torch.dtype:
+    return getattr(torch, name.rsplit(".", 1)[-1])
+
+
+def _sample(t: Optional[torch.Tensor]):
+    return None if t is None else [list(t.shape[1:]) if t.dim() > 0 else None, str(t.dtype)]
+
+
+def _describe(batches: Sequence[Batch], digest: bool) -> dict:
+    first = batches[0] if batches else None
+    return {
+        "count": len(batches),
+        "digest": data_digest(batches) if digest else None,
+        "shapes": [list(b.x.shape) for b in batches],
+        "targets": [None if b.y is None else [list(b.y.shape), str(b.y.dtype)] for b in batches],
+        "x": _sample(first.x) if first else None,
+        "y": [_sample(first.y)] if first else None,
+        "first": None if first is None else {
+            "x": [list(first.x.shape), str(first.x.dtype)],
+            "y": None if first.y is None else [list(first.y.shape), str(first.y.dtype)],
+        },
+    }
+
+
+def _check_samples(described: List[dict]) -> None:
+    """Per-rank parts must hold samples of one shape and dtype, with targets alike (what
+    materialize_batches requires of one process's batches)."""
+    lines = []
+    for key, what in (("x", "input samples (shape, dtype)"), ("y", "targets (per-sample shape, dtype)")):
+        seen = {}
+        for rank, d in enumerate(described):
+            if d["count"]:
+                seen.setdefault(json.dumps(d[key]), []).append(rank)
+        if len(seen) > 1:
+            lines.append(f"{what}: " + "; ".join(f"{v} on rank(s) {', '.join(map(str, r))}" for v, r in seen.items()))
+    if lines:
+        raise RankMismatchError(
+            "with per-rank data (data_split='per_rank' or 'auto' with different data), every rank's batches "
+            "must hold samples of one shape and dtype, with targets alike; " + " | ".join(lines), lines)
+
+
+def resolve_split(option: str, batches: List[Batch], device: torch.device) -> DataSplit:
+    """Resolve `option` ("auto", "per_rank", "replicated") from every rank's data (one
+    all_gather of a small description: batch count, digest, shapes) and, for per_rank, shift
+    this rank's batch indices to their place in the union. Raises the same error on every rank
+    for an empty set, replicated data that differs, or per-rank parts that do not fit together."""
+    rank, world = collectives.rank_world()
+    local = _describe(batches, digest=world > 1)  # (hashing the whole set costs; one process needs no digest)
+    if world == 1:
+        described = [local]
+    else:
+        payload = json.dumps(local).encode()
+        described = [json.loads(b) for b in collectives.all_gather_bytes(payload, device)]
+    counts = [d["count"] for d in described]
+    digests = [d["digest"] for d in described]
+    same = all(d == digests[0] for d in digests)
+    if option == "auto":
+        mode = "replicated" if same else "per_rank"
+    else:
+        mode = option
+    if mode == "replicated" and not same:
+        lines = [f"{len(set(digests))} different data digests: " + "; ".join(
+            f"{digests[r][:12]} ({counts[r]} batches) on rank {r}" for r in range(world))]
+        raise RankMismatchError(
+            "data_split='replicated' needs the same pruning data on every rank, but " + lines[0]
+            + "; pass each rank's own part with data_split='per_rank' (or 'auto')", lines)
+    if sum(counts) == 0:
+        raise ValueError("data is empty: the pruning set must contain at least one batch"
+                         + (f" (no rank of {world} passed one)" if world > 1 else ""))
+    if mode == "per_rank":
+        _check_samples(described)
+        offset = sum(counts[:rank])
+        for b in batches:
+            b.index += offset
+    first = next(d["first"] for d in described if d["count"])
+    return DataSplit(mode, counts, digests, [d["shapes"] for d in described], first,
+                     [d["targets"] for d in described], batches if world == 1 else None)
+
+
+def _broadcast_batch(own: Optional[Batch], index: int, src: int, x_spec, y_spec, store: torch.device,
+                     device: torch.device) -> Batch:
+    """Rank `src`'s batch `own` on every rank, as global batch `index` (x_spec, y_spec: [shape,
+    dtype name] of its input and target, known to every rank; y_spec None: no target)."""
+    if own is not None:
+        x, y = own.x, own.y
+    else:
+        x = torch.empty(x_spec[0], dtype=_dtype(x_spec[1]))
+        y = None if y_spec is None else torch.empty(y_spec[0], dtype=_dtype(y_spec[1]))
+    tensors = [t.to(device) for t in (x, y) if t is not None]
+    collectives.broadcast_(tensors, src=src)
+    return Batch(index, tensors[0].to(store), tensors[1].to(store) if len(tensors) > 1 else None)
