@@ -205,3 +205,17 @@ def test_output_not_a_tensor():
 def test_pruner_rejects_non_scorer():
     with pytest.raises(TypeError, match="scorer must be a widetopo.scores.Scorer"):
         Pruner(tiny_cnn(), object(), 0.5)
+
+
+@pytest.mark.parametrize("method,option", [("widetopo", "mu2=0"), ("widetopo-s", "mu2=0"), ("synflow", "input_shape"),
+                                           ("synflow-l2", "input_shape"), ("px", "does not perturb"),
+                                           ("ntk-sap", "noise_input=False")])
+def test_input_perturbing_methods_refuse_token_ids_without_an_embedding(method, option):
+    """docs/design.md §2.5: integer inputs and no nn.Embedding: refused before any work, naming
+    the option that avoids perturbing the input."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+    snap = [p.clone() for p in model.parameters()]
+    data = [torch.randint(0, 5, (3, 4), generator=torch.Generator().manual_seed(0))]
+    with pytest.raises(widetopo.UnsupportedInputsError, match=option):
+        widetopo.prune(model, data, 0.5, method=method, verbose=False)
+    assert all(torch.equal(a, b) for a, b in zip(snap, model.parameters()))

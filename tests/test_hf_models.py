@@ -312,6 +312,8 @@ def test_dict_batches_are_read_like_tuples_and_digested_whole():
     a = data_digest(materialize_batches(batches, torch.device("cpu")))
     assert a == data_digest(materialize_batches(copy.deepcopy(batches), torch.device("cpu")))
     assert a != data_digest(materialize_batches(other, torch.device("cpu")))
+    pair = materialize_batches([({"input_ids": batches[0]["input_ids"]}, batches[0]["labels"])], torch.device("cpu"))
+    assert torch.equal(pair[0].y, batches[0]["labels"]) and pair[0].label_key is None and list(pair[0].x) == ["input_ids"]
     with pytest.raises(ValueError, match="every batch must hold samples of one shape"):
         materialize_batches([batches[0], {"input_ids": batches[1]["input_ids"][:, :3]}], torch.device("cpu"))
 
@@ -338,3 +340,45 @@ def test_effective_sparsity_of_a_token_model_by_hand():
     stats = widetopo.Masks(masks).stats(net, inputs={"input": ids, "labels": ids[:, 0]},
                                         forward_fn=lambda model, x: model(x["input"]))
     assert [s.effective for s in stats] == [int(table[:, 1:].sum()), 6, 4]
+
+
+class _NoLabels(nn.Module):
+    """forward(input_ids, attention_mask) without a labels keyword: the loss is widetopo's."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, 8)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, input_ids, attention_mask):
+        h = self.emb(input_ids) * attention_mask[..., None]
+        return (self.fc(h.sum(1) / attention_mask.sum(1, keepdim=True)),)
+
+
+def test_labels_of_a_model_without_a_labels_keyword_go_to_the_cross_entropy():
+    torch.manual_seed(0)
+    model = _NoLabels().double()
+    ids, mask = _ids(1)
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([0, 1, 2, 1])}
+
+    def ce(net, b):
+        return nn.functional.cross_entropy(net(b["input_ids"], b["attention_mask"])[0], b["labels"])
+
+    _close(widetopo.saliency(model, [batch], "snip", verbose=False), _snip_by_hand(model, [batch], ce))
+
+
+def test_grasp_temperature_reaches_a_loss_fn():
+    """With loss_fn, GraSP hands it the output with logits / T: equal to cross entropy of
+    logits / T written out (the batch's targets under 'targets')."""
+    model, batches = bert()
+    model.double()
+    as_targets = [{**{k: v for k, v in b.items() if k != "labels"}, "targets": b["labels"]} for b in batches]
+
+    def ce(output, target):
+        return -torch.log_softmax(output.logits, -1).gather(1, target[:, None]).mean()
+
+    got = widetopo.saliency(model, batches, "grasp", loss_fn=ce, verbose=False)
+    ref = widetopo.saliency(model, as_targets, "grasp", verbose=False)
+    for n in ref:
+        torch.testing.assert_close(got[n], ref[n], rtol=1e-6, atol=1e-14)
+    assert any(float(s.abs().sum()) > 0 for s in got.values())

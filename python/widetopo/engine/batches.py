@@ -44,6 +44,11 @@ def _split(index: int, item):
             raise TypeError(f"data: dict batch {index} holds no input tensor (keys {sorted(map(str, item))})")
         y = _target(index, item[keys[0]]) if keys else None
         return x, y, (MODEL_LABELS_KEY if keys and keys[0] == MODEL_LABELS_KEY else None)
+    if isinstance(item, (tuple, list)) and len(item) >= 1 and isinstance(item[0], Mapping):
+        x, inner, label_key = _split(index, item[0])  # (dict of keyword inputs, target)
+        if len(item) >= 2 and inner is not None:
+            raise ValueError(f"data: batch {index} holds targets both inside its dict and next to it")
+        return x, (_target(index, item[1]) if len(item) >= 2 else inner), (label_key if len(item) < 2 else None)
     if isinstance(item, (tuple, list)) and len(item) >= 1 and isinstance(item[0], torch.Tensor):
         return item[0], _target(index, item[1] if len(item) >= 2 else None), None
     raise TypeError(

@@ -111,8 +111,8 @@ class ScoreContext:
     def loss(self, params: Dict[str, torch.Tensor], batch: Batch, buffers=None, *,
              ignore_index: int = IGNORE_INDEX, temperature: float = 1.0, x: Optional[ModelInput] = None) -> torch.Tensor:
         """The task loss of one batch: loss_fn(output, y) if set; else the loss the model computes
-        itself from batch.y given back as `batch.label_key` (a Hugging Face head's loss, the
-        language models' shift included); else mean cross entropy of the logits (task_loss).
+        itself from batch.y given back as `batch.label_key` when its forward takes that keyword (a
+        Hugging Face head's loss, the language models' shift included); else mean cross entropy of the logits (task_loss).
         temperature divides the logits first (GraSP); the model's own loss cannot take it, so a
         temperature != 1 then computes task_loss on the logits instead (see Scorer.check_inputs)."""
         from widetopo.scores.losses import task_loss
@@ -123,7 +123,7 @@ class ScoreContext:
             out = self.output(params, x, buffers)
             return self.loss_fn(out if temperature == 1 else _inputs.scale_logits(out, 1.0 / temperature), y)
         own = (batch.label_key is not None and temperature == 1 and self.forward_fn is None
-               and isinstance(_inputs._plain(x), Inputs))
+               and isinstance(_inputs._plain(x), Inputs) and _inputs.accepts(self.model, batch.label_key))
         out = self.output(params, x, buffers, {batch.label_key: y} if own else None)
         if own:
             loss = _inputs.loss_of(out)

@@ -345,9 +345,13 @@ class SynFlowScorer(Scorer):
     first_batch_only = True  # the sample shape of the first batch
     decay = False
     needs_targets = False
-    perturbs_inputs = True
-    perturbs_inputs_options = "pass floating inputs or the input_shape option"
+    perturbs_inputs_options = "pass the input_shape option (one floating sample's shape)"
     Options = SynFlowOptions
+
+    @property
+    def perturbs_inputs(self) -> bool:
+        """All-ones input at the signal (the embedding output for token ids), unless input_shape is given."""
+        return self.options.input_shape is None
     power: int = 1  # w = |theta|^power in the forward (SynFlow-L2: 2)
 
     def __init__(self, *args, **kwargs):

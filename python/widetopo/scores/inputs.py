@@ -201,6 +201,17 @@ def signal_value(model: nn.Module, tensors: Mapping[str, torch.Tensor], x: Model
     return functional_call(module, own, (ids,))
 
 
+def accepts(model: nn.Module, key: str) -> bool:
+    """True if model.forward takes the keyword `key` (by name or through **kwargs)."""
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return key in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
 class _Bound(nn.Module):
     """forward(inputs) = fn(model, inputs): lets functional_call swap the parameters of `model`
     under a user's forward_fn."""
