@@ -50,7 +50,7 @@ def cell(build, method, density):
     start = time.perf_counter()
     try:
         widetopo.prune(model, batches, density, method=method, seed=0, verbose=False)
-    except widetopo.WidetopoError as exc:
+    except (widetopo.WidetopoError, ValueError, TypeError) as exc:  # refusals (bad input errors included)
         return f"refused {_note(exc)}"
     except Exception as exc:  # noqa: BLE001 - the table reports any failure
         return f"FAILS {_note(exc)}"

@@ -16,7 +16,7 @@ transformers = pytest.importorskip("transformers")  # an optional test dependenc
 
 import widetopo  # noqa: E402
 from widetopo.engine.batches import data_digest, materialize_batches  # noqa: E402
-from widetopo.methods import method_names  # noqa: E402
+from widetopo.methods import get_method, method_names  # noqa: E402
 from widetopo.sparsity.selection import select_prunable  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -26,7 +26,9 @@ SHORT = {"rounds": 2, "restorations": 0}
 SHORT_WIDETOPO = {"rounds": 2, "restorations": 1, "restore_steps": 2, "restore_rounds": 1}
 #: GraSP divides the logits by T = 200, which a model's own loss cannot: refused by default
 #: (test_grasp_default_temperature_is_refused), run with the model's loss at T = 1
-METHOD_OPTIONS = {"grasp": {"temperature": 1.0}}
+METHOD_OPTIONS = {"grasp": {"temperature": 1.0}, "rreg": {"rounds": 1}}  # (rreg is one-shot)
+#: documented refusals, not of the inputs: raised before any work, the model unchanged
+REFUSED = {("gpt2", "phew"): (ValueError, "tied weights")}  # GPT-2's LM head is its token embedding
 VOCAB, LENGTH, N = 30, 6, 4
 
 transformers.logging.set_verbosity_error()
@@ -109,17 +111,26 @@ def _assert_unchanged(model, snap):
 
 @pytest.mark.parametrize("arch,method", [(a, m) for a in MODELS for m in METHODS])
 def test_every_method_on_hf_models(arch, method):
-    """Exact K, the caller's model untouched, then 3 AdamW steps under MaskEnforcer keep every
+    """Exact K (a method's kept_bounds for rreg), the caller's model untouched, then 3 AdamW steps under MaskEnforcer keep every
     pruned weight at zero while the kept ones train."""
     model, batches = MODELS[arch]()
     names = select_prunable(model)
     params = dict(model.named_parameters())
     n_p = sum(params[n].numel() for n in names)
     snap = _snapshot(model)
+    if (arch, method) in REFUSED:
+        error, match = REFUSED[(arch, method)]
+        with pytest.raises(error, match=match):
+            widetopo.prune(model, batches, DENSITY, method=method, seed=0, verbose=False, **_options(method))
+        _assert_unchanged(model, snap)
+        return
     masks = widetopo.prune(model, batches, DENSITY, method=method, seed=0, verbose=False, **_options(method))
     _assert_unchanged(model, snap)
     assert list(masks) == names
-    assert sum(int(m.sum()) for m in masks.values()) == int(DENSITY * n_p + 0.5)
+    keep = int(DENSITY * n_p + 0.5)
+    bounds = getattr(get_method(method).make_scorer(), "kept_bounds", None)  # whole kernels / graphs (rreg)
+    lo, hi = (keep, keep) if bounds is None else bounds([tuple(params[n].shape) for n in names], keep)
+    assert lo <= sum(int(m.sum()) for m in masks.values()) <= hi
 
     net = copy.deepcopy(model).train()
     opt = torch.optim.AdamW(net.parameters(), lr=1e-2, weight_decay=0.1)
