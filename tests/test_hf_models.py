@@ -393,3 +393,16 @@ def test_grasp_temperature_reaches_a_loss_fn():
     for n in ref:
         torch.testing.assert_close(got[n], ref[n], rtol=1e-6, atol=1e-14)
     assert any(float(s.abs().sum()) > 0 for s in got.values())
+
+
+def test_checkpoint_fingerprints_every_entry_of_dict_batches(tmp_path):
+    model, batches = bert()
+    path = tmp_path / "run.ckpt"
+    opts = dict(method="snip", rounds=2, verbose=False, checkpoint=path)
+    first = widetopo.prune(model, batches, DENSITY, **opts)
+    again = widetopo.prune(model, batches, DENSITY, **opts)  # resumes the finished run
+    assert all(torch.equal(first[n], again[n]) for n in first)
+    other = copy.deepcopy(batches)
+    other[0]["attention_mask"][1, -1] = 0
+    with pytest.raises(widetopo.CheckpointMismatch):
+        widetopo.prune(model, other, DENSITY, **opts)
