@@ -209,7 +209,7 @@ def test_pruner_rejects_non_scorer():
 
 @pytest.mark.parametrize("method,option", [("widetopo", "mu2=0"), ("widetopo-s", "mu2=0"), ("synflow", "input_shape"),
                                            ("synflow-l2", "input_shape"), ("px", "does not perturb"),
-                                           ("ntk-sap", "noise_input=False")])
+                                           ("ntk-sap", "noise_input=False"), ("npb", "input_shape")])
 def test_input_perturbing_methods_refuse_token_ids_without_an_embedding(method, option):
     """docs/design.md §2.5: integer inputs and no nn.Embedding: refused before any work, naming
     the option that avoids perturbing the input."""

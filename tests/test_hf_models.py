@@ -26,9 +26,13 @@ SHORT = {"rounds": 2, "restorations": 0}
 SHORT_WIDETOPO = {"rounds": 2, "restorations": 1, "restore_steps": 2, "restore_rounds": 1}
 #: GraSP divides the logits by T = 200, which a model's own loss cannot: refused by default
 #: (test_grasp_default_temperature_is_refused), run with the model's loss at T = 1
-METHOD_OPTIONS = {"grasp": {"temperature": 1.0}, "rreg": {"rounds": 1}}  # (rreg is one-shot)
+METHOD_OPTIONS = {"grasp": {"temperature": 1.0}, "rreg": {"rounds": 1},  # (rreg is one-shot)
+                  "pags": {"population": 4, "min_kept": 10}}  # (a small population: seconds, not minutes)
 #: documented refusals, not of the inputs: raised before any work, the model unchanged
-REFUSED = {("gpt2", "phew"): (ValueError, "tied weights")}  # GPT-2's LM head is its token embedding
+REFUSED = {
+    ("gpt2", "phew"): (ValueError, "tied weights"),  # GPT-2's LM head is its token embedding
+    ("gpt2", "npb"): (ValueError, "Conv/ConvTranspose/Linear"),  # path counts per Conv/Linear input channel
+}
 VOCAB, LENGTH, N = 30, 6, 4
 
 transformers.logging.set_verbosity_error()
