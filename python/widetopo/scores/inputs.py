@@ -94,6 +94,8 @@ def cast_floating(x: ModelInput, dtype: torch.dtype) -> ModelInput:
         return x.to(dtype) if x.is_floating_point() else x
     return Inputs((k, v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
                   for k, v in x.items())
+
+
 def take(x: ModelInput, index: torch.Tensor) -> ModelInput:
     """The samples at `index` (every tensor whose leading dimension is the sample count)."""
     if isinstance(x, torch.Tensor):
