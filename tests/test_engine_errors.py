@@ -122,7 +122,7 @@ class ReturnsDict(nn.Module):
         self.fc = nn.Linear(4, 2)
 
     def forward(self, x):
-        return {"logits": self.fc(x)}
+        return {"scores": self.fc(x)}  # no "logits" entry
 
 
 class BadScorer(Scorer):
@@ -148,7 +148,10 @@ class BadScorer(Scorer):
         (lambda m: widetopo.prune(m, [], 0.5, method=Mag()), ValueError, "data is empty"),
         (lambda m: widetopo.prune(m, iter([]), 0.5, method=Mag()), ValueError, "data is empty"),
         (lambda m: widetopo.prune(m, torch.randn(3, 2, 4, 4), 0.5, method=Mag()), TypeError, "not one tensor"),
-        (lambda m: widetopo.prune(m, [{"x": 1}], 0.5, method=Mag()), TypeError, "batch 0 is a dict"),
+        (lambda m: widetopo.prune(m, [{"x": 1}], 0.5, method=Mag()), TypeError, "dict batch 0 holds no input tensor"),
+        (lambda m: widetopo.prune(m, [{"x": torch.randn(3, 2, 4, 4), "labels": torch.zeros(3), "y": torch.zeros(3)}], 0.5,
+                                  method=Mag()), ValueError, "several keys"),
+        (lambda m: widetopo.prune(m, ["batch"], 0.5, method=Mag()), TypeError, "batch 0 is a str"),
         (lambda m: widetopo.prune(m, [torch.randn(0, 2, 4, 4)], 0.5, method=Mag()), ValueError, "no samples"),
         (lambda m: widetopo.prune(m, data(), 0.5, method="prune-it"), ValueError,
          r"unknown method 'prune-it'; allowed: widetopo, widetopo-s"),
@@ -194,7 +197,7 @@ def test_model_without_prunable_layers():
 def test_output_not_a_tensor():
     model = ReturnsDict()
     snap = [p.clone() for p in model.parameters()]
-    with pytest.raises(TypeError, match="model must return a logits tensor, got dict"):
+    with pytest.raises(widetopo.UnsupportedInputsError, match="model must return a logits tensor.*got dict; pass forward_fn"):
         widetopo.prune(model, [torch.randn(3, 4)], 0.5, method=Mag())
     assert all(torch.equal(a, b) for a, b in zip(snap, model.parameters()))
 
@@ -202,3 +205,17 @@ def test_output_not_a_tensor():
 def test_pruner_rejects_non_scorer():
     with pytest.raises(TypeError, match="scorer must be a widetopo.scores.Scorer"):
         Pruner(tiny_cnn(), object(), 0.5)
+
+
+@pytest.mark.parametrize("method,option", [("widetopo", "mu2=0"), ("widetopo-s", "mu2=0"), ("synflow", "input_shape"),
+                                           ("synflow-l2", "input_shape"), ("px", "does not perturb"),
+                                           ("ntk-sap", "noise_input=False"), ("npb", "input_shape")])
+def test_input_perturbing_methods_refuse_token_ids_without_an_embedding(method, option):
+    """docs/design.md §2.5: integer inputs and no nn.Embedding: refused before any work, naming
+    the option that avoids perturbing the input."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+    snap = [p.clone() for p in model.parameters()]
+    data = [torch.randint(0, 5, (3, 4), generator=torch.Generator().manual_seed(0))]
+    with pytest.raises(widetopo.UnsupportedInputsError, match=option):
+        widetopo.prune(model, data, 0.5, method=method, verbose=False)
+    assert all(torch.equal(a, b) for a, b in zip(snap, model.parameters()))

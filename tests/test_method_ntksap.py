@@ -137,14 +137,30 @@ def test_reinit_plan_per_layer_type():
     assert torch.equal(drawn["attn.in_proj_weight"], (torch.rand(12, 4, generator=gen) * 2 - 1) * bound)
 
 
-def test_integer_inputs_need_real_input_mode():
-    net = nn.Sequential(nn.Embedding(5, 4), nn.Flatten(), nn.Linear(8, 3))
-    data = [torch.randint(0, 5, (3, 2), generator=torch.Generator().manual_seed(0))]
-    with pytest.raises(TypeError, match="noise_input=False"):
-        widetopo.prune(net, data, 0.5, method="ntk-sap", rounds=1, verbose=False)
-    masks = widetopo.prune(net, data, 0.5, method="ntk-sap", rounds=2, noise_input=False, verbose=False,
+def test_token_ids_get_the_noise_at_the_embedding_output():
+    """docs/design.md §2.5: for token ids xi replaces the input embedding's output, so the scores
+    equal those of the network after the embedding fed Gaussian inputs of that shape."""
+    torch.manual_seed(0)
+    emb, rest = nn.Embedding(5, 4), nn.Sequential(nn.Flatten(), nn.Linear(8, 3))
+    net = nn.Sequential(emb, *rest)
+    ids = [torch.randint(0, 5, (3, 2), generator=torch.Generator().manual_seed(0))]
+    got = widetopo.saliency(net, ids, "ntk-sap", reinit=False, verbose=False)
+    ref = widetopo.saliency(rest, [torch.zeros(3, 2, 4)], "ntk-sap", reinit=False, verbose=False)
+    assert list(got) == ["2.weight"] and list(ref) == ["1.weight"]
+    assert torch.allclose(got["2.weight"], ref["1.weight"], rtol=1e-6, atol=0)
+    assert float(got["2.weight"].abs().sum()) > 0
+    masks = widetopo.prune(net, ids, 0.5, method="ntk-sap", rounds=2, noise_input=False, verbose=False,
                            include=(nn.Linear, nn.Embedding))
     assert sum(int(m.sum()) for m in masks.values()) == (20 + 24) // 2
+
+
+def test_integer_inputs_without_embedding_are_refused():
+    net = nn.Sequential(nn.Flatten(), nn.Linear(2, 3))
+    data = [torch.randint(0, 5, (3, 2), generator=torch.Generator().manual_seed(0))]
+    snap = [p.clone() for p in net.parameters()]
+    with pytest.raises(widetopo.UnsupportedInputsError, match="noise_input=False"):
+        widetopo.prune(net, data, 0.5, method="ntk-sap", rounds=1, verbose=False)
+    assert all(torch.equal(a, b) for a, b in zip(snap, net.parameters()))
 
 
 def test_basic_properties():

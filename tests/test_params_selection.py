@@ -150,8 +150,8 @@ def test_prune_tied_lm_keeps_the_tie_and_exact_k(method):
     model = TiedLM()
     x = torch.randint(0, 7, (6, 5))
     data = [(x, torch.randint(0, 7, (6,)))]
-    # token inputs: the ITA term perturbs x, which needs floating inputs, so NTK term only
-    opts = dict(rounds=2, restorations=1, restore_steps=2, restore_rounds=1, mu2=0.0) if method == "widetopo-s" else {}
+    # token inputs: the ITA term perturbs the embedding output (docs/design.md §2.5)
+    opts = dict(rounds=2, restorations=1, restore_steps=2, restore_rounds=1) if method == "widetopo-s" else {}
     masks = widetopo.prune(model, data, 0.5, method=method, verbose=False, **opts)
     assert list(masks) == ["emb.weight", "mid.weight"]
     assert masks.kept == round(0.5 * (28 + 16))

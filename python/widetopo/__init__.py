@@ -54,7 +54,7 @@ _EXPORTS.update(dict.fromkeys((
     "WidetopoError", "NonFiniteScoresError", "ZeroScoresError", "NoiseScoresError", "DoubleBackwardError",
     "CheckpointMismatch",
     "MaskFileError", "MaskMismatchError", "DatasetNotFoundError", "InitMismatchError", "RecipeError",
-    "CompareError", "RankMismatchError"), "widetopo.errors"))
+    "CompareError", "RankMismatchError", "UnsupportedInputsError"), "widetopo.errors"))
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
 

@@ -86,13 +86,17 @@ def prune(model: nn.Module, data: Iterable, density: float, method: Union[str, S
           **options) -> Masks:
     """Prune `model` at initialization to `density` (fraction of prunable weights kept).
 
-    model:   any nn.Module whose forward(x) returns logits; it is left unchanged.
-    data:    iterable of input tensors or (input, target) batches (a DataLoader works).
+    model:   any nn.Module returning logits (a tensor, a ModelOutput/dict with "logits", or a
+             tuple starting with them); it is left unchanged.
+    data:    iterable of input tensors, (input, target) batches, or dict batches fed as
+             model(**batch) with the targets under "labels"/"targets" taken out (a DataLoader
+             works; docs/design.md §2.5).
     method:  a registered method name or alias (`widetopo methods` lists them with their
              options), or a Scorer instance (one round, no restoration unless overridden).
     options: the method's options (e.g. eps=0.01 for ntk-sap), the engine's (rounds,
              restorations, restore_steps, restore_rounds, schedule, compression_factor, count,
-             seed, noise_scale, verbose, max_samples, checkpoint, device, data_device) and the
+             seed, noise_scale, verbose, max_samples, checkpoint, device, data_device,
+             shard_scores, forward_fn(model, inputs), loss_fn(output, target)) and the
              prunable selection (include, names, pattern, include_bias, include_norm,
              include_tokens; see widetopo.sparsity.selection.select_prunable).
     Returns Masks (name -> bool tensor) with .meta describing the run.

@@ -27,6 +27,7 @@ __all__ = [
     "RecipeError",
     "CompareError",
     "RankMismatchError",
+    "UnsupportedInputsError",
 ]
 
 
@@ -51,6 +52,12 @@ class NoiseScoresError(ZeroScoresError):
 
 class DoubleBackwardError(WidetopoError, RuntimeError):
     """A module of the model has no second derivative, which the scoring method needs."""
+
+
+class UnsupportedInputsError(WidetopoError, TypeError):
+    """The method cannot act on the model's inputs or outputs as given (e.g. it perturbs the
+    input, the inputs are token ids and no input embedding is found); the message names the
+    option to use."""
 
 
 class CheckpointMismatch(WidetopoError, ValueError):

@@ -29,6 +29,7 @@ from widetopo.distributed import collectives
 from widetopo.engine.batches import data_digest
 from widetopo.errors import RankMismatchError
 from widetopo.scores.base import Batch
+from widetopo.scores.inputs import Inputs, shape_of
 
 __all__ = ["DataSplit", "resolve_split"]
 
@@ -76,18 +77,21 @@ class DataSplit:
         if first_batch_only:
             src = next(r for r, n in enumerate(self.counts) if n)
             return [_broadcast_batch(batches[0] if rank == src else None, 0, src, self.first["x"],
-                                     self.first["y"], store, device)]
+                                     self.first["y"], store, device, self.first.get("label_key"))]
         return self._gather_union(batches, store, device)
 
     def _gather_union(self, batches: List[Batch], store: torch.device, device: torch.device) -> List[Batch]:
         """The whole union on every rank, in global order (one broadcast per batch)."""
         rank, _ = collectives.rank_world()
-        x_dtype = self.first["x"][1]  # (one input dtype: materialize_batches and _check_samples)
+        first_x = self.first["x"]  # (one input dtype per key: materialize_batches and _check_samples)
+        label_key = self.first.get("label_key")
         out = []
         for src, (offset, shapes, targets) in enumerate(zip(self.offsets, self.shapes, self.targets)):
             for j, (shape, y_spec) in enumerate(zip(shapes, targets)):
                 own = batches[j] if src == rank else None
-                out.append(_broadcast_batch(own, offset + j, src, [shape, x_dtype], y_spec, store, device))
+                x_spec = ({k: [shape[k], first_x[k][1]] for k in first_x} if isinstance(first_x, dict)
+                          else [shape, first_x[1]])
+                out.append(_broadcast_batch(own, offset + j, src, x_spec, y_spec, store, device, label_key))
         return out
 
 
@@ -99,18 +103,27 @@ def _sample(t: Optional[torch.Tensor]):
     return None if t is None else [list(t.shape[1:]) if t.dim() > 0 else None, str(t.dtype)]
 
 
+def _tensors(x) -> dict:
+    """The tensors of keyword inputs (dict batches, docs/design.md §2.5), by key."""
+    return {k: v for k, v in x.items() if isinstance(v, torch.Tensor)}
+
+
 def _describe(batches: Sequence[Batch], digest: bool) -> dict:
     first = batches[0] if batches else None
+    keyword = first is not None and isinstance(first.x, Inputs)
     return {
         "count": len(batches),
         "digest": data_digest(batches) if digest else None,
-        "shapes": [list(b.x.shape) for b in batches],
+        "shapes": [shape_of(b.x) for b in batches],
         "targets": [None if b.y is None else [list(b.y.shape), str(b.y.dtype)] for b in batches],
-        "x": _sample(first.x) if first else None,
+        "x": (None if first is None else {k: _sample(v) for k, v in _tensors(first.x).items()} if keyword
+              else _sample(first.x)),
         "y": [_sample(first.y)] if first else None,
         "first": None if first is None else {
-            "x": [list(first.x.shape), str(first.x.dtype)],
+            "x": ({k: [list(v.shape), str(v.dtype)] for k, v in _tensors(first.x).items()} if keyword
+                  else [list(first.x.shape), str(first.x.dtype)]),
             "y": None if first.y is None else [list(first.y.shape), str(first.y.dtype)],
+            "label_key": first.label_key,
         },
     }
 
@@ -171,14 +184,20 @@ def resolve_split(option: str, batches: List[Batch], device: torch.device) -> Da
 
 
 def _broadcast_batch(own: Optional[Batch], index: int, src: int, x_spec, y_spec, store: torch.device,
-                     device: torch.device) -> Batch:
+                     device: torch.device, label_key: Optional[str] = None) -> Batch:
     """Rank `src`'s batch `own` on every rank, as global batch `index` (x_spec, y_spec: [shape,
-    dtype name] of its input and target, known to every rank; y_spec None: no target)."""
+    dtype name] of its input and target, known to every rank; y_spec None: no target; x_spec
+    {key: [shape, dtype name]} for keyword inputs, whose tensors are broadcast, label_key kept)."""
+    keys = list(x_spec) if isinstance(x_spec, dict) else None
+    specs = [x_spec[k] for k in keys] if keys is not None else [x_spec]
     if own is not None:
-        x, y = own.x, own.y
+        xs = [own.x[k] for k in keys] if keys is not None else [own.x]
+        y = own.y
     else:
-        x = torch.empty(x_spec[0], dtype=_dtype(x_spec[1]))
+        xs = [torch.empty(sp[0], dtype=_dtype(sp[1])) for sp in specs]
         y = None if y_spec is None else torch.empty(y_spec[0], dtype=_dtype(y_spec[1]))
-    tensors = [t.to(device) for t in (x, y) if t is not None]
+    tensors = [t.to(device) for t in xs + ([y] if y is not None else [])]
     collectives.broadcast_(tensors, src=src)
-    return Batch(index, tensors[0].to(store), tensors[1].to(store) if len(tensors) > 1 else None)
+    moved = [t.to(store) for t in tensors]
+    x = Inputs(zip(keys, moved[:len(keys)])) if keys is not None else moved[0]
+    return Batch(index, x, moved[len(specs)] if len(moved) > len(specs) else None, label_key)

@@ -1,50 +1,88 @@
-"""Reading the pruning set: any iterable of input tensors or (input, target[, ...]) batches
-becomes a list of Batch objects, checked once before the first round.
+"""Reading the pruning set: any iterable of input tensors, (input, target[, ...]) batches or dict
+batches (Mapping: fed to the model as keyword arguments, the Hugging Face way; the targets under
+"labels", "targets", "target" or "y" are taken out, every other entry - attention_mask included -
+is passed through unchanged) becomes a list of Batch objects, checked once before the first round.
 
 The batches are kept on `store` (the pruning device by default, or the CPU, pinned when the
 pruning device is a GPU, to prune with sets larger than device memory: each scorer moves one
-batch at a time with `batch.x.to(ctx.device)`).
+batch at a time with `ctx.inputs(batch)`).
 """
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from typing import Iterable, List, Optional
 
 import torch
 
+from widetopo.constants import MODEL_LABELS_KEY, TARGET_KEYS
 from widetopo.scores.base import Batch
+from widetopo.scores.inputs import Inputs, head, num_samples, sample_shape
 
 __all__ = ["materialize_batches", "data_digest"]
 
 
-def _split(index: int, item):
-    if isinstance(item, torch.Tensor):
-        return item, None
-    if isinstance(item, (tuple, list)) and len(item) >= 1 and isinstance(item[0], torch.Tensor):
-        y = item[1] if len(item) >= 2 else None
-        if y is not None and not isinstance(y, torch.Tensor):
+def _target(index: int, y) -> Optional[torch.Tensor]:
+    if y is not None and not isinstance(y, torch.Tensor):
+        try:
             y = torch.as_tensor(y)
-        return item[0], y
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"data: the targets of batch {index} are a {type(y).__name__}, not a tensor") from None
+    return y
+
+
+def _split(index: int, item):
+    """(inputs, targets or None, label key or None) of one batch."""
+    if isinstance(item, torch.Tensor):
+        return item, None, None
+    if isinstance(item, Mapping):
+        keys = [k for k in TARGET_KEYS if k in item]
+        if len(keys) > 1:
+            raise ValueError(f"data: batch {index} holds targets under several keys {keys}; use one of {list(TARGET_KEYS)}")
+        x = Inputs((k, v) for k, v in item.items() if k not in keys)
+        if not any(isinstance(v, torch.Tensor) for v in x.values()):
+            raise TypeError(f"data: dict batch {index} holds no input tensor (keys {sorted(map(str, item))})")
+        y = _target(index, item[keys[0]]) if keys else None
+        return x, y, (MODEL_LABELS_KEY if keys and keys[0] == MODEL_LABELS_KEY else None)
+    if isinstance(item, (tuple, list)) and len(item) >= 1 and isinstance(item[0], Mapping):
+        x, inner, label_key = _split(index, item[0])  # (dict of keyword inputs, target)
+        if len(item) >= 2 and inner is not None:
+            raise ValueError(f"data: batch {index} holds targets both inside its dict and next to it")
+        return x, (_target(index, item[1]) if len(item) >= 2 else inner), (label_key if len(item) < 2 else None)
+    if isinstance(item, (tuple, list)) and len(item) >= 1 and isinstance(item[0], torch.Tensor):
+        return item[0], _target(index, item[1] if len(item) >= 2 else None), None
     raise TypeError(
-        f"data: batch {index} is a {type(item).__name__}; each batch must be an input tensor or an "
-        "(input, target) pair"
+        f"data: batch {index} is a {type(item).__name__}; each batch must be an input tensor, an "
+        "(input, target) pair or a dict of keyword inputs (e.g. input_ids, attention_mask, labels)"
     )
 
 
-def _check_batch(index: int, x: torch.Tensor, y: Optional[torch.Tensor], first: Optional[Batch]) -> None:
-    if x.dim() == 0 or x.shape[0] == 0:
-        raise ValueError(f"data: batch {index} has no samples (input shape {tuple(x.shape)})")
-    if y is not None and y.dim() > 0 and y.shape[0] != x.shape[0]:
+def _describe(x) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"{tuple(x.shape[1:])} ({x.dtype})"
+    return "{" + ", ".join(f"{k}: {s} ({d})" for k, s, d in sample_shape(x)) + "}"
+
+
+def _check_batch(index: int, x, y: Optional[torch.Tensor], first: Optional[Batch]) -> None:
+    n = num_samples(x)
+    if n == 0:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else {k: tuple(v.shape) for k, v in x.items()
+                                                                     if isinstance(v, torch.Tensor)}
+        raise ValueError(f"data: batch {index} has no samples (input shape {shape})")
+    if y is not None and y.dim() > 0 and y.shape[0] != n:
         raise ValueError(
-            f"data: batch {index} has {x.shape[0]} inputs but {y.shape[0]} targets (shapes "
-            f"{tuple(x.shape)} and {tuple(y.shape)})"
+            f"data: batch {index} has {n} inputs but {y.shape[0]} targets (shapes "
+            f"{_describe(x)} and {tuple(y.shape)})"
         )
     if first is None:
         return
-    if x.shape[1:] != first.x.shape[1:] or x.dtype != first.x.dtype:
+    same = (type(x) is type(first.x) and sample_shape(x) == sample_shape(first.x)
+            and (not isinstance(x, torch.Tensor) or x.dtype == first.x.dtype)
+            and (isinstance(x, torch.Tensor) or sorted(x) == sorted(first.x)))
+    if not same:
         raise ValueError(
-            f"data: batch {index} has samples of shape {tuple(x.shape[1:])} ({x.dtype}), but batch "
-            f"{first.index} has {tuple(first.x.shape[1:])} ({first.x.dtype}); every batch must hold samples of one shape"
+            f"data: batch {index} has samples of shape {_describe(x)}, but batch "
+            f"{first.index} has {_describe(first.x)}; every batch must hold samples of one shape"
         )
     if (y is None) != (first.y is None) or (y is not None and y.shape[1:] != first.y.shape[1:]):
         raise ValueError(
@@ -53,9 +91,11 @@ def _check_batch(index: int, x: torch.Tensor, y: Optional[torch.Tensor], first: 
         )
 
 
-def _place(t: Optional[torch.Tensor], store: torch.device, pin: bool) -> Optional[torch.Tensor]:
+def _place(t, store: torch.device, pin: bool):
     if t is None:
         return None
+    if isinstance(t, Inputs):
+        return Inputs((k, _place(v, store, pin) if isinstance(v, torch.Tensor) else v) for k, v in t.items())
     t = t.to(store)
     return t.pin_memory() if pin and store.type == "cpu" and not t.is_pinned() else t
 
@@ -80,14 +120,14 @@ def materialize_batches(data: Iterable, store: torch.device, max_samples: Option
     batches: List[Batch] = []
     taken = 0
     for index, item in enumerate(iterator):
-        x, y = _split(index, item)
+        x, y, label_key = _split(index, item)
         _check_batch(index, x, y, batches[0] if batches else None)
-        if max_samples is not None and taken + x.shape[0] > max_samples:
+        if max_samples is not None and taken + num_samples(x) > max_samples:
             cut = max_samples - taken
-            x = x[:cut]
+            x = head(x, cut)
             y = y[:cut] if y is not None and y.dim() > 0 else y
-        batches.append(Batch(index, _place(x, store, pin), _place(y, store, pin)))
-        taken += x.shape[0]
+        batches.append(Batch(index, _place(x, store, pin), _place(y, store, pin), label_key))
+        taken += num_samples(x)
         if max_samples is not None and taken >= max_samples:
             break
     if not batches and not allow_empty:
@@ -112,11 +152,22 @@ def model_digest(model: torch.nn.Module) -> str:
 
 
 def data_digest(batches: List[Batch]) -> str:
-    """A hash of the pruning set's contents (inputs and targets, in order), so a checkpoint
-    is never resumed with different data of the same shapes."""
+    """A hash of the pruning set's contents (inputs - every entry of a dict batch - and targets,
+    in order), so a checkpoint is never resumed with different data of the same shapes."""
     h = hashlib.blake2b(digest_size=16)
     for b in batches:
-        for t in (b.x, b.y):
+        if isinstance(b.x, Inputs):
+            for key in sorted(b.x):
+                value = b.x[key]
+                if isinstance(value, torch.Tensor):
+                    _hash_tensor(h, f"{b.index}:{key}", value)
+                else:
+                    h.update(f"{b.index}:{key}={value!r}".encode())
+            h.update(f"labels:{b.label_key}".encode())
+            xs = [b.y]
+        else:
+            xs = [b.x, b.y]
+        for t in xs:
             if t is None:
                 h.update(b"-")
                 continue

@@ -54,6 +54,19 @@ def _device(name: str, value):
     return device
 
 
+def _callable(name: str, value):
+    if value is not None and not callable(value):
+        raise TypeError(f"{name} must be a callable or None, got {type(value).__name__}")
+    return value
+
+
+def callable_name(fn) -> Optional[str]:
+    """module.qualname of a hook (what the mask metadata and the checkpoint fingerprint record)."""
+    if fn is None:
+        return None
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__qualname__)}"
+
+
 @dataclass(frozen=True)
 class EngineOptions(Options):
     rounds: int = option(1, "T: scoring rounds from density 1 to the target", integer(1))
@@ -81,6 +94,12 @@ class EngineOptions(Options):
                                      "of the pruning set, which is their union), 'replicated' (each passes "
                                      "the whole set) or 'auto' (replicated iff every process's data is equal)",
                              one_of(*DATA_SPLITS, aliases={"per-rank": "per_rank"}))
+    forward_fn: Any = option(None, "forward_fn(model, inputs) -> output (a logits tensor, a ModelOutput/dict with "
+                                   "'logits', or a tuple starting with the logits), replacing model(x) / model(**batch) "
+                                   "in every method", _callable)
+    loss_fn: Any = option(None, "loss_fn(output, target) -> scalar loss of the loss-based methods (default: the "
+                                "model's own loss when the batch holds 'labels', else cross entropy of the logits)",
+                          _callable)
 
     @property
     def post_rounds(self) -> int:
@@ -90,6 +109,8 @@ class EngineOptions(Options):
         """The options that shape the result (mask metadata, checkpoint fingerprint)."""
         out = {k: v for k, v in as_dict(self).items() if k not in RESULT_NEUTRAL}
         out["restore_rounds"] = self.post_rounds
+        for hook in ("forward_fn", "loss_fn"):  # recorded by name (a function is not JSON)
+            out[hook] = callable_name(out[hook])
         return out
 
 

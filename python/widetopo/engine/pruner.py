@@ -16,7 +16,6 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from widetopo.distributed import collectives as dist_utils
 from widetopo.engine.batches import materialize_batches, model_digest
@@ -29,8 +28,10 @@ from widetopo.engine.progress import Progress
 from widetopo.engine.restoration import restore_masks
 from widetopo.engine.rounds import NonFiniteScoresError, ZeroScoresError, compute_scores, select_masks
 from widetopo.engine.schedule import _check_density, density_schedule, keep_count
+from widetopo.constants import TARGET_KEYS
 from widetopo.scores.base import Batch, Scorer
-from widetopo.engine.options import EngineOptions
+from widetopo.scores.inputs import head, logits_of, shape_of
+from widetopo.engine.options import EngineOptions, callable_name
 from widetopo.sparsity import topology
 from widetopo.sparsity.blocks import collapsed_parts, model_blocks
 
@@ -169,9 +170,12 @@ class Pruner:
                                           pin=store.type == "cpu" and self.device.type == "cuda",
                                           allow_empty=world > 1)
             if self.scorer.needs_targets and any(b.y is None for b in batches):
-                raise ValueError(f"method {self.scorer.name!r} needs targets: data must yield (input, target) batches")
+                raise ValueError(f"method {self.scorer.name!r} needs targets: data must yield (input, target) batches "
+                                 f"or dict batches with one of {list(TARGET_KEYS)}")
+            if batches:
+                self.scorer.check_inputs(self.model, batches[0], self.options.forward_fn, self.options.loss_fn)
         self._split = resolve_split(self.options.data_split, batches, self.device)
-        state = PruneState(self.model, self.names, self.device)
+        state = PruneState(self.model, self.names, self.device, self.options.forward_fn, self.options.loss_fn)
         with dist_utils.fail_together(self.device, "the model's forward on the pruning data"):
             if batches:  # (a rank whose part of per-rank data is empty has nothing to probe)
                 self._probe(state, batches[0])
@@ -201,7 +205,8 @@ class Pruner:
                        f"needs_double_backward={scorer.needs_double_backward}"],
             "density": self.density,
         }
-        out.update({f"option {k}": repr(v) for k, v in as_dict(self.options).items()
+        out.update({f"option {k}": repr(callable_name(v) if k in ("forward_fn", "loss_fn") else v)
+                    for k, v in as_dict(self.options).items()
                     if k not in ("verbose", "checkpoint", "device", "data_device")})
         options = set(as_dict(scorer.options))
         out.update({f"meta {k}": repr(v) for k, v in sorted(self.meta.items()) if k not in options})
@@ -213,23 +218,21 @@ class Pruner:
         return out
 
     def _probe(self, state, batch: Batch) -> None:
-        x = batch.x[:2].to(self.device)
+        x = head(batch.x, 2).to(self.device)
+        ctx = state.context(0, self.options.seed, twice_differentiable=False)
+        self.model.eval()
         with torch.no_grad():
             try:
-                out = functional_call(self.model.eval(), (state.params, state.buffers), (x,))
+                out = ctx.output(state.params, x, state.buffers)
             except Exception as exc:
                 message = (f"the model's forward failed on pruning batch {batch.index} (input shape "
-                           f"{tuple(batch.x.shape)}): {exc}")
+                           f"{shape_of(batch.x)}): {exc}")
                 try:
                     wrapped = type(exc)(message)
                 except Exception:
                     raise exc from None
                 raise wrapped from exc
-        if not isinstance(out, torch.Tensor):
-            raise TypeError(
-                f"model must return a logits tensor, got {type(out).__name__}; wrap the model so "
-                "that forward(x) returns a tensor"
-            )
+        logits_of(out)  # a logits tensor, a ModelOutput / dict with logits, or (logits, ...)
 
     def _probe_calibration(self, state, batches: List[Batch]) -> None:
         """A batch of one sample cannot calibrate BatchNorm1d-like layers: for the data-driven
@@ -237,8 +240,8 @@ class Pruner:
         (one no-grad train-mode forward of that batch, on scratch buffers)."""
         from widetopo.scores.bn import batchnorm_modules, calibrate_batchnorm
 
-        smallest = min(batches, key=lambda b: b.x.shape[0])
-        if self.scorer.data_dependent and smallest.x.shape[0] == 1 and batchnorm_modules(self.model):
+        smallest = min(batches, key=lambda b: b.n)
+        if self.scorer.data_dependent and smallest.n == 1 and batchnorm_modules(self.model):
             calibrate_batchnorm(state.context(0, self.options.seed), smallest.x.to(self.device))
 
     # ------------------------------------------------------------------ checkpoint

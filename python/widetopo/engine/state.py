@@ -22,8 +22,9 @@ __all__ = ["PruneState"]
 
 
 class PruneState:
-    def __init__(self, model: nn.Module, names: List[str], device: torch.device):
+    def __init__(self, model: nn.Module, names: List[str], device: torch.device, forward_fn=None, loss_fn=None):
         self.model = model
+        self.forward_fn, self.loss_fn = forward_fn, loss_fn
         self.names = list(names)
         self.params = OrderedDict((n, p.detach().to(device, copy=True)) for n, p in model.named_parameters())
         self.buffers = OrderedDict((n, b.detach().to(device, copy=True)) for n, b in model.named_buffers())
@@ -67,6 +68,8 @@ class PruneState:
             seed=seed,
             density=kept / self.n_prunable,
             twice_differentiable=twice_differentiable,
+            forward_fn=self.forward_fn,
+            loss_fn=self.loss_fn,
         )
 
     def snapshot(self) -> Dict[str, list]:

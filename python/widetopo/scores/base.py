@@ -8,23 +8,34 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import ClassVar, Dict, List, Optional, Sequence, Type
+from typing import Callable, ClassVar, Dict, List, Optional, Sequence, Type, Union
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
+from widetopo.constants import IGNORE_INDEX
 from widetopo.options import Options, as_dict
 from widetopo.engine.rng import make_generator
+from widetopo.scores import inputs as _inputs
+from widetopo.scores.inputs import Inputs, ModelInput, Signalled
 
 
 @dataclass
 class Batch:
-    """One pruning batch: its global index (for seeding), the inputs, the targets (or None)."""
+    """One pruning batch: its global index (for seeding), the model inputs x (a tensor fed as
+    model(x), or keyword Inputs fed as model(**x), targets taken out), the targets y (or None),
+    and label_key: the keyword under which the model takes y to compute its own loss ("labels"
+    when the batch held them), or None."""
 
     index: int
-    x: torch.Tensor
+    x: Union[torch.Tensor, Inputs]
     y: Optional[torch.Tensor] = None
+    label_key: Optional[str] = None
+
+    @property
+    def n(self) -> int:
+        """The sample count (leading dimension of the first input tensor)."""
+        return _inputs.num_samples(self.x)
 
 
 @dataclass
@@ -56,6 +67,10 @@ class ScoreContext:
     #: engine sums it over processes and refuses a round whose scores are rounding noise
     noise_floor: Optional[List[float]] = None
     extra: dict = field(default_factory=dict)
+    #: forward_fn(model, inputs) -> output, replacing model(x) / model(**x) (EngineOptions)
+    forward_fn: Optional[Callable] = None
+    #: loss_fn(output, target) -> scalar loss of the loss-based methods (EngineOptions)
+    loss_fn: Optional[Callable] = None
 
     @property
     def device(self) -> torch.device:
@@ -70,22 +85,76 @@ class ScoreContext:
         """Generator seeded by (seed, round, batch index, stream)."""
         return make_generator(self.seed, self.round, batch_index, self.device, stream)
 
-    def forward(self, params: Dict[str, torch.Tensor], x: torch.Tensor, buffers=None) -> torch.Tensor:
-        """f(x) with the given parameters (and the context's buffers unless given); with
-        `twice_differentiable`, the ops that lack a double backward run through
-        twice-differentiable equivalents (widetopo.scores.differentiable: same forward values)."""
+    def inputs(self, batch: Batch) -> ModelInput:
+        """The batch's model inputs on the scoring device."""
+        return batch.x.to(self.device)
+
+    def output(self, params: Dict[str, torch.Tensor], x: ModelInput, buffers=None, labels=None):
+        """The model's raw output for inputs x (a tensor, keyword Inputs, or Signalled inputs) with
+        the given parameters (and the context's buffers unless given): forward_fn(model, x) if set,
+        else model(x) / model(**x, **labels). With `twice_differentiable`, the ops that lack a
+        double backward run through twice-differentiable equivalents
+        (widetopo.scores.differentiable: same forward values)."""
         import contextlib
 
         from widetopo.scores.differentiable import twice_differentiable
 
+        tensors = (params, self.buffers if buffers is None else buffers)
+        merged = {**tensors[0], **tensors[1]}
         with twice_differentiable() if self.twice_differentiable else contextlib.nullcontext():
-            out = functional_call(self.model, (params, self.buffers if buffers is None else buffers), (x,))
-        if not isinstance(out, torch.Tensor):
-            raise TypeError(
-                f"model must return a logits tensor, got {type(out).__name__}; wrap the model so "
-                "that forward(x) returns a tensor"
-            )
-        return out
+            return _inputs.call_model(self.model, merged, x, self.forward_fn, labels)
+
+    def forward(self, params: Dict[str, torch.Tensor], x: ModelInput, buffers=None) -> torch.Tensor:
+        """The logits f(x) (see output(); a ModelOutput's logits, a tuple's first element)."""
+        return _inputs.logits_of(self.output(params, x, buffers))
+
+    def loss(self, params: Dict[str, torch.Tensor], batch: Batch, buffers=None, *,
+             ignore_index: int = IGNORE_INDEX, temperature: float = 1.0, x: Optional[ModelInput] = None) -> torch.Tensor:
+        """The task loss of one batch: loss_fn(output, y) if set; else the loss the model computes
+        itself from batch.y given back as `batch.label_key` when its forward takes that keyword (a
+        Hugging Face head's loss, the language models' shift included); else mean cross entropy of the logits (task_loss).
+        temperature divides the logits first (GraSP); the model's own loss cannot take it, so a
+        temperature != 1 then computes task_loss on the logits instead (see Scorer.check_inputs)."""
+        from widetopo.scores.losses import task_loss
+
+        x = self.inputs(batch) if x is None else x
+        y = batch.y.to(self.device)
+        if self.loss_fn is not None:
+            out = self.output(params, x, buffers)
+            return self.loss_fn(out if temperature == 1 else _inputs.scale_logits(out, 1.0 / temperature), y)
+        own = (batch.label_key is not None and temperature == 1 and self.forward_fn is None
+               and isinstance(_inputs._plain(x), Inputs) and _inputs.accepts(self.model, batch.label_key))
+        out = self.output(params, x, buffers, {batch.label_key: y} if own else None)
+        if own:
+            loss = _inputs.loss_of(out)
+            if loss is not None:
+                return loss
+        logits = _inputs.logits_of(out)
+        return task_loss(logits if temperature == 1 else logits / temperature, y, ignore_index)
+
+    def signal(self, x: ModelInput, params: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
+        """The signal of x (docs/design.md §2.5): x itself when it is a floating tensor, the first
+        floating keyword input, or the input embedding's output for token ids (with `params`,
+        default the context's)."""
+        return _inputs.signal_value(self.model, self.params if params is None else params, x)
+
+    @staticmethod
+    def with_signal(x: ModelInput, fn: Callable[[torch.Tensor], torch.Tensor]) -> ModelInput:
+        """x with its signal replaced by fn(signal) in every forward (for a floating tensor: fn(x))."""
+        x = _inputs._plain(x)
+        return fn(x) if isinstance(x, torch.Tensor) and x.is_floating_point() else Signalled(x, fn)
+
+    def constant_inputs(self, x: ModelInput, samples: int, value: float = 1.0,
+                        dtype: torch.dtype = torch.float64) -> ModelInput:
+        """`samples` copies of x's first sample with the signal set to `value` everywhere (SynFlow's
+        and PX's all-ones input; for a floating tensor simply full((samples, *shape), value))."""
+        first = _inputs.head(_inputs._plain(x), 1)
+        if isinstance(first, torch.Tensor) and first.is_floating_point():
+            return torch.full((samples, *first.shape[1:]), value, dtype=dtype, device=self.device)
+        copies = first
+        for _ in range(samples - 1):
+            copies = _inputs.concat(copies, first)
+        return self.with_signal(copies.to(self.device), lambda e: torch.full(e.shape, value, dtype=dtype, device=e.device))
 
 
 @dataclass(frozen=True)
@@ -160,6 +229,19 @@ class Scorer(abc.ABC):
         """What to change when a round's scores are rounding noise (named in NoiseScoresError)."""
         return ("the output the scores differentiate does not depend on these weights (e.g. train-mode "
                 "BatchNorm on identical samples followed by a global pool); check the model and the options")
+
+    #: the method replaces or perturbs the input (ITA, NTK-SAP's noise, SynFlow's ones, PX): on
+    #: token ids it acts on the input embedding's output, and refuses models without one
+    perturbs_inputs: bool = False
+    #: the options a user can turn to avoid perturbing the input (named in the refusal)
+    perturbs_inputs_options: str = "use a method that does not perturb the input"
+
+    def check_inputs(self, model: nn.Module, batch: Batch, forward_fn: Optional[Callable],
+                     loss_fn: Optional[Callable]) -> None:
+        """Called by the engine on the first batch before any work: raise a widetopo error for
+        inputs the method cannot act on. Default: perturbs_inputs methods need a locatable signal."""
+        if self.perturbs_inputs:
+            _inputs.check_signal(model, batch.x, self.name, self.perturbs_inputs_options)
 
     def prepass(self, ctx: ScoreContext, batches: Sequence[Batch]) -> Optional[List[torch.Tensor]]:
         """Tensors summed over this process's batches that the score needs summed over the whole

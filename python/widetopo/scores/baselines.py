@@ -15,6 +15,7 @@ from torch import nn
 
 import widetopo_ext
 from widetopo.options import Options, any_integer, boolean, format_shape, one_of, option, optional, shape
+from widetopo.scores.inputs import cast_floating, head
 from widetopo.scores.base import Batch, ScoreContext, Scorer
 from widetopo.scores.losses import IGNORE_INDEX, task_loss
 from widetopo.scores._util import as_dtypes, score_zeros
@@ -107,14 +108,15 @@ def require_targets(batches: Sequence[Batch], method: str) -> None:
             )
 
 
-def _loss_grads(ctx: ScoreContext, params: Dict[str, torch.Tensor], buffers, x: torch.Tensor, y: torch.Tensor,
+def _loss_grads(ctx: ScoreContext, params: Dict[str, torch.Tensor], buffers, batch: Batch, x,
                 ignore_index: int) -> Tuple[torch.Tensor, ...]:
-    """dL/dw of L = task_loss(f(x; params), y) for the prunable entries of `params`."""
+    """dL/dw of L = ctx.loss of `batch` (its targets and label key) on inputs x, for the prunable
+    entries of `params` (task_loss of the logits, the model's own loss, or the run's loss_fn)."""
     params = dict(params)
     leaves = [params[n].detach().requires_grad_(True) for n in ctx.names]
     params.update(zip(ctx.names, leaves))
     with torch.enable_grad():
-        loss = task_loss(ctx.forward(params, x, buffers), y, ignore_index)
+        loss = ctx.loss(params, batch, buffers, x=x, ignore_index=ignore_index)
         return torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)
 
 
@@ -135,7 +137,7 @@ def relative_errors(own, other, weights, masks, dtype: torch.dtype, probe: torch
     return out
 
 
-def _relative_errors(ctx: ScoreContext, x: torch.Tensor, y: torch.Tensor, ignore_index: int) -> Optional[List[float]]:
+def _relative_errors(ctx: ScoreContext, batch: Batch, x, ignore_index: int) -> Optional[List[float]]:
     """Per prunable tensor, the relative rounding error of sum_j |theta_j dL/dw_j| m_j, measured on
     the first PROBE_SAMPLES samples of a batch (all of a one-sample batch: the trap's case): the
     gradient in the model's dtype against the same in a second precision (float64, or float32 for
@@ -144,13 +146,15 @@ def _relative_errors(ctx: ScoreContext, x: torch.Tensor, y: torch.Tensor, ignore
     if not dtype.is_floating_point:
         return None
     probe = torch.float32 if dtype == torch.float64 else torch.float64
-    x, y = x[:PROBE_SAMPLES], y[:PROBE_SAMPLES]
+    x = head(x, PROBE_SAMPLES)
+    batch = Batch(batch.index, batch.x, batch.y[:PROBE_SAMPLES] if batch.y.dim() else batch.y, batch.label_key)
     cast = lambda t: t.detach().to(probe) if t.is_floating_point() else t.detach().clone()  # noqa: E731
     own = {n: b.detach().clone() for n, b in ctx.buffers.items()}  # train mode writes running stats
+    cast_x = cast_floating(x, probe)
     try:
-        grads = _loss_grads(ctx, ctx.params, own, x, y, ignore_index)
+        grads = _loss_grads(ctx, ctx.params, own, batch, x, ignore_index)
         other = _loss_grads(ctx, {n: cast(p) for n, p in ctx.params.items()},
-                            {n: cast(b) for n, b in ctx.buffers.items()}, cast(x), y, ignore_index)
+                            {n: cast(b) for n, b in ctx.buffers.items()}, batch, cast_x, ignore_index)
     except (RuntimeError, TypeError, ValueError) as exc:  # a module that cannot run in the probe dtype
         logger.debug("no rounding-noise probe in %s: %s", probe, exc)
         return None
@@ -167,7 +171,8 @@ def noise_floors(relative: Optional[List[float]], scores: List[torch.Tensor]) ->
 def snip_sum(ctx: ScoreContext, batches: Sequence[Batch], method: str, ignore_index: int = IGNORE_INDEX,
              mode: Callable = eval_mode, calibrate: bool = False, probe: bool = False) -> List[torch.Tensor]:
     """sum_b dL_b/dw * w * m over `batches`, signed, with w = theta * m (ctx.params) and
-    L_b = task_loss(f(x_b; w), y_b, ignore_index) (mean cross entropy of the batch).
+    L_b = ctx.loss (mean cross entropy of the batch's logits, the model's own loss from its
+    `labels`, or the run's loss_fn; see ScoreContext.loss).
 
     The gradient is taken at the masked weights, so d/dtheta of L(theta * m) = m * dL/dw and
     pruned entries get 0. `mode(model)` is the context the forwards run in: eval_mode (BatchNorm
@@ -183,13 +188,12 @@ def snip_sum(ctx: ScoreContext, batches: Sequence[Batch], method: str, ignore_in
     relative = None
     with mode(ctx.model):
         for k, batch in enumerate(batches):
-            x = batch.x.to(ctx.device)
-            y = batch.y.to(ctx.device)
+            x = ctx.inputs(batch)
             if calibrate:
                 calibrate_batchnorm(ctx, x)
-            grads = _loss_grads(ctx, ctx.params, None, x, y, ignore_index)
+            grads = _loss_grads(ctx, ctx.params, None, batch, x, ignore_index)
             if probe and k == 0:
-                relative = _relative_errors(ctx, x, y, ignore_index)
+                relative = _relative_errors(ctx, batch, x, ignore_index)
             widetopo_ext.accumulate_score_(out, as_dtypes(grads, out), as_dtypes(prunable, out), ctx.masks,
                                            absolute=False)
     check_finite(out, ctx, method)
@@ -260,13 +264,15 @@ def _in_range(r: torch.Tensor) -> bool:
     return math.isfinite(value) and value != 0.0
 
 
-def synflow_scores(ctx: ScoreContext, sample_shape: Sequence[int], rescale: bool = False,
+def synflow_scores(ctx: ScoreContext, sample_shape, rescale: bool = False,
                    power: int = 1, multiplier_power: Optional[int] = None):
     """Raw SynFlow-type scores |dR/dw| * |theta*m|^q (float64) and R, for w = |theta*m|^power
     (every parameter transformed, floating buffers too, as SynFlow does), R = sum f(1; w), eval
     mode; q = multiplier_power (default: power, i.e. |w * dR/dw|).
     power=1: SynFlow. power=2: SynFlow-L2 (q=1: |theta| * dR/d(theta^2); q=2: theta^2 * dR/d(theta^2)).
     Without rescaling, scores are None when R overflowed (inf/NaN) or underflowed to 0.
+    sample_shape: one sample's shape, or model inputs whose first sample is used with its signal
+    (token ids: the input embedding's output) set to ones (docs/design.md §2.5).
 
     rescale=True divides the output of every module that owns parameters by a power of two
     near its peak (forward hooks), which keeps activations and gradients of very deep nets in
@@ -289,7 +295,10 @@ def synflow_scores(ctx: ScoreContext, sample_shape: Sequence[int], rescale: bool
         for n, b in ctx.buffers.items()
     }
     leaves = [params[n] for n in ctx.names]
-    x = torch.ones((1, *sample_shape), dtype=torch.float64, device=ctx.device)
+    if isinstance(sample_shape, (tuple, list)):
+        x = torch.ones((1, *sample_shape), dtype=torch.float64, device=ctx.device)
+    else:
+        x = ctx.constant_inputs(sample_shape, 1)
     handles = []
     if rescale:
         handles = [m.register_forward_hook(_pow2_rescale_hook) for m in model.modules() if _has_own_params(m)]
@@ -336,7 +345,13 @@ class SynFlowScorer(Scorer):
     first_batch_only = True  # the sample shape of the first batch
     decay = False
     needs_targets = False
+    perturbs_inputs_options = "pass the input_shape option (one floating sample's shape)"
     Options = SynFlowOptions
+
+    @property
+    def perturbs_inputs(self) -> bool:
+        """All-ones input at the signal (the embedding output for token ids), unless input_shape is given."""
+        return self.options.input_shape is None
     power: int = 1  # w = |theta|^power in the forward (SynFlow-L2: 2)
 
     def __init__(self, *args, **kwargs):
@@ -355,7 +370,9 @@ class SynFlowScorer(Scorer):
         if self.options.input_shape is not None:
             return self.options.input_shape
         for batch in batches:
-            return tuple(batch.x.shape[1:])
+            x = batch.x
+            floating = isinstance(x, torch.Tensor) and x.is_floating_point()
+            return tuple(x.shape[1:]) if floating else x  # token ids / keyword inputs: ones at the signal
         raise ValueError(
             f"{self.name} needs the shape of one input sample: pass at least one batch or "
             "the input_shape option"

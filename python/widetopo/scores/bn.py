@@ -25,6 +25,7 @@ from typing import Dict, Iterator, List, Tuple
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from widetopo.scores.inputs import num_samples, sample_shape
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +100,7 @@ def _prefixed(name: str, attr: str) -> str:
 
 
 @torch.no_grad()
-def calibrate_batchnorm(ctx, x: torch.Tensor) -> int:
+def calibrate_batchnorm(ctx, x) -> int:
     """Set the context's BatchNorm running statistics to the statistics of batch `x`.
 
     For every BatchNorm module with running statistics: running_mean <- 0, running_var <- 1,
@@ -154,7 +155,7 @@ def calibrate_batchnorm(ctx, x: torch.Tensor) -> int:
                     raise
                 raise ValueError(
                     f"BatchNorm calibration needs more than one value per channel, but a pruning batch has "
-                    f"{x.shape[0]} sample(s) of shape {tuple(x.shape[1:])}: drop the incomplete last batch "
+                    f"{num_samples(x)} sample(s) of shape {sample_shape(x)}: drop the incomplete last batch "
                     "(DataLoader(..., drop_last=True)) or choose max_samples so that every batch has at "
                     "least 2 samples"
                 ) from None

@@ -296,7 +296,9 @@ def check_double_backward(ctx, x: torch.Tensor, method: str = "this method", sam
     """
     from widetopo.scores.bn import affine_batchnorm, eval_mode
 
-    x = x[:samples].to(ctx.device)
+    from widetopo.scores.inputs import head
+
+    x = head(x, samples).to(ctx.device)
     params = {n: (p.detach().requires_grad_(True) if p.is_floating_point() else p.detach())
               for n, p in ctx.params.items()}
     leaves = [p for p in params.values() if p.requires_grad]

@@ -38,7 +38,9 @@ from widetopo.options import Options, any_integer, one_of, option, positive
 from widetopo.scores.base import Batch, ScoreContext, Scorer
 from widetopo.scores.baselines import PROBE_SAMPLES, noise_floors, relative_errors, require_targets
 from widetopo.scores.bn import batchnorm_train_mode
-from widetopo.scores.losses import IGNORE_INDEX, task_loss
+from widetopo.errors import UnsupportedInputsError
+from widetopo.scores.inputs import cast_floating, head
+from widetopo.scores.losses import IGNORE_INDEX
 from widetopo.scores.widetopo import check_finite
 from widetopo.scores._util import as_dtypes, score_zeros
 
@@ -86,11 +88,11 @@ class GraSPScorer(Scorer):
         names = list(ctx.names) + self._extra_names(ctx)
         leaves = [params[n].detach().requires_grad_(True) for n in names]
         params.update(zip(names, leaves))
-        x = batch.x.to(ctx.device)
-        if buffers is not None and x.is_floating_point():  # the probe's copies
-            x = x.to(leaves[0].dtype)
-        logits = ctx.forward(params, x, buffers)
-        loss = task_loss(logits / self.options.temperature, batch.y.to(ctx.device), self.options.ignore_index)
+        x = ctx.inputs(batch)
+        if buffers is not None:  # the probe's copies
+            x = cast_floating(x, leaves[0].dtype)
+        loss = ctx.loss(params, batch, buffers, x=x, ignore_index=self.options.ignore_index,
+                        temperature=self.options.temperature)
         grads = torch.autograd.grad(loss, leaves, create_graph=create_graph, allow_unused=True,
                                     materialize_grads=True)
         return grads, leaves
@@ -103,6 +105,16 @@ class GraSPScorer(Scorer):
             return None
         return torch.autograd.grad(z, leaves, allow_unused=True, materialize_grads=True)
 
+    def check_inputs(self, model, batch: Batch, forward_fn, loss_fn) -> None:
+        """GraSP divides the logits by T before the loss: a model computing its own loss from the
+        batch's `labels` cannot do that."""
+        if batch.label_key is not None and loss_fn is None and self.options.temperature != 1:
+            raise UnsupportedInputsError(
+                f"grasp divides the logits by temperature={self.options.temperature:g} before the loss, which the "
+                f"model's own loss from the batch's {batch.label_key!r} cannot do: pass temperature=1 (the model's "
+                "loss), a loss_fn(output, target), or the targets under 'targets' (cross entropy of logits / T)"
+            )
+
     def noise_advice(self) -> str:
         return ("a batch of one sample (or of identical samples) makes a train-mode BatchNorm followed by a "
                 "global pool output its shift whatever the weights before it; use larger batches of distinct "
@@ -114,7 +126,7 @@ class GraSPScorer(Scorer):
         precision (float64, or float32 for a float64 model); None when it cannot be measured."""
         dtype = ctx.prunable[0].dtype
         probe = torch.float32 if dtype == torch.float64 else torch.float64
-        sub = Batch(batch.index, batch.x[:PROBE_SAMPLES], batch.y[:PROBE_SAMPLES])
+        sub = Batch(batch.index, head(batch.x, PROBE_SAMPLES), batch.y[:PROBE_SAMPLES], batch.label_key)
         cast = lambda t: t.detach().to(probe) if t.is_floating_point() else t.detach().clone()  # noqa: E731
         try:
             own = self._hg(ctx, sub, g_flat, buffers={k: b.clone() for k, b in ctx.buffers.items()})

@@ -27,6 +27,7 @@ import widetopo_ext
 from widetopo.scores.base import Batch, ScoreContext
 from widetopo.scores._util import as_dtypes, score_zeros
 from widetopo.scores.bn import affine_batchnorm, eval_mode, uses_batch_statistics
+from widetopo.scores.inputs import Inputs, concat, num_samples
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ def ita_score(
 
     eps sets both eps_x and eps_theta unless they are given. Random draws come from
     ctx.generator(batch.index, stream=ITA_STREAM) in this order: dx = randn(x.shape,
-    dtype=x.dtype), then dtheta_p = randn(theta_p.shape, dtype=theta_p.dtype) for p in
+    dtype=x.dtype) (x: the signal, i.e. the embedding output for token ids, docs/design.md §2.5), then dtheta_p = randn(theta_p.shape, dtype=theta_p.dtype) for p in
     ctx.names order. Runs in eval mode with the context's current buffers (calibration is the
     caller's job). 16-bit models are evaluated in float32 (draws then made in float32 too).
     batched=True evaluates x and x + eps_x*dx as one batch per parameter set, which is exact
@@ -90,17 +91,20 @@ def ita_score(
     eps_theta = _check_eps("eps_theta", eps if eps_theta is None else eps_theta)
     if out is None:
         out = score_zeros(ctx.prunable)
-    x = batch.x.to(ctx.device)
-    if not x.is_floating_point():
-        raise TypeError(f"ita_score needs floating inputs (x + eps*dx), got batch.x of dtype {x.dtype}")
+    x = ctx.inputs(batch)
     base, buffers = ctx.params, ctx.buffers
-    if x.dtype in _HALF or any(p.dtype in _HALF for p in base.values()):
+    with torch.no_grad():
+        signal = ctx.signal(x)  # x itself, or the embedding output for token ids (§2.5): dx is shaped like it
+    if signal.dtype in _HALF or any(p.dtype in _HALF for p in base.values()):
         # a 16-bit finite difference at eps = 5e-4 is rounding noise: evaluate in float32
         base, buffers = _upcast(base), _upcast(buffers)
-        x = x.float()
+        x = x.float() if isinstance(x, torch.Tensor) and x.dtype in _HALF else x
+        if isinstance(x, Inputs):
+            x = Inputs((k, v.float() if isinstance(v, torch.Tensor) and v.dtype in _HALF else v) for k, v in x.items())
+        signal = signal.float()
     prunable = [base[n] for n in ctx.names]
     gen = ctx.generator(batch.index, stream=ITA_STREAM)
-    dx = torch.randn(x.shape, generator=gen, dtype=x.dtype, device=x.device)
+    dx = torch.randn(signal.shape, generator=gen, dtype=signal.dtype, device=signal.device)
     c = [torch.randn(p.shape, generator=gen, dtype=p.dtype, device=p.device) for p in prunable]
     # c_p = theta_p*m_p + eps_theta*dtheta_p (prunable params already hold theta*m)
     torch._foreach_mul_(c, eps_theta)
@@ -115,15 +119,15 @@ def ita_score(
     params_s.update(zip(ctx.names, src))
     params_t.update(zip(ctx.names, tgt))
 
-    xp = x + eps_x * dx
-    n = x.shape[0]
-    with eval_mode(ctx.model), affine_batchnorm(ctx.model), no_tf32(x.device), torch.enable_grad():
+    xp = ctx.with_signal(x, lambda e: e + eps_x * dx)
+    n = num_samples(x)
+    with eval_mode(ctx.model), affine_batchnorm(ctx.model), no_tf32(dx.device), torch.enable_grad():
         if not batched or uses_batch_statistics(ctx.model):
             # BatchNorm without running statistics couples the samples: no concatenation
             o_s, p_s = ctx.forward(params_s, x, buffers), ctx.forward(params_s, xp, buffers)
             o_t, p_t = ctx.forward(params_t, x, buffers), ctx.forward(params_t, xp, buffers)
         else:
-            xx = torch.cat([x, xp], dim=0)
+            xx = concat(x, xp)
             o_s, p_s = ctx.forward(params_s, xx, buffers).split(n, dim=0)
             o_t, p_t = ctx.forward(params_t, xx, buffers).split(n, dim=0)
         delta = (p_t - o_t) - (p_s - o_s)

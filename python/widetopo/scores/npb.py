@@ -44,7 +44,6 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from torch import nn
-from torch.func import functional_call
 
 import widetopo_ext
 from widetopo.options import Options, integer, nonnegative, one_of, option, optional, shape
@@ -219,8 +218,14 @@ class NPBScorer(Scorer):
     first_batch_only = True  # the sample shape of the first batch
     decay = False
     needs_targets = False
+    perturbs_inputs_options = "pass the input_shape option (one floating sample's shape)"
     selection = "mask"
     Options = NPBOptions
+
+    @property
+    def perturbs_inputs(self) -> bool:
+        """An all-ones sample at the signal (the embedding output for token ids), unless input_shape is given."""
+        return self.options.input_shape is None
 
     # ------------------------------------------------------------------ checks (before any work)
     @staticmethod
@@ -242,14 +247,13 @@ class NPBScorer(Scorer):
         caps = widetopo_ext.mask_stats(ctx.masks)[:, 0].tolist()
         return erk_quotas([ctx.params[n].shape for n in ctx.names], keep, self.options.power_scale, caps)
 
-    def _sample_shape(self, batches: Sequence[Batch]) -> Tuple[int, ...]:
+    def _sample_shape(self, batches: Sequence[Batch]):
         if self.options.input_shape is not None:
             return self.options.input_shape
         for batch in batches:
-            if not batch.x.is_floating_point():
-                raise ValueError(f"npb counts paths with an all-ones input sample, but the data is {batch.x.dtype}; "
-                                 "pass floating inputs")
-            return tuple(batch.x.shape[1:])
+            x = batch.x
+            floating = isinstance(x, torch.Tensor) and x.is_floating_point()
+            return tuple(x.shape[1:]) if floating else x  # token ids / keyword inputs: ones at the signal (§2.5)
         raise ValueError("npb needs the shape of one input sample: pass at least one batch or the input_shape option")
 
     # ------------------------------------------------------------------ path counts
@@ -287,7 +291,7 @@ class NPBScorer(Scorer):
         handle = module.register_forward_pre_hook(hook)
         try:
             with eval_mode(ctx.model), torch.no_grad():
-                functional_call(ctx.model, (params, buffers), (x,))
+                ctx.output(params, x, buffers)
         except _Stop:
             pass
         finally:
@@ -306,7 +310,7 @@ class NPBScorer(Scorer):
         try:
             params, buffers = self._path_net(ctx, list(ctx.masks))
             with eval_mode(ctx.model), torch.no_grad():
-                functional_call(ctx.model, (params, buffers), (x,))
+                ctx.output(params, x, buffers)
         finally:
             for h in handles:
                 h.remove()
@@ -362,7 +366,8 @@ class NPBScorer(Scorer):
             if u is not None and q > int(u.sum()):
                 raise ValueError(f"npb: layer {name!r} must keep {q} weights (its ERK count) but k_max = "
                                  f"{opts.k_max} taps per kernel allow only {int(u.sum())}; raise k_max or leave it None")
-        x = torch.ones((1, *sample), dtype=torch.float64, device=ctx.device)
+        x = (torch.ones((1, *sample), dtype=torch.float64, device=ctx.device) if isinstance(sample, tuple)
+             else ctx.constant_inputs(sample, 1))
         chosen = [m.clone() for m in ctx.masks]  # the counting net's masks, replaced layer by layer
         for j in self._order(ctx, owners, x):
             name, w, m, mag = ctx.names[j], ctx.prunable[j], ctx.masks[j], scores[j]

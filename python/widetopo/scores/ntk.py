@@ -64,7 +64,7 @@ def ntk_score(
     prunable = ctx.prunable
     if out is None:
         out = score_zeros(prunable)
-    x = batch.x.to(ctx.device)
+    x = ctx.inputs(batch)
     params = _leaf_params(ctx)
     prunable_set = set(ctx.names)
     pr_leaves = [params[n] for n in ctx.names]

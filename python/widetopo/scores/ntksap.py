@@ -3,7 +3,8 @@
 Per scoring batch, with m a continuous variable shared by both terms:
     F = sum_n || f(xi_n; theta~ * m) - f(xi_n; (theta~ + eps * delta) * m) ||^2
     S_j = | sum_batches dF/dm_j | * [m_j = 1]
-xi ~ N(0, I) shaped like the batch (the data supply only the shapes); theta~ a fresh Kaiming
+xi ~ N(0, I) shaped like the batch (the data supply only the shapes; for token ids xi replaces the
+input embedding's output, docs/design.md §2.5); theta~ a fresh Kaiming
 re-initialisation of the network drawn for this batch; delta ~ N(0, I) on the prunable weights
 only; eps = 0.01. BatchNorm statistics are reset and refilled by one no-grad train-mode forward
 of f(xi; theta~ * m) with momentum 1, then both terms run in eval mode with those statistics.
@@ -147,7 +148,13 @@ class NTKSAPScorer(Scorer):
     decay = False
     needs_targets = False
     needs_double_backward = False
+    perturbs_inputs_options = "pass noise_input=False (score on the real inputs)"
     Options = NTKSAPOptions
+
+    @property
+    def perturbs_inputs(self) -> bool:
+        """Gaussian inputs replace the signal (the embedding output for token ids)."""
+        return self.options.noise_input
 
     def score(self, ctx: ScoreContext, batches: Sequence[Batch]) -> List[torch.Tensor]:
         opts = self.options
@@ -164,17 +171,17 @@ class NTKSAPScorer(Scorer):
         torch._foreach_abs_(scores)
         return scores
 
-    def _inputs(self, ctx: ScoreContext, batch: Batch, dtype: torch.dtype) -> torch.Tensor:
-        x = batch.x.to(ctx.device)
+    def _inputs(self, ctx: ScoreContext, batch: Batch, dtype: torch.dtype):
+        """xi ~ N(0, I) shaped like the batch's signal (the input, or the embedding output for
+        token ids, docs/design.md §2.5), or the real inputs with noise_input=False."""
+        x = ctx.inputs(batch)
         if not self.options.noise_input:
             return x
-        if not x.is_floating_point():
-            raise TypeError(
-                f"ntk-sap draws Gaussian inputs shaped like the batch, but batch {batch.index} holds "
-                f"{x.dtype} inputs (e.g. token ids); pass noise_input=False to score on the real inputs"
-            )
+        with torch.no_grad():
+            shape = ctx.signal(x).shape
         gen = ctx.generator(batch.index, stream=NTKSAP_INPUT_STREAM)
-        return torch.randn(x.shape, generator=gen, dtype=dtype, device=x.device)
+        xi = torch.randn(shape, generator=gen, dtype=dtype, device=ctx.device)
+        return ctx.with_signal(x, lambda e: xi)
 
     def _add_batch(self, ctx: ScoreContext, batch: Batch, plan, out: List[torch.Tensor]) -> None:
         """out += dF/dm * m for one batch (signed)."""
@@ -186,7 +193,7 @@ class NTKSAPScorer(Scorer):
             base = reinit_params(base, plan, ctx.generator(batch.index, stream=NTKSAP_REINIT_STREAM))
         prunable = [base[n] for n in ctx.names]
         x = self._inputs(ctx, batch, prunable[0].dtype if prunable else torch.float32)
-        if half and x.dtype in _HALF:
+        if half and isinstance(x, torch.Tensor) and x.dtype in _HALF:
             x = x.float()
         gen = ctx.generator(batch.index, stream=NTKSAP_PERTURB_STREAM)
         delta = [torch.randn(p.shape, generator=gen, dtype=p.dtype, device=p.device) for p in prunable]
@@ -201,7 +208,7 @@ class NTKSAPScorer(Scorer):
 
         m = [mk.to(p.dtype).requires_grad_(True) for mk, p in zip(ctx.masks, prunable)]
         params_a, params_b = dict(base), dict(base)
-        with no_tf32(x.device), torch.enable_grad():
+        with no_tf32(ctx.device), torch.enable_grad():
             params_a.update(zip(ctx.names, torch._foreach_mul(prunable, m)))
             params_b.update(zip(ctx.names, torch._foreach_mul(perturbed, m)))
             diff = ctx.forward(params_a, x, buffers) - ctx.forward(params_b, x, buffers)

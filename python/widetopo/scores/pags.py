@@ -40,6 +40,7 @@ import torch
 
 import widetopo_ext
 from widetopo.options import Options, any_integer, boolean, integer, nonnegative, one_of, option
+from widetopo.scores.inputs import concat, num_samples, take
 from widetopo.scores.base import Batch, ScoreContext, Scorer
 from widetopo.scores.baselines import snip_sum
 from widetopo.scores.bn import batchnorm_train_mode
@@ -129,13 +130,14 @@ class PAGSScorer(Scorer):
     def _member_batch(self, ctx: ScoreContext, batches: Sequence[Batch], j: int) -> Batch:
         n = len(batches)
         pair = [batches[j % n]] if n == 1 else [batches[j % n], batches[(j + 1) % n]]
-        x = torch.cat([b.x for b in pair]).to(ctx.device)
+        x = (pair[0].x if len(pair) == 1 else concat(pair[0].x, pair[1].x)).to(ctx.device)  # dict batches too
         y = torch.cat([b.y for b in pair]).to(ctx.device)
         if self.options.half:
-            take = min(x.shape[0], max(2, (x.shape[0] + 1) // 2))
-            pick = torch.randperm(x.shape[0], generator=ctx.generator(j, PAGS_STREAM), device=ctx.device)[:take]
-            x, y = x[pick], y[pick]
-        return Batch(j, x, y)
+            n = num_samples(x)
+            count = min(n, max(2, (n + 1) // 2))
+            pick = torch.randperm(n, generator=ctx.generator(j, PAGS_STREAM), device=ctx.device)[:count]
+            x, y = take(x, pick), y[pick]
+        return Batch(j, x, y, pair[0].label_key)
 
     def score(self, ctx: ScoreContext, batches: Sequence[Batch]) -> List[torch.Tensor]:
         """No per-weight score: the current mask (1 kept, 0 pruned); keeps the batches for

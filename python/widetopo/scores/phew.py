@@ -19,7 +19,8 @@ and input unit i' of layer l' depends on output unit o of l when d x_{l'}[:, i']
 is not zero (residual adds, concatenations, flattening, attention are followed as they are;
 a flattened conv channel feeds H*W inputs, so a walk moves to a random spatial slot of it).
 The probe is the union of two forwards in eval mode: the first pruning batch (up to 4
-samples) and, for floating inputs, an all-ones input through |theta| (every ReLU open).
+samples) and an all-ones input through |theta| (every ReLU open), set at the signal: the
+floating input, or the embedding output for token ids (docs/design.md §2.5).
 
 stop="exact" (default) keeps exactly K: the walk that reaches K stops there (it may leave up to
 L - 1 weights of a partial path). stop="walk" finishes that walk: K <= kept <= K + L - 1, L the
@@ -44,6 +45,7 @@ from torch import nn
 
 from widetopo.engine.rng import make_generator
 from widetopo.options import Options, one_of, option
+from widetopo.scores.inputs import head, input_embedding, needs_embedding
 from widetopo.scores.base import Batch, ScoreContext, Scorer
 from widetopo.scores.bn import eval_mode
 from widetopo.sparsity.selection import parameter_owners
@@ -143,7 +145,7 @@ def _probe(ctx: ScoreContext, modules: List[nn.Module], x: torch.Tensor, positiv
     handles = [m.register_forward_pre_hook(pre_hook) for m in modules] + [m.register_forward_hook(hook) for m in modules]
     try:
         with eval_mode(ctx.model), torch.enable_grad():
-            torch.func.functional_call(ctx.model, (params, buffers), (x,))
+            ctx.output(params, x, buffers)
     finally:
         for h in handles:
             h.remove()
@@ -199,10 +201,10 @@ def trace_unit_graph(ctx: ScoreContext, x: torch.Tensor) -> UnitGraph:
     """The unit graph of ctx's prunable layers, traced on probe input `x` (see the module docstring)."""
     owners = parameter_owners(ctx.model)
     modules = [_layer_module(ctx.model, n, owners) for n in ctx.names]
-    x = x[:_PROBE_SAMPLES]
+    x = head(x, _PROBE_SAMPLES)
     deps = _probe(ctx, modules, x, positive=False)
-    if x.is_floating_point():
-        for b, more in enumerate(_probe(ctx, modules, torch.ones_like(x), positive=True)):
+    if not needs_embedding(x) or input_embedding(ctx.model) is not None:  # ones at the signal (design §2.5)
+        for b, more in enumerate(_probe(ctx, modules, ctx.with_signal(x, torch.ones_like), positive=True)):
             for a, d in more.items():
                 deps[b][a] = deps[b][a] | d if a in deps[b] else d
     units = [_units(m)[:2] for m in modules]
@@ -358,7 +360,7 @@ class PHEWScorer(Scorer):
         """|theta * m| (what biases the walks); traces the unit graph for choose_masks."""
         if not batches:
             raise ValueError("phew traces the network on a probe input: pass at least one batch")
-        ctx.extra["phew_graph"] = trace_unit_graph(ctx, batches[0].x.to(ctx.device))
+        ctx.extra["phew_graph"] = trace_unit_graph(ctx, ctx.inputs(batches[0]))
         return [p.detach().abs().to(torch.float64 if p.dtype == torch.float64 else torch.float32)
                 for p in ctx.prunable]
 

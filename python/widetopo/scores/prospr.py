@@ -31,7 +31,7 @@ from widetopo.options import Options, any_integer, boolean, integer, option, pos
 from widetopo.scores.base import Batch, ScoreContext, Scorer
 from widetopo.scores.baselines import require_targets
 from widetopo.scores.bn import batchnorm_train_mode
-from widetopo.scores.losses import IGNORE_INDEX, task_loss
+from widetopo.scores.losses import IGNORE_INDEX
 from widetopo.scores.widetopo import check_finite
 from widetopo.scores._util import as_dtypes, score_zeros
 
@@ -71,7 +71,7 @@ class ProsPrScorer(Scorer):
     def _meta_gradient(self, ctx: ScoreContext, batch: Batch) -> List[torch.Tensor]:
         """dL(x; theta_M)/dc for one batch (first order: theta * m * dL/dtheta_M)."""
         opts = self.options
-        x, y = batch.x.to(ctx.device), batch.y.to(ctx.device)
+        x = ctx.inputs(batch)
         second = self.needs_double_backward
         c = [torch.ones_like(p).requires_grad_(True) for p in ctx.prunable]
         trainable = self._trainable(ctx)
@@ -84,7 +84,7 @@ class ProsPrScorer(Scorer):
             current = [params[n] if second else params[n].detach().requires_grad_(True) for n in trainable]
             if not second:
                 params.update(zip(trainable, current))
-            loss = task_loss(ctx.forward(params, x), y, opts.ignore_index)
+            loss = ctx.loss(params, batch, x=x, ignore_index=opts.ignore_index)
             grads = torch.autograd.grad(loss, current, create_graph=second, allow_unused=True,
                                         materialize_grads=True)
             for n, p, g in zip(trainable, current, grads):
@@ -93,10 +93,10 @@ class ProsPrScorer(Scorer):
         if not second:  # first order (and M = 0): theta_0 * m * dL/dtheta_M, theta_0 = theta * m
             leaves = [params[n].detach().requires_grad_(True) for n in ctx.names]
             params.update(zip(ctx.names, leaves))
-            loss = task_loss(ctx.forward(params, x), y, opts.ignore_index)
+            loss = ctx.loss(params, batch, x=x, ignore_index=opts.ignore_index)
             grads = torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)
             return [g * t0 for g, t0 in zip(grads, ctx.prunable)]
-        loss = task_loss(ctx.forward(params, x), y, opts.ignore_index)
+        loss = ctx.loss(params, batch, x=x, ignore_index=opts.ignore_index)
         return list(torch.autograd.grad(loss, c, allow_unused=True, materialize_grads=True))
 
     def score(self, ctx: ScoreContext, batches: Sequence[Batch]) -> List[torch.Tensor]:

@@ -64,6 +64,7 @@ import widetopo_ext
 from widetopo.options import Options, one_of, option
 from widetopo.scores.base import Batch, ScoreContext, Scorer
 from widetopo.scores._util import score_zeros
+from widetopo.scores.inputs import sample_shape as _sample_shape
 from widetopo.scores.bn import batchnorm_train_mode, eval_mode, uses_batch_statistics
 from widetopo.scores.widetopo import check_finite
 
@@ -249,9 +250,17 @@ def hnet_output(ctx: ScoreContext, sample_shape: Sequence[int], params: Dict[str
     weights), activations replaced by the identity, BatchNorm in `bn_mode`. Two identical samples
     are evaluated (train-mode BatchNorm1d needs more than one value per channel); their batch
     statistics are those of one sample."""
-    x = torch.ones((2, *sample_shape), dtype=dtype, device=ctx.device)
+    x = _ones(ctx, sample_shape, 2, dtype)
     with _bn_mode(ctx.model, bn_mode, square=True), _PathActivations("identity"):
         return ctx.forward(params, x, buffers)[0]
+
+
+def _ones(ctx: ScoreContext, sample, n: int, dtype: torch.dtype = torch.float64):
+    """n all-ones samples: of shape `sample`, or of model inputs whose signal - the embedding
+    output for token ids, docs/design.md §2.5 - is set to ones."""
+    if isinstance(sample, (tuple, list)):
+        return torch.ones((n, *sample), dtype=dtype, device=ctx.device)
+    return ctx.constant_inputs(sample, n, dtype=dtype)
 
 
 def _pow2_peak(t: torch.Tensor) -> int:
@@ -287,6 +296,7 @@ class PXScorer(Scorer):
     decay = False
     needs_targets = False
     reports_noise_floor = True
+    perturbs_inputs = True
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -295,7 +305,7 @@ class PXScorer(Scorer):
     def score(self, ctx: ScoreContext, batches: Sequence[Batch]) -> List[torch.Tensor]:
         if not batches:
             return score_zeros(ctx.prunable, torch.float64)
-        shapes = {tuple(b.x.shape[1:]) for b in batches}
+        shapes = {_sample_shape(b.x) for b in batches}
         if len(shapes) > 1:
             raise ValueError(
                 f"px: the pruning batches of one process must share one sample shape, got {sorted(shapes)}"
@@ -310,28 +320,31 @@ class PXScorer(Scorer):
         g_buffers = _float64(ctx.buffers)  # train-mode BatchNorm writes running stats here, not in ctx.buffers
         total = None
         for batch in batches:
-            x = batch.x.to(ctx.device)
+            x = ctx.inputs(batch)
             gates = path_gates(ctx, x)
-            z1 = gated_output(ctx, x.to(torch.float64).square(), gates, g_params, g_buffers, bn_mode)
+            x2 = ctx.signal(x).to(torch.float64).square()  # the embedding output for token ids (§2.5)
+            z1 = gated_output(ctx, ctx.with_signal(x, lambda e, x2=x2: x2), gates, g_params, g_buffers, bn_mode)
             total = z1.sum(0) if total is None else total + z1.sum(0)
 
-        (sample_shape,) = shapes
+        (sample,) = shapes
+        first = batches[0].x
+        if not (isinstance(first, torch.Tensor) and first.is_floating_point()):
+            sample = first  # token ids / keyword inputs: ones at the signal
         h_params = {}
         for name, p in ctx.params.items():
             q = p.detach().to(torch.float64)
             h_params[name] = q.square().requires_grad_(True) if name in prunable else q
         leaves = [h_params[n] for n in ctx.names]
         with torch.enable_grad():
-            z2 = hnet_output(ctx, sample_shape, h_params, g_buffers, bn_mode)
+            z2 = hnet_output(ctx, sample, h_params, g_buffers, bn_mode)
             if z2.shape != total.shape:
                 raise RuntimeError(f"px: h-net output {tuple(z2.shape)} differs from the g-net's {tuple(total.shape)}")
-            reference = gated_output(ctx, torch.ones((2, *sample_shape), dtype=torch.float64, device=ctx.device),
-                                     None, g_params, g_buffers, bn_mode)
+            reference = gated_output(ctx, _ones(ctx, sample, 2), None, g_params, g_buffers, bn_mode)
             e1, e2 = _pow2_peak(reference), _pow2_peak(z2)
             g_scaled = torch.ldexp(total, total.new_tensor(-e1))
             r = (g_scaled * z2).sum() * 2.0 ** -e2  # R / 2^(e1 + e2)
             grads = torch.autograd.grad(r, leaves, allow_unused=True, materialize_grads=True)
-        ctx.noise_floor = self._noise_floor(ctx, sample_shape, h_params, g_buffers, g_scaled, e2, grads)
+        ctx.noise_floor = self._noise_floor(ctx, sample, h_params, g_buffers, g_scaled, e2, grads)
         r = float(r.detach())
         self.diagnostics.update(scale=2.0 ** -(e1 + e2), R=r * 2.0 ** (e1 + e2))
         if not math.isfinite(r):

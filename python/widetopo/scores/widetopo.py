@@ -59,6 +59,13 @@ class WideTopoScorer(Scorer):
     needs_targets = False
     Options = WideTopoOptions
 
+    perturbs_inputs_options = "pass mu2=0 (no ITA term)"
+
+    @property
+    def perturbs_inputs(self) -> bool:
+        """The ITA term perturbs the input (the embedding output for token ids)."""
+        return self.options.mu2 != 0
+
     @property
     def needs_double_backward(self) -> bool:
         """The NTK-trace term differentiates a gradient; with mu1 = 0 only ITA remains."""
@@ -72,7 +79,7 @@ class WideTopoScorer(Scorer):
         s_ita = score_zeros(prunable)
         with eval_mode(ctx.model):
             for batch in batches:
-                calibrate_batchnorm(ctx, batch.x.to(ctx.device))
+                calibrate_batchnorm(ctx, ctx.inputs(batch))
                 if opts.mu1 != 0:
                     ntk_score(ctx, batch, probes=opts.probes, out=s_ntk)
                 if opts.mu2 != 0:

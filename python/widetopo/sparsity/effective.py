@@ -39,6 +39,15 @@ non-finite value is reported as an error, never as a silent answer; a value near
 float64's range (a path some 130+ layers long through units far weaker than their neighbours)
 is logged as a warning, since a further shrink would have hidden it.
 
+Token models (docs/design.md §2.5). Given example `inputs` instead of a shape (a tensor of token
+ids or a dict batch as the model takes it, e.g. input_ids and attention_mask; its first sample is
+used, targets dropped), the positive draw replaces the *signal*: the floating input, or the
+output of the input embedding for token ids (a Hugging Face model's inputs_embeds), through a
+forward hook, so position embeddings and attention masks act as usual. A masked input embedding
+is an input table, not a path: its entry (token, j) is effective iff it is kept and feature j of
+the embedding output reaches the output. `forward_fn(model, inputs)` replaces model(x) /
+model(**inputs) for custom forwards; the logits of a ModelOutput / tuple are summed.
+
 The caller's model is never modified: the pass runs through torch.func.functional_call on a
 deep copy in eval mode.
 """
@@ -50,7 +59,6 @@ from typing import Dict, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from widetopo.sparsity.selection import is_in_out_layer
 
@@ -103,7 +111,7 @@ def _avg_pool_hook(module, inputs, output):
     return _MAX_TO_AVG[type(module)](x, module.kernel_size, module.stride, module.padding, module.ceil_mode)
 
 
-def _check(model, masks, input_shape):
+def _check(model, masks, input_shape, inputs=None):
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(masks, Mapping):
@@ -119,6 +127,13 @@ def _check(model, masks, input_shape):
             problems.append(f"masks[{name!r}] has shape {list(m.shape)}, the parameter has {list(params[name].shape)}")
     if problems:
         raise ValueError("masks do not fit the model: " + "; ".join(problems))
+    if (input_shape is None) == (inputs is None):
+        raise ValueError("effective_sparsity: pass exactly one of input_shape (one sample's shape) and inputs "
+                         "(an example batch: a tensor, e.g. token ids, or a dict of keyword inputs)")
+    if inputs is not None:
+        if not isinstance(inputs, (torch.Tensor, Mapping)):
+            raise TypeError(f"inputs must be a tensor or a dict of keyword inputs, got {type(inputs).__name__}")
+        return params
     if (not isinstance(input_shape, Sequence) or not input_shape
             or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in input_shape)):
         raise ValueError(f"input_shape must be a non-empty sequence of positive ints (one sample, no batch "
@@ -126,17 +141,41 @@ def _check(model, masks, input_shape):
     return params
 
 
-def effective_sparsity(model: nn.Module, masks: Mapping[str, torch.Tensor], input_shape: Sequence[int], *,
-                       magnitudes: bool = False) -> dict:
+def _example(net: nn.Module, inputs, device):
+    """(the first sample of `inputs` with its signal replaced by a positive draw, the signal leaf)."""
+    from widetopo.constants import TARGET_KEYS
+    from widetopo.scores.inputs import Inputs, Signalled, check_signal, head
+
+    if isinstance(inputs, Mapping):
+        inputs = Inputs((k, v) for k, v in inputs.items() if k not in TARGET_KEYS)
+    x = head(inputs, 1).to(device)
+    check_signal(net, x, "effective_sparsity", "pass input_shape for a floating input")
+    gen = torch.Generator().manual_seed(0)
+    leaf = []
+
+    def positive(e: torch.Tensor) -> torch.Tensor:
+        if not leaf:
+            leaf.append((0.5 + torch.rand(e.shape, generator=gen, dtype=torch.float64)).to(e.device).requires_grad_(True))
+        return leaf[0]
+
+    return Signalled(x, positive), leaf
+
+
+def effective_sparsity(model: nn.Module, masks: Mapping[str, torch.Tensor], input_shape: Optional[Sequence[int]] = None,
+                       *, inputs=None, forward_fn=None, magnitudes: bool = False) -> dict:
     """Kept / effective weights per masked tensor and effective nodes per Conv/Linear layer.
 
     Returns {"layers": {name: {"kept", "effective", "units", "effective_nodes"}}, "total":
     {"numel", "kept", "effective", "density", "effective_density", "nodes", "effective_nodes",
     "node_ratio"}}. "units"/"effective_nodes" are None for a masked tensor that is not the
     weight of a Conv/Linear layer; totals count the units of every Conv/Linear layer that owns a
-    masked weight. input_shape is one sample's shape, e.g. (3, 32, 32).
+    masked weight. input_shape is one sample's shape, e.g. (3, 32, 32); for token models pass
+    `inputs` instead (an example batch: token ids, or a dict such as {input_ids, attention_mask}),
+    and `forward_fn(model, inputs)` for a custom forward (see the module docstring).
     """
-    params = _check(model, masks, input_shape)
+    from widetopo.scores.inputs import call_model, input_embedding, logits_of, needs_embedding
+
+    params = _check(model, masks, input_shape, inputs)
     net = copy.deepcopy(model).eval()
     for module in net.modules():
         if isinstance(module, _NORMS):
@@ -181,18 +220,29 @@ def effective_sparsity(model: nn.Module, masks: Mapping[str, torch.Tensor], inpu
 
     device = next(iter(values.values())).device if values else torch.device("cpu")
     gen = torch.Generator().manual_seed(0)
-    x = (0.5 + torch.rand((1, *input_shape), generator=gen, dtype=torch.float64)).to(device)
+    table = None  # a masked input embedding when the signal replaces its output
+    if inputs is None:
+        x = (0.5 + torch.rand((1, *input_shape), generator=gen, dtype=torch.float64)).to(device)
+        leaf = []
+    else:
+        x, leaf = _example(net, inputs, device)
+        found = input_embedding(net)
+        if needs_embedding(x) and found is not None:
+            table = f"{found[0]}.weight" if found[0] else "weight"
     with torch.enable_grad():  # also when the caller is inside torch.no_grad()
-        out = functional_call(net, {**values, **buffers}, (x,))
-        if isinstance(out, (tuple, list)):
-            out = out[0]
+        out = logits_of(call_model(net, {**values, **buffers}, x, forward_fn))
         if not torch.isfinite(out).all():
             raise FloatingPointError("effective_sparsity: the path-counting forward pass overflowed")
         names = list(masks)
         unit_names = [n for n in names if n in captured]
-        grads = torch.autograd.grad(out.sum(), [values[n] for n in names] + [captured[n] for n in unit_names],
+        grads = torch.autograd.grad(out.sum(), [values[n] for n in names] + [captured[n] for n in unit_names] + leaf,
                                     allow_unused=True)
-    w_grads, u_grads = grads[:len(names)], grads[len(names):]
+    w_grads, u_grads = grads[:len(names)], grads[len(names):len(names) + len(unit_names)]
+    if table in masks and leaf and grads[-1] is not None:
+        # entry (token, j) of the input table: effective iff feature j of its output reaches the output
+        reach = (grads[-1] != 0).reshape(-1, grads[-1].shape[-1]).any(0)
+        w_grads = list(w_grads)
+        w_grads[names.index(table)] = reach.to(torch.float64).expand(masks[table].shape)
 
     tiny = [t for t in list(w_grads) + list(u_grads) + [captured[n] for n in unit_names] if t is not None]
     if any(bool(((t != 0) & (t.abs() < 1e-280)).any()) for t in tiny):

@@ -90,14 +90,17 @@ class Masks(Mapping):
         n = self.numel
         return self.kept / n if n else 1.0
 
-    def stats(self, model: Optional[nn.Module] = None, input_shape: Optional[Tuple[int, ...]] = None) -> List[LayerStats]:
+    def stats(self, model: Optional[nn.Module] = None, input_shape: Optional[Tuple[int, ...]] = None, *,
+              inputs=None, forward_fn=None) -> List[LayerStats]:
         """Per-layer kept counts and active units (one widetopo_ext.mask_stats call).
 
         With `model` (the network the masks are for), also the effective weights and effective
         nodes of every layer (widetopo.sparsity.effective.effective_sparsity, one float64 forward and
         backward pass on a copy). input_shape is one sample's shape, e.g. (3, 32, 32); by
         default it comes from the metadata (in_channels, image_size) that `widetopo prune`
-        records. For the totals and the node ratio use effective_sparsity directly.
+        records. A token model takes `inputs` instead (an example batch: token ids or a dict such
+        as {input_ids, attention_mask}) and, for a custom forward, `forward_fn(model, inputs)`.
+        For the totals and the node ratio use effective_sparsity directly.
         """
         names = list(self._masks)
         if not names:
@@ -106,11 +109,15 @@ class Masks(Mapping):
         if model is not None:
             from widetopo.sparsity.effective import effective_sparsity, input_shape_from_meta
 
-            shape = input_shape if input_shape is not None else input_shape_from_meta(self.meta)
-            if shape is None:
-                raise ValueError("Masks.stats(model): pass input_shape (one sample's shape, e.g. (3, 32, 32)); "
-                                 "the metadata has no in_channels/image_size")
-            effective = effective_sparsity(model, self._masks, tuple(shape))["layers"]
+            if inputs is not None:
+                effective = effective_sparsity(model, self._masks, inputs=inputs, forward_fn=forward_fn)["layers"]
+            else:
+                shape = input_shape if input_shape is not None else input_shape_from_meta(self.meta)
+                if shape is None:
+                    raise ValueError("Masks.stats(model): pass input_shape (one sample's shape, e.g. (3, 32, 32)) "
+                                     "or inputs (an example batch, e.g. token ids); the metadata has no "
+                                     "in_channels/image_size")
+                effective = effective_sparsity(model, self._masks, tuple(shape), forward_fn=forward_fn)["layers"]
         from widetopo.sparsity import topology
 
         from widetopo.sparsity import blocks as fused
