@@ -56,18 +56,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _setup_logging(quiet: bool, verbose: bool) -> None:
+def _setup_logging(quiet: bool, verbose: bool):
+    """Messages of the `widetopo` loggers to stderr for one command; returns the function that
+    puts the loggers back as they were (main() called in-process must leave no handler behind
+    on a stream that may be closed later)."""
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     root = logging.getLogger("widetopo")
-    for handler in list(root.handlers):
-        if getattr(handler, "_widetopo_cli", False):
-            root.removeHandler(handler)
+    saved = (root.level, root.propagate)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s" if not verbose else "%(levelname)s %(name)s: %(message)s"))
-    handler._widetopo_cli = True
     root.addHandler(handler)
     root.setLevel(level)
     root.propagate = False
+
+    def restore() -> None:
+        root.removeHandler(handler)
+        root.setLevel(saved[0])
+        root.propagate = saved[1]
+
+    return restore
 
 
 def _set_threads(choice) -> int:
@@ -110,7 +117,14 @@ def main(argv: Optional[List[str]] = None) -> int:
             method_options(args.method, args.option)  # checked here so a bad --option is a usage error
         except (ValueError, TypeError) as exc:
             return _usage_error(parser, f"widetopo {args.command}: error: --option: {exc}")
-    _setup_logging(args.quiet, args.verbose)
+    restore_logging = _setup_logging(args.quiet, args.verbose)
+    try:
+        return _run(parser, args)
+    finally:
+        restore_logging()
+
+
+def _run(parser, args) -> int:
     command = COMMANDS[args.command]
     try:
         cli_args.check_outputs(args, command.OUTPUTS)
