@@ -255,6 +255,51 @@ def test_default_pruning_set_is_the_first_default_samples_of_the_training_data()
     assert DEFAULT_SAMPLES == 1000 and all(torch.equal(masks[n], first[n]) for n in first)
 
 
+def test_one_enforcer_per_optimizer_for_the_parameters_it_updates():
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 3))
+    x, y = _tiny_data()
+    core = PruneAtStart(DENSITY, "magnitude", verbose=False)
+    masks = core.prune(model, _loader(x, y))
+    first = torch.optim.SGD(model[0].parameters(), lr=LR, momentum=MOMENTUM)
+    second = torch.optim.Adam(model[2].parameters(), lr=LR)
+    core.attach(model, [first, second])
+    assert len(core.enforcers) == 2
+    for _ in range(2):
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        first.step(), second.step()
+        first.zero_grad(), second.zero_grad()
+    checks = [("0.weight", first, ("momentum_buffer",)), ("2.weight", second, ("exp_avg", "exp_avg_sq"))]
+    params = dict(model.named_parameters())
+    for name, optimizer, keys in checks:
+        m = masks[name]
+        assert torch.count_nonzero(params[name][~m]) == 0
+        for key in keys:
+            assert torch.count_nonzero(optimizer.state[params[name]][key][~m]) == 0, (name, key)
+            assert torch.count_nonzero(optimizer.state[params[name]][key][m]) > 0, (name, key)
+    core.detach()
+    with torch.no_grad():
+        params["0.weight"].fill_(1.0)
+    first.step()  # no hooks left: nothing is zeroed any more
+    assert bool((params["0.weight"] == 1.0).all())
+
+
+def test_a_resumed_run_reads_the_masks_of_the_first_run_or_refuses(tmp_path):
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 3))
+    path = tmp_path / "m.wtm"
+    with pytest.raises(ValueError, match="resumes from a checkpoint, but this callback has no masks"):
+        PruneAtStart(DENSITY, "magnitude", save_path=path).resumed("test")
+    first = PruneAtStart(DENSITY, "magnitude", save_path=path, verbose=False)
+    first.prune(model, [torch.zeros(2, 6)])
+    first.save()
+    again = PruneAtStart(DENSITY, "magnitude", save_path=path)
+    again.resumed("test")
+    assert sorted(again.masks) == sorted(first.masks)
+    assert all(torch.equal(again.masks[n], first.masks[n]) for n in first.masks)
+
+
 # ---------------------------------------------------------------------------------------------
 # Hugging Face
 

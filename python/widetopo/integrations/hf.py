@@ -47,7 +47,8 @@ def _trainer_callback():
 
 def _plain_loader(loader):
     """The DataLoader under accelerate's DataLoaderShard/Dispatcher (kept in `base_dataloader`)."""
-    return getattr(loader, "base_dataloader", None) or loader
+    base = getattr(loader, "base_dataloader", None)
+    return loader if base is None else base
 
 
 @functools.lru_cache(maxsize=None)
