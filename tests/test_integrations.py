@@ -163,6 +163,16 @@ def test_lightning_resume_keeps_the_checkpointed_masks(tmp_path, monkeypatch):
         assert torch.count_nonzero(resumed.optimizers[0].state[params[n]]["momentum_buffer"][~m]) == 0
 
 
+def test_standalone_pytorch_lightning_gets_its_own_callback_class():
+    ptl = pytest.importorskip("pytorch_lightning", reason="the standalone package is not installed")
+    pl = _lightning()
+    from widetopo.integrations.lightning import WidetopoPruning, callback_class
+
+    standalone = callback_class(ptl)
+    assert issubclass(standalone, ptl.Callback) and issubclass(WidetopoPruning, pl.Callback)
+    assert callback_class(ptl) is standalone and callback_class(pl) is WidetopoPruning
+
+
 def test_lightning_submodule_and_bad_module_name_leaves_the_model_alone():
     pl = _lightning()
     from widetopo.integrations.lightning import WidetopoPruning

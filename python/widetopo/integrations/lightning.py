@@ -70,13 +70,14 @@ def _train_loader(trainer):
     return loader
 
 
-@functools.lru_cache(maxsize=None)
 def callback_class(pl=None):
     """WidetopoPruning built on `pl.Callback` (pl: lightning.pytorch or pytorch_lightning;
-    default: lightning.pytorch if installed, else pytorch_lightning)."""
-    if pl is None:
-        pl = _namespace()
+    default: lightning.pytorch if installed, else pytorch_lightning); one class per namespace."""
+    return _build(_namespace() if pl is None else pl)
 
+
+@functools.lru_cache(maxsize=None)
+def _build(pl):
     class WidetopoPruning(PruneAtStart, pl.Callback):
         __doc__ = PruneAtStart.__doc__.replace("Settings and state shared by the trainer callbacks.",
                                                "A Lightning callback that prunes at on_fit_start and keeps "
