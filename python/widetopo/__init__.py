@@ -54,7 +54,8 @@ _EXPORTS.update(dict.fromkeys((
     "WidetopoError", "NonFiniteScoresError", "ZeroScoresError", "NoiseScoresError", "DoubleBackwardError",
     "CheckpointMismatch",
     "MaskFileError", "MaskMismatchError", "DatasetNotFoundError", "InitMismatchError", "RecipeError",
-    "CompareError", "RankMismatchError", "UnsupportedInputsError"), "widetopo.errors"))
+    "CompareError", "RankMismatchError", "UnsupportedInputsError",
+    "OutputLockedError"), "widetopo.errors"))
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
 

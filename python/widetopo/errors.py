@@ -28,6 +28,7 @@ __all__ = [
     "CompareError",
     "RankMismatchError",
     "UnsupportedInputsError",
+    "OutputLockedError",
 ]
 
 
@@ -106,3 +107,12 @@ class RecipeError(WidetopoError):
 
 class CompareError(WidetopoError):
     """A problem with a comparison's setup or its journal (a damaged or foreign results.json)."""
+
+
+class OutputLockedError(CompareError):
+    """Another run holds the output directory's lock (DIR/.lock); `holder` is what it recorded
+    ({"pid", "host", "started"}, {} when unreadable)."""
+
+    def __init__(self, message: str, holder: dict):
+        super().__init__(message)
+        self.holder = holder

@@ -101,12 +101,27 @@ def add_parser(sub) -> None:
     p.add_argument("-o", "--output", default="widetopo-compare", metavar="DIR",
                    help="results folder (rerunning with the same DIR resumes); default: %(default)s")
     p.add_argument("--no-plots", action="store_true", help="skip the plots accuracy.<fmt> and node_ratio.<fmt>")
+    g = p.add_argument_group("parallel cells (results are identical to one cell at a time)")
+    g.add_argument("--workers", type=cli_args.int_at_least(1), default=1, metavar="N",
+                   help="cells run at once: N worker processes on this machine (each with its own GPU, round-robin, "
+                        "with --device cuda), or N Ray tasks with --executor ray; default: %(default)s (in this process)")
+    g.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="local: worker processes on this machine; ray: Ray tasks, one GPU each when the cluster has "
+                        "GPUs (pip install \"widetopo[ray]\"; -o DIR and --data-dir on storage every node sees); "
+                        "default: %(default)s")
+    g.add_argument("--address", default=None, metavar="ADDR",
+                   help="the Ray cluster to use with --executor ray (e.g. ray://head:10001 or auto); default: RAY_ADDRESS, "
+                        "else a new local Ray")
+    g.add_argument("--worker-threads", type=cli_args.int_at_least(1), default=None, metavar="T",
+                   help="CPU threads of each worker; default: cores // N for local workers, 1 per Ray task")
     cli_args.add_plot_flags(p)
     cli_args.add_init(p)
 
 
 def run(args, quiet: bool) -> int:
     out_dir = args.output
+    if args.address is not None and args.executor != "ray":
+        raise cli_args.UsageError("--address is the address of a Ray cluster: it needs --executor ray")
     journal = os.path.join(out_dir, "results.json")
     if os.path.exists(journal):
         cli_args.check_file_writable(journal, "the journal")
@@ -116,10 +131,16 @@ def run(args, quiet: bool) -> int:
         f"{n_cells} cells (dense once per seed) -> {out_dir}")
     if args.init:
         out(f"every network starts from --init {args.init}")
+    if args.executor == "ray" or args.workers > 1:
+        threads = args.worker_threads or (compare.default_threads(args.workers) if args.executor == "local" else 1)
+        where = "worker processes" if args.executor == "local" else "Ray tasks"
+        out(f"{args.workers} {where} at once, {threads} CPU thread(s) each")
     setup = cli_args.setup_from(args)  # reads the --init file and records its checksum before any cell runs
     try:
         result = compare.run_grid(args.methods, args.densities, args.seeds, out_dir, setup=setup,
-                                  prune=cli_args.prune_from(args), train=cli_args.train_from(args), quiet=quiet)
+                                  prune=cli_args.prune_from(args), train=cli_args.train_from(args), quiet=quiet,
+                                  workers=args.workers, executor=args.executor, address=args.address,
+                                  threads_per_worker=args.worker_threads)
     except compare.CompareError as exc:
         raise CLIError(str(exc)) from None
     rows = result["grid_rows"]

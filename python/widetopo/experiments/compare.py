@@ -12,9 +12,15 @@ finished cell, and is rewritten atomically (temporary file + os.replace) after e
 together with DIR/results.csv. A rerun skips the finished cells, so a killed run loses at most
 the cell in flight; a rerun with other result-affecting options is refused (the rows would not
 be comparable), while other methods, densities or seeds simply add cells.
+
+Cells may run in parallel (workers=N: that many processes on this machine; executor="ray": Ray
+tasks on a cluster; experiments.executors): only this coordinating process writes the journal,
+workers return their row and write their own mask file. DIR/.lock (experiments.lock) keeps a
+second run off the directory while one uses it, so no journal row is lost to a concurrent writer.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -35,9 +41,11 @@ from widetopo import __version__
 from widetopo.engine.rounds import NonFiniteScoresError, ZeroScoresError
 from widetopo.experiments.recipe import (ENGINE_OVERRIDES, quiet_loggers, Datasets, PruneConfig, Recipe, Setup, TrainConfig, build,
                                          configs, load_datasets, method_options, with_init_checksum)
+from widetopo.experiments.executors import check_executor, default_threads, local_pool, ray_tasks
+from widetopo.experiments.lock import OutputLock
 from widetopo.experiments.recipe import prune as prune_network
 from widetopo.experiments.recipe import train as train_network
-from widetopo.errors import CompareError  # noqa: F401  (raised here; importable from here too)
+from widetopo.errors import CompareError, OutputLockedError  # noqa: F401  (raised here; importable from here too)
 from widetopo.methods import get_method
 from widetopo.options import format_value
 from widetopo.scores.differentiable import DoubleBackwardError
@@ -313,57 +321,129 @@ def _key(row: dict) -> tuple:
     return (row["method"], float(row["density_target"]), int(row["seed"]))
 
 
-def run(recipe: Recipe, cells: List[Cell], out_dir, *, quiet: bool = False, data: Optional[Datasets] = None) -> dict:
+class _Progress:
+    """The progress bar (cells done; running and failed ones in its postfix) or, off a terminal,
+    one log line per finished cell; the coordinator's view of every running cell and phase."""
+
+    def __init__(self, total: int, done: int, quiet: bool):
+        self.total, self.done, self.failed = total, done, 0
+        self.running: Dict[tuple, str] = {}
+        self.bar = tqdm(total=total, initial=done, desc="compare", unit="cell", dynamic_ncols=True,
+                        disable=quiet or not sys.stderr.isatty(), file=sys.stderr)
+
+    def _postfix(self) -> None:
+        self.bar.set_postfix_str(f"{len(self.running)} running, {self.failed} failed: " + "; ".join(self.running.values())
+                                 if self.running else f"{self.failed} failed")
+
+    def phase(self, cell: Cell, name: Optional[str]) -> None:
+        self.running[cell.key] = cell.label if name is None else f"{cell.label}: {name}"
+        self._postfix()
+
+    def finish(self, cell: Cell, message: str, failed: bool) -> None:
+        self.running.pop(cell.key, None)
+        self.done += 1
+        self.failed += failed
+        self.bar.update(1)
+        self._postfix()
+        counts = f"[{self.done}/{self.total}, {len(self.running)} running, {self.failed} failed]"
+        if failed:
+            logger.warning("%s %s failed: %s", counts, cell.label, message)
+        elif self.bar.disable:
+            logger.info("%s %s", counts, message)
+        else:
+            self.bar.write(message, file=sys.stderr)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def run(recipe: Recipe, cells: List[Cell], out_dir, *, quiet: bool = False, data: Optional[Datasets] = None,
+        workers: int = 1, executor: str = "local", address: Optional[str] = None,
+        threads_per_worker: Optional[int] = None) -> dict:
     """Run every unfinished cell, journaling after each; returns {"rows" (the whole journal),
     "grid_rows" (those of `cells`), "ran", "skipped", "seconds", "options", "failed"}.
 
-    `data`: the loaded datasets (loaded here from recipe.setup when None).
+    `data`: the loaded datasets (loaded here from recipe.setup when None; with workers, each
+    worker loads its own, and a given `data` is sent to every worker). `workers`: cells run at
+    once; 1 with executor "local" runs them in this process, more in that many spawned processes
+    (experiments.executors.local_pool), each with `threads_per_worker` CPU threads (default
+    cores // workers) and, when recipe.setup.device is "cuda", its own GPU round-robin.
+    executor "ray": Ray tasks, at most `workers` at once, on the cluster at `address` (None:
+    the Ray of this process, RAY_ADDRESS or a new local one); the output directory (and the
+    data) must then be on storage every node sees. Rows are identical whichever runs them.
+    The directory is locked (DIR/.lock) for the run: a second run on it raises OutputLockedError.
     """
+    check_executor(workers, executor, address, threads_per_worker)
     out_dir = os.fspath(out_dir)
     os.makedirs(os.path.join(out_dir, "masks"), exist_ok=True)
     recipe = dataclasses.replace(recipe, setup=with_init_checksum(recipe.setup))
     options = result_options(recipe)
+    with OutputLock(out_dir):
+        return _run_locked(recipe, cells, out_dir, options, quiet=quiet, data=data, workers=workers,
+                           executor=executor, address=address, threads_per_worker=threads_per_worker)
+
+
+def _run_locked(recipe: Recipe, cells: List[Cell], out_dir: str, options: dict, *, quiet, data, workers, executor,
+                address, threads_per_worker) -> dict:
     rows = load_journal(out_dir, options)
     done = {_key(r) for r in rows}
     todo = [c for c in cells if c.key not in done]
     skipped = len(cells) - len(todo)
     if skipped:
         logger.info("resuming %s: %d of %d cells already finished", out_dir, skipped, len(cells))
-    if todo and data is None:
+    parallel = executor != "local" or workers > 1
+    if todo and data is None and not parallel:
         data = load_datasets(recipe.setup, augment=recipe.train.augment)
-    bar = tqdm(total=len(cells), initial=skipped, desc="compare", unit="cell", dynamic_ncols=True,
-               disable=quiet or not sys.stderr.isatty(), file=sys.stderr)
+    progress = _Progress(len(cells), skipped, quiet)
     started = time.perf_counter()
     retried = {c.key for c in todo}
     # failures of earlier runs stay recorded unless this run tries that cell again
     failed: List[dict] = [f for f in load_failed(out_dir) if _key(f) not in retried]
+
+    def handle(event: tuple) -> None:
+        kind, cell, payload = event
+        if kind == "start":
+            progress.phase(cell, None)
+            logger.debug("%s: started on %s", cell.label, payload)
+        elif kind == "phase":
+            progress.phase(cell, payload)
+        elif kind == "retry":
+            logger.warning("%s: %s; running it once more", cell.label, payload)
+        elif kind in ("refused", "failed"):  # recorded, the experiment goes on
+            failed.append({"method": cell.method, "density_target": cell.density, "seed": cell.seed, "error": payload})
+            write_journal(out_dir, options, rows, failed)
+            progress.finish(cell, payload, failed=True)
+        elif kind == "done":
+            row = payload
+            rows.append(row)
+            write_journal(out_dir, options, rows, failed)
+            ratio = "-" if row["node_ratio"] is None else f"{row['node_ratio']:.3f}"
+            progress.finish(cell, f"{cell.label}: test accuracy {row['test_accuracy']:.4f}, effective density "
+                                  f"{row['effective_density']:.4f}, node ratio {ratio}", failed=False)
+
     try:
         with quiet_loggers():
-            for finished, cell in enumerate(todo, start=skipped + 1):
-                def phase(name, cell=cell):
-                    bar.set_postfix_str(f"{cell.label}: {name}")
-                try:
-                    row = run_cell(recipe, cell, data, out_dir, options, phase)
-                except REFUSALS as exc:
-                    # the method refused this cell (e.g. all-zero scores): record it, go on
-                    failed.append({"method": cell.method, "density_target": cell.density, "seed": cell.seed,
-                                   "error": f"{type(exc).__name__}: {exc}"})
-                    write_journal(out_dir, options, rows, failed)
-                    bar.update(1)
-                    logger.warning("[%d/%d] %s failed: %s", finished, len(cells), cell.label, exc)
-                    continue
-                rows.append(row)
-                write_journal(out_dir, options, rows, failed)
-                bar.update(1)
-                ratio = "-" if row["node_ratio"] is None else f"{row['node_ratio']:.3f}"
-                message = (f"{cell.label}: test accuracy {row['test_accuracy']:.4f}, effective density "
-                           f"{row['effective_density']:.4f}, node ratio {ratio}")
-                if bar.disable:
-                    logger.info("[%d/%d] %s", finished, len(cells), message)
+            if not parallel:
+                for cell in todo:
+                    handle(("start", cell, "this process"))
+                    try:
+                        row = run_cell(recipe, cell, data, out_dir, options, lambda name, c=cell: handle(("phase", c, name)))
+                    except REFUSALS as exc:  # the method refused this cell (e.g. all-zero scores)
+                        handle(("refused", cell, f"{type(exc).__name__}: {exc}"))
+                        continue
+                    handle(("done", cell, row))
+            elif todo:
+                threads = threads_per_worker or (default_threads(workers) if executor == "local" else 1)
+                if executor == "local":
+                    events = local_pool(recipe, todo, out_dir, options, workers=workers, threads=threads, data=data)
                 else:
-                    bar.write(message, file=sys.stderr)
+                    events = ray_tasks(recipe, todo, out_dir, options, workers=workers, threads=threads,
+                                       address=address, data=data)
+                with contextlib.closing(events):
+                    for event in events:
+                        handle(event)
     finally:
-        bar.close()
+        progress.close()
     if not todo:
         write_journal(out_dir, options, rows, failed)  # (re)writes the CSV even when nothing ran
     keys = {c.key for c in cells}
@@ -375,9 +455,13 @@ def run(recipe: Recipe, cells: List[Cell], out_dir, *, quiet: bool = False, data
 def run_grid(methods: Sequence[str] = DEFAULT_METHODS, densities: Sequence[float] = DEFAULT_DENSITIES,
              seeds: Sequence[int] = DEFAULT_SEEDS, out_dir="widetopo-compare", *, setup: Optional[Setup] = None,
              prune: Optional[PruneConfig] = None, train: Optional[TrainConfig] = None, quiet: bool = True,
-             data: Optional[Datasets] = None, **settings) -> dict:
+             data: Optional[Datasets] = None, workers: int = 1, executor: str = "local",
+             address: Optional[str] = None, threads_per_worker: Optional[int] = None, **settings) -> dict:
     """The experiment from Python: every (method, density, seed) cell plus dense once per seed,
     journaled in out_dir (resumable, see the module docstring); returns run()'s dict.
+
+    workers, executor ("local" or "ray"), address, threads_per_worker: where the cells run (see
+    run()); the rows are the same whichever runs them.
 
     methods: registered names or aliases, each optionally NAME:KEY=VALUE[:KEY=VALUE] (a variant
     with some options set); settings: fields of Setup, PruneConfig or TrainConfig by name
@@ -395,8 +479,10 @@ def run_grid(methods: Sequence[str] = DEFAULT_METHODS, densities: Sequence[float
         raise ValueError(f"seeds must be distinct integers, got {list(seeds)!r}")
     if not densities or len(set(densities)) != len(densities):
         raise ValueError(f"densities must be distinct, got {list(densities)!r}")
+    check_executor(workers, executor, address, threads_per_worker)
     setup, prune, train = configs(setup, prune, train, **settings)
-    return run(Recipe(setup, prune, train), plan(names, densities, seeds), out_dir, quiet=quiet, data=data)
+    return run(Recipe(setup, prune, train), plan(names, densities, seeds), out_dir, quiet=quiet, data=data,
+               workers=workers, executor=executor, address=address, threads_per_worker=threads_per_worker)
 
 
 # ------------------------------------------------------------------------------ summary
