@@ -37,9 +37,9 @@ EXECUTORS = ("local", "ray")
 #: a cell whose worker dies is run this many times in all before it is journaled as failed
 ATTEMPTS = 2
 
-#: test hook: a worker that starts the cell with this label (e.g. "random d=0.2 s0") kills itself
-#: with SIGKILL; with KILL_ONCE_ENV set to a path, only while that file does not exist (it is
-#: created first), so the retry succeeds.
+#: test hook: a worker that starts a cell whose label (e.g. "random d=0.2 s0") is in KILL_ENV
+#: ("|"-separated) kills itself with SIGKILL, on every attempt; in KILL_ONCE_ENV, on its first
+#: attempt only (so the retry succeeds).
 KILL_ENV = "WIDETOPO_TEST_KILL_CELL"
 KILL_ONCE_ENV = "WIDETOPO_TEST_KILL_ONCE"
 
@@ -82,16 +82,11 @@ def worker_devices(device: str, workers: int) -> List[str]:
     return [device] * workers
 
 
-def _kill_hook(cell) -> None:
-    if os.environ.get(KILL_ENV) != cell.label:
-        return
-    marker = os.environ.get(KILL_ONCE_ENV)
-    if marker:
-        try:
-            os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-        except FileExistsError:
-            return
-    os.kill(os.getpid(), signal.SIGKILL)
+def _kill_hook(cell, attempt: int) -> None:
+    always = os.environ.get(KILL_ENV, "").split("|")
+    once = os.environ.get(KILL_ONCE_ENV, "").split("|")
+    if cell.label in always or (attempt == 1 and cell.label in once):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _exit_reason(code) -> str:
@@ -132,10 +127,11 @@ def _worker_main(conn, recipe, out_dir: str, options: dict, threads: int, data) 
         conn.send(("ready", None, None))
         with quiet_loggers():
             while True:
-                cell = conn.recv()
-                if cell is None:
+                task = conn.recv()
+                if task is None:
                     return
-                _kill_hook(cell)
+                cell, attempt = task
+                _kill_hook(cell, attempt)
                 try:
                     row = compare.run_cell(recipe, cell, data, out_dir, options,
                                            lambda name, key=cell.key: conn.send(("phase", key, name)))
@@ -215,7 +211,7 @@ def local_pool(recipe, cells: List, out_dir: str, options: dict, *, workers: int
                     cell = queue.popleft()
                     attempts[cell.key] += 1
                     slot.cell = cell
-                    slot.conn.send(cell)
+                    slot.conn.send((cell, attempts[cell.key]))
                     yield ("start", cell, f"worker {slot.index} on {devices[slot.index]}")
             if not slots:
                 break
@@ -262,7 +258,7 @@ def local_pool(recipe, cells: List, out_dir: str, options: dict, *, workers: int
 _RAY_DATA: dict = {}
 
 
-def _ray_cell(recipe, cell, out_dir: str, options: dict, threads: int, use_gpu: bool, data):
+def _ray_cell(recipe, cell, attempt: int, out_dir: str, options: dict, threads: int, use_gpu: bool, data):
     """One cell as a Ray task: ("done", row) or ("refused", error); other exceptions propagate
     (a RayTaskError in the coordinator, which stops the run). The data are loaded once per Ray
     worker process and kept for its next cells."""
@@ -279,7 +275,7 @@ def _ray_cell(recipe, cell, out_dir: str, options: dict, threads: int, use_gpu: 
             _RAY_DATA.clear()
             _RAY_DATA[key] = load_datasets(s, augment=recipe.train.augment)
         data = _RAY_DATA[key]
-    _kill_hook(cell)
+    _kill_hook(cell, attempt)
     with quiet_loggers():
         try:
             return ("done", compare.run_cell(recipe, cell, data, out_dir, options, lambda name: None))
@@ -312,7 +308,7 @@ def ray_tasks(recipe, cells: List, out_dir: str, options: dict, *, workers: int,
             while queue and len(pending) < workers:
                 cell = queue.popleft()
                 attempts[cell.key] += 1
-                pending[task.remote(recipe, cell, out_dir, options, threads, use_gpu, data_ref)] = cell
+                pending[task.remote(recipe, cell, attempts[cell.key], out_dir, options, threads, use_gpu, data_ref)] = cell
                 yield ("start", cell, "a Ray task" + (" with 1 GPU" if use_gpu else ""))
             (ref,), _ = ray.wait(list(pending), num_returns=1)
             cell = pending.pop(ref)
