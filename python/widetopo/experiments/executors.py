@@ -291,6 +291,11 @@ def ray_tasks(recipe, cells: List, out_dir: str, options: dict, *, workers: int,
     events and failure rules as local_pool (Ray's own retries are off: a crashed worker costs
     its cell one of its ATTEMPTS)."""
     ray = import_ray()
+    # tasks run in other working directories (and on other machines): absolute paths only
+    out_dir = os.path.abspath(out_dir)
+    if recipe.setup.data_dir:
+        recipe = dataclasses.replace(recipe, setup=dataclasses.replace(recipe.setup,
+                                                                      data_dir=os.path.abspath(recipe.setup.data_dir)))
     started = False
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, log_to_driver=False)

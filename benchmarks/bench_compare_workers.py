@@ -1,0 +1,94 @@
+"""`widetopo compare` wall time, one cell at a time against parallel cells: an 8-cell grid
+(4 cheap methods x 2 densities, one seed, plus the dense cell: 9 cells; 3 epochs on digits; one
+CPU thread per cell) run by the CLI as
+
+    w1    --workers 1                  the cells one after another in the command's process (the baseline)
+    w2    --workers 2                  two spawned worker processes, 1 thread each
+    ray2  --executor ray --workers 2   two Ray tasks at a time on a local Ray the command starts
+
+Each is timed end to end (a fresh `python -m widetopo compare` process and output directory:
+imports, worker or Ray start, data loading, every cell, journal), the configurations interleaved
+(w1 w2 ray2 w1 w2 ray2 ...) so load drifts on a shared machine hit all of them alike, and
+compared by their medians. The rows of every run are checked to be identical to those of w1
+(timing columns left out). The 1-minute load average is printed before and after each run.
+Target: w2 <= 0.7 x w1 on 2 cores.
+
+    python benchmarks/bench_compare_workers.py                 # 1 repeat
+    python benchmarks/bench_compare_workers.py --repeats 3 --no-ray
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+GRID = ["--methods", "random,magnitude,snip,synflow", "--densities", "0.1,0.02", "--seeds", "0", "--epochs", "3",
+        "--no-plots", "--threads", "1", "-q"]
+CONFIGS = {"w1": ["--workers", "1"], "w2": ["--workers", "2", "--worker-threads", "1"],
+           "ray2": ["--executor", "ray", "--workers", "2", "--worker-threads", "1"]}
+TIMING = {"prune_seconds", "train_seconds"}
+
+
+def _rows(out: Path) -> dict:
+    with open(out / "results.csv", newline="") as f:
+        return {(r["method"], r["density_target"], r["seed"]): {k: v for k, v in r.items() if k not in TIMING}
+                for r in csv.DictReader(f)}
+
+
+def run_once(name: str, work: Path) -> tuple:
+    out = work / name
+    shutil.rmtree(out, ignore_errors=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "python"), str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "widetopo", "compare", "-o", str(out)] + GRID + CONFIGS[name]
+    load = os.getloadavg()[0]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"{name} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return seconds, load, os.getloadavg()[0], _rows(out)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--no-ray", action="store_true", help="leave out the Ray configuration")
+    args = p.parse_args(argv)
+    names = ["w1", "w2"] + ([] if args.no_ray else ["ray2"])
+    times = {n: [] for n in names}
+    reference = None
+    print(f"cores: {os.cpu_count()}; grid: {' '.join(GRID)}")
+    with tempfile.TemporaryDirectory(prefix="bench-compare-workers-") as tmp:
+        for r in range(args.repeats):
+            for name in names:
+                seconds, before, after, rows = run_once(name, Path(tmp))
+                if reference is None:
+                    reference = rows
+                same = rows == reference
+                times[name].append(seconds)
+                print(f"repeat {r + 1} {name:5s} {seconds:7.1f} s  load {before:.1f} -> {after:.1f}  "
+                      f"{len(rows)} rows, identical to w1: {'yes' if same else 'NO'}", flush=True)
+                if not same:
+                    raise SystemExit(f"{name}: rows differ from w1's")
+    base = statistics.median(times["w1"])
+    print()
+    print("| command | median s | x of --workers 1 | runs |")
+    print("|---|---:|---:|---:|")
+    for name in names:
+        med = statistics.median(times[name])
+        print(f"| `{' '.join(CONFIGS[name])}` | {med:.1f} | {med / base:.2f} | {len(times[name])} |")
+    print(f"\nload average now: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
