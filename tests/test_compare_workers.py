@@ -19,6 +19,7 @@ import torch
 import widetopo.experiments.compare as compare
 from widetopo.cli import main
 from widetopo.errors import OutputLockedError
+from widetopo.experiments import executors
 from widetopo.experiments.executors import KILL_ENV, KILL_ONCE_ENV
 from widetopo.experiments.lock import OutputLock
 from widetopo.sparsity.maskfile import load_masks
@@ -258,3 +259,15 @@ def test_ray_tasks_equal_the_local_pool(sequential, tmp_path):
         assert again["ran"] == 0 and again["skipped"] == 5
     finally:
         ray.shutdown()
+
+
+def test_worker_devices_and_threads(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert executors.worker_devices("cuda", 5) == ["cuda:0", "cuda:1", "cuda:0", "cuda:1", "cuda:0"]
+    assert executors.worker_devices("cuda:1", 3) == ["cuda:1"] * 3  # an explicit device is kept
+    assert executors.worker_devices("cpu", 2) == ["cpu", "cpu"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert executors.worker_devices("cuda", 2) == ["cuda", "cuda"]
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert [executors.default_threads(n) for n in (1, 3, 16, 40)] == [16, 5, 1, 1]

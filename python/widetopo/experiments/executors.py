@@ -19,11 +19,13 @@ Each worker loads the data itself from the recipe's Setup (nothing large is pick
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import logging
 import multiprocessing
 import os
 import signal
+import threading
 import traceback
 from multiprocessing.connection import wait as wait_for
 from typing import Dict, Iterator, List, Optional
@@ -150,6 +152,22 @@ def _worker_main(conn, recipe, out_dir: str, options: dict, threads: int, data) 
             pass
 
 
+@contextlib.contextmanager
+def _sigint_ignored():
+    """SIGINT ignored in this process for the block (main thread only; elsewhere a no-op). A
+    process started meanwhile inherits the ignored SIGINT, and Python then installs no
+    KeyboardInterrupt handler in it: Ctrl-C, sent to the whole process group by a terminal,
+    reaches the coordinator only, which stops the workers itself."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 @dataclasses.dataclass
 class _Slot:
     index: int
@@ -176,7 +194,8 @@ def local_pool(recipe, cells: List, out_dir: str, options: dict, *, workers: int
         worker_recipe = dataclasses.replace(recipe, setup=dataclasses.replace(recipe.setup, device=devices[index]))
         proc = ctx.Process(target=_worker_main, name=f"widetopo-compare-worker-{index}", daemon=True,
                            args=(child, worker_recipe, out_dir, options, threads, data))
-        proc.start()
+        with _sigint_ignored():  # inherited through exec: a Ctrl-C while it imports does not reach it either
+            proc.start()
         child.close()  # so that the worker's death reads as EOF here
         slots[index] = _Slot(index, proc, parent)
         logger.debug("started worker %d (pid %d) on %s with %d thread(s)", index, proc.pid, devices[index], threads)
