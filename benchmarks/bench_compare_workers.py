@@ -6,8 +6,10 @@ CPU thread per cell) run by the CLI as
     w2    --workers 2                  two spawned worker processes, 1 thread each
     ray2  --executor ray --workers 2   two Ray tasks at a time on a local Ray the command starts
 
-Each is timed end to end (a fresh `python -m widetopo compare` process and output directory:
-imports, worker or Ray start, data loading, every cell, journal), the configurations interleaved
+Each is timed end to end: a fresh `python -m widetopo compare` process and output directory
+(imports, worker or Ray start, data loading, every cell, journal), wall clock and the CPU seconds
+of the command and the workers it waited for (Ray's own processes are not all in that count).
+The configurations are interleaved
 (w1 w2 ray2 w1 w2 ray2 ...) so load drifts on a shared machine hit all of them alike, and
 compared by their medians. The rows of every run are checked to be identical to those of w1
 (timing columns left out). The 1-minute load average is printed before and after each run.
@@ -15,12 +17,14 @@ Target: w2 <= 0.7 x w1 on 2 cores.
 
     python benchmarks/bench_compare_workers.py                 # 1 repeat
     python benchmarks/bench_compare_workers.py --repeats 3 --no-ray
+    python benchmarks/bench_compare_workers.py --epochs 10      # heavier cells: worker start matters less
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -50,42 +54,50 @@ def run_once(name: str, work: Path) -> tuple:
            "PYTHONPATH": os.pathsep.join([str(ROOT / "python"), str(ROOT), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "widetopo", "compare", "-o", str(out)] + GRID + CONFIGS[name]
     load = os.getloadavg()[0]
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - start
+    now = resource.getrusage(resource.RUSAGE_CHILDREN)  # the command and the workers it waited for
+    cpu_seconds = (now.ru_utime + now.ru_stime) - (used.ru_utime + used.ru_stime)
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return seconds, load, os.getloadavg()[0], _rows(out)
+    return seconds, cpu_seconds, load, os.getloadavg()[0], _rows(out)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--no-ray", action="store_true", help="leave out the Ray configuration")
+    p.add_argument("--epochs", type=int, default=3, help="training epochs of every cell; default: 3 (the target's grid)")
     args = p.parse_args(argv)
+    GRID[GRID.index("--epochs") + 1] = str(args.epochs)
     names = ["w1", "w2"] + ([] if args.no_ray else ["ray2"])
     times = {n: [] for n in names}
+    cpu = {n: [] for n in names}
     reference = None
     print(f"cores: {os.cpu_count()}; grid: {' '.join(GRID)}")
     with tempfile.TemporaryDirectory(prefix="bench-compare-workers-") as tmp:
         for r in range(args.repeats):
             for name in names:
-                seconds, before, after, rows = run_once(name, Path(tmp))
+                seconds, cpu_seconds, before, after, rows = run_once(name, Path(tmp))
                 if reference is None:
                     reference = rows
                 same = rows == reference
                 times[name].append(seconds)
-                print(f"repeat {r + 1} {name:5s} {seconds:7.1f} s  load {before:.1f} -> {after:.1f}  "
+                cpu[name].append(cpu_seconds)
+                print(f"repeat {r + 1} {name:5s} {seconds:7.1f} s (CPU {cpu_seconds:5.1f} s)  load {before:.1f} -> {after:.1f}  "
                       f"{len(rows)} rows, identical to w1: {'yes' if same else 'NO'}", flush=True)
                 if not same:
                     raise SystemExit(f"{name}: rows differ from w1's")
     base = statistics.median(times["w1"])
     print()
-    print("| command | median s | x of --workers 1 | runs |")
-    print("|---|---:|---:|---:|")
+    print("| command | median wall s | x of --workers 1 | median CPU s | runs |")
+    print("|---|---:|---:|---:|---:|")
     for name in names:
         med = statistics.median(times[name])
-        print(f"| `{' '.join(CONFIGS[name])}` | {med:.1f} | {med / base:.2f} | {len(times[name])} |")
+        print(f"| `{' '.join(CONFIGS[name])}` | {med:.1f} | {med / base:.2f} | {statistics.median(cpu[name]):.1f} "
+              f"| {len(times[name])} |")
     print(f"\nload average now: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     return 0
 
