@@ -271,3 +271,15 @@ def test_worker_devices_and_threads(monkeypatch):
     assert executors.worker_devices("cuda", 2) == ["cuda", "cuda"]
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
     assert [executors.default_threads(n) for n in (1, 3, 16, 40)] == [16, 5, 1, 1]
+
+
+def test_an_error_in_a_worker_stops_the_run(tmp_path):
+    """Not a method's refusal (here: the dataset's files are missing, found by the workers, which
+    load the data themselves): raised in the caller as without workers; lock released."""
+    from widetopo.errors import DatasetNotFoundError
+
+    out = tmp_path / "err"
+    with pytest.raises(DatasetNotFoundError, match="cifar10"):
+        compare.run_grid(["random"], [0.1], [0], out, workers=2, model="mlp", dataset="cifar10",
+                         data_dir=str(tmp_path / "no-data"), epochs=0)
+    assert not (out / ".lock").exists() and not (out / "results.json").exists()

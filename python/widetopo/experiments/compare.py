@@ -331,9 +331,9 @@ class _Progress:
         self.bar = tqdm(total=total, initial=done, desc="compare", unit="cell", dynamic_ncols=True,
                         disable=quiet or not sys.stderr.isatty(), file=sys.stderr)
 
-    def _postfix(self) -> None:
+    def _postfix(self, refresh: bool = True) -> None:
         self.bar.set_postfix_str(f"{len(self.running)} running, {self.failed} failed: " + "; ".join(self.running.values())
-                                 if self.running else f"{self.failed} failed")
+                                 if self.running else f"{self.failed} failed", refresh=refresh)
 
     def phase(self, cell: Cell, name: Optional[str]) -> None:
         self.running[cell.key] = cell.label if name is None else f"{cell.label}: {name}"
@@ -343,8 +343,8 @@ class _Progress:
         self.running.pop(cell.key, None)
         self.done += 1
         self.failed += failed
+        self._postfix(refresh=False)
         self.bar.update(1)
-        self._postfix()
         counts = f"[{self.done}/{self.total}, {len(self.running)} running, {self.failed} failed]"
         if failed:
             logger.warning("%s %s failed: %s", counts, cell.label, message)
