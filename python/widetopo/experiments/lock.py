@@ -11,7 +11,6 @@ that run still lives), with the path to delete.
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import logging
 import os
@@ -20,6 +19,11 @@ import time
 from typing import Optional
 
 from widetopo.errors import OutputLockedError
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: the O_EXCL file and the pid check alone
+    fcntl = None
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +81,8 @@ class OutputLock:
                 except FileNotFoundError:
                     continue
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if fcntl is not None:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
                 holder = _read(fd)
                 os.close(fd)
