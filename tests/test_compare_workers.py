@@ -248,15 +248,23 @@ def test_bad_executor_arguments_before_any_work(tmp_path, capsys):
 def test_ray_tasks_equal_the_local_pool(sequential, tmp_path):
     ray = pytest.importorskip("ray", reason="the Ray executor is the optional extra widetopo[ray]")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "PYTHONPATH": _env()["PYTHONPATH"]}})
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "PYTHONPATH": _env()["PYTHONPATH"],
+                                       KILL_ENV: "magnitude d=0.2 s0", KILL_ONCE_ENV: "magnitude d=0.05 s0"}})
     try:
         out = tmp_path / "ray"
         result = compare.run_grid(out_dir=out, workers=2, executor="ray", **GRID, **SETTINGS)
         assert result["ran"] == 5 and not result["failed"]
         _same_cells(out, sequential)
-        # resume rules are the same: nothing left to do
-        again = compare.run_grid(out_dir=out, workers=2, executor="ray", **GRID, **SETTINGS)
-        assert again["ran"] == 0 and again["skipped"] == 5
+        # resume and failure rules are the same: nothing left to do; a task whose worker dies runs
+        # once more, and is journaled as failed when that dies too
+        grid = dict(GRID, methods=["random", "snip", "magnitude"])
+        again = compare.run_grid(out_dir=out, workers=2, executor="ray", **grid, **SETTINGS)
+        assert again["ran"] == 2 and again["skipped"] == 5
+        (failed,) = again["failed"]
+        assert (failed["method"], failed["density_target"]) == ("magnitude", 0.2) and "WorkerDied" in failed["error"]
+        rows = json.loads((out / "results.json").read_text())["rows"]
+        assert sorted((r["method"], r["density_target"]) for r in rows)[:3] == [
+            ("dense", 1.0), ("magnitude", 0.05), ("random", 0.05)]
     finally:
         ray.shutdown()
 
