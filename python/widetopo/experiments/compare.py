@@ -399,6 +399,14 @@ def _run_locked(recipe: Recipe, cells: List[Cell], out_dir: str, options: dict, 
     retried = {c.key for c in todo}
     # failures of earlier runs stay recorded unless this run tries that cell again
     failed: List[dict] = [f for f in load_failed(out_dir) if _key(f) not in retried]
+    # this run's rows and failures are kept in plan order whatever order the workers finish in,
+    # so a journal written with workers reads like one written a cell at a time
+    order = {c.key: i for i, c in enumerate(todo)}
+    old_rows, old_failed = len(rows), len(failed)
+
+    def record(items: List[dict], start: int, item: dict) -> None:
+        items.append(item)
+        items[start:] = sorted(items[start:], key=lambda r: order[_key(r)])
 
     def handle(event: tuple) -> None:
         kind, cell, payload = event
@@ -410,12 +418,13 @@ def _run_locked(recipe: Recipe, cells: List[Cell], out_dir: str, options: dict, 
         elif kind == "retry":
             logger.warning("%s: %s; running it once more", cell.label, payload)
         elif kind in ("refused", "failed"):  # recorded, the experiment goes on
-            failed.append({"method": cell.method, "density_target": cell.density, "seed": cell.seed, "error": payload})
+            record(failed, old_failed,
+                   {"method": cell.method, "density_target": cell.density, "seed": cell.seed, "error": payload})
             write_journal(out_dir, options, rows, failed)
             progress.finish(cell, payload, failed=True)
         elif kind == "done":
             row = payload
-            rows.append(row)
+            record(rows, old_rows, row)
             write_journal(out_dir, options, rows, failed)
             ratio = "-" if row["node_ratio"] is None else f"{row['node_ratio']:.3f}"
             progress.finish(cell, f"{cell.label}: test accuracy {row['test_accuracy']:.4f}, effective density "
