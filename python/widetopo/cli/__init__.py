@@ -4,7 +4,7 @@
     widetopo prune --model resnet20 --dataset cifar10 --data-dir DIR --density 0.01 -o r20.wtm
     widetopo train r20.wtm --epochs 160 --data-dir DIR
     widetopo report r20.wtm --json r20.json --plots plots/
-    widetopo compare                      # accuracy vs density of several methods (built-in demo, ~10 min)
+    widetopo compare                      # accuracy vs density of several methods (built-in demo, about 7 min)
     widetopo compare --methods snip,widetopo-s --densities 0.1,0.01 --seeds 0,1 -o results/
     widetopo spectrum r20.wtm --dense -o spectrum.png
     widetopo bench
@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="widetopo",
         description="Foresight pruning with WideTopo: prune a network at initialization, train it sparse, report.",
-        epilog="Run `widetopo run` with no arguments for the built-in demo (a few minutes on 2 CPU cores).",
+        epilog="Run `widetopo run` with no arguments for the built-in demo (about 11 s on 2 CPU cores).",
     )
     parser.add_argument("--version", action="version", version=f"widetopo {__version__}")
     cli_args.add_global_flags(parser, before_command=True)
