@@ -11,9 +11,11 @@ untimed rounds first, and the table gives medians over REPS.
 
     python benchmarks/bench_methods.py                  # markdown table on stdout
     WIDETOPO_BENCH_REPS=5 WIDETOPO_BENCH_METHODS=px,synflow-l2 python benchmarks/bench_methods.py
+    WIDETOPO_BENCH_METHODS=pags:population=20 python benchmarks/bench_methods.py   # a variant
 
 Environment: WIDETOPO_BENCH_REPS (3), WIDETOPO_BENCH_WARMUP (1), WIDETOPO_BENCH_BATCH_SIZE (32),
-WIDETOPO_BENCH_MODEL (resnet20), WIDETOPO_BENCH_METHODS (comma list; default every method),
+WIDETOPO_BENCH_MODEL (resnet20), WIDETOPO_BENCH_METHODS (comma list of names or variants
+NAME:KEY=VALUE[:KEY=VALUE], as in `widetopo compare`; default every method at its defaults),
 WIDETOPO_BENCH_DEVICE (cpu), WIDETOPO_BENCH_THREADS (torch default), WIDETOPO_BENCH_OUT (json path).
 """
 from __future__ import annotations
@@ -48,9 +50,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def make_round(method, model, batches, device) -> Callable[[int], None]:
-    """One engine round of `method` (closure over its scorer and working state)."""
-    scorer = method.make_scorer()
+def make_round(method, model, batches, device, options=None) -> Callable[[int], None]:
+    """One engine round of `method` with `options` ({name: value}) set (closure over its scorer
+    and working state)."""
+    scorer = method.make_scorer(**(options or {}))
     state = PruneState(model, select_prunable(model), device)
     keep = state.n_prunable // 2
 
@@ -100,7 +103,13 @@ def main() -> int:
     if threads:
         torch.set_num_threads(threads)
     wanted = _env("WIDETOPO_BENCH_METHODS", "", str)
-    methods = [get_method(n) for n in wanted.split(",") if n] if wanted else all_methods()
+    if wanted:  # names or variants NAME:KEY=VALUE..., parsed and validated as `widetopo compare` does
+        from widetopo.experiments.compare import parse_variant, variant_name
+
+        specs = [parse_variant(n) for n in wanted.split(",") if n.strip()]
+        methods = [(variant_name(name, opts), get_method(name), opts) for name, opts in specs]
+    else:
+        methods = [(m.name, m, {}) for m in all_methods()]
 
     torch.manual_seed(0)
     model = build_model(_env("WIDETOPO_BENCH_MODEL", "resnet20", str), in_channels=3, num_classes=10,
@@ -111,8 +120,8 @@ def main() -> int:
     batches = [Batch(0, x, y)]
 
     cases = {"forward+backward (baseline)": make_baseline(model, batches, device)}
-    for m in methods:
-        cases[m.name] = make_round(m, model, batches, device)
+    for label, m, opts in methods:
+        cases[label] = make_round(m, model, batches, device, opts)
     times = measure(reps, warmup, cases)
 
     base = statistics.median(times["forward+backward (baseline)"])

@@ -93,6 +93,7 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--densities", default=DENSITIES)
     p.add_argument("--methods", default="all")
+    p.add_argument("--threads", default="auto", help="intra-op CPU threads for widetopo compare (a number or auto)")
     p.add_argument("-o", "--output", default="widetopo-quality")
     p.add_argument("--table-only", action="store_true", help="print the table of an existing run")
     args = p.parse_args(argv)
@@ -100,7 +101,7 @@ def main(argv=None) -> int:
         import widetopo.cli as cli
 
         dataset = args.dataset or _default_dataset()
-        cmd = ["compare", "--model", args.model, "--dataset", dataset, "--methods", args.methods,
+        cmd = ["--threads", str(args.threads), "compare", "--model", args.model, "--dataset", dataset, "--methods", args.methods,
                "--densities", args.densities, "--seeds", args.seeds, "--epochs", str(args.epochs),
                "--samples-per-class", "10", "--prune-batch-size", "256", "-o", args.output]
         limit = args.max_train_samples or (10000 if dataset == "fashion-mnist" else None)
