@@ -3,8 +3,9 @@
 Every method of widetopo.methods at densities 0.05, 0.01 and 0.002, with the same model, the same
 class-balanced pruning set (10 images per class, as in the WideTopo and PX papers), the same
 training recipe and 2 seeds, through `widetopo compare` (resumable: rerun to continue). The table
-gives test accuracy (mean ± std over seeds), kept fraction, the fraction of active output units
-(output units keeping at least one weight, over every prunable layer) and the node ratio.
+gives test accuracy (mean ± std over seeds), kept fraction, effective density (the fraction of
+weights kept and on an input-output path), the fraction of active output units (output units
+keeping at least one weight, over every prunable layer) and the node ratio.
 
     python benchmarks/bench_quality.py -o quality/              # Fashion-MNIST if installed, else digits
     python benchmarks/bench_quality.py --dataset digits --epochs 10 -o quality-digits/
@@ -59,8 +60,9 @@ def table(out_dir: str) -> str:
     from widetopo.methods import method_names
 
     order = {m: i for i, m in enumerate(["dense"] + method_names())}
-    lines = ["| method | density | test accuracy | kept fraction | active output units | node ratio | prune s |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| method | density | test accuracy | kept fraction | effective density | active output units | node ratio "
+             "| prune s |",
+             "|---|---|---|---|---|---|---|---|"]
     with open(os.path.join(out_dir, "results.json")) as f:
         failed = json.load(f).get("failed", [])
     for r in failed:
@@ -68,18 +70,19 @@ def table(out_dir: str) -> str:
     errors = defaultdict(list)
     for r in failed:
         errors[(r["method"], r["density_target"])].append(r["error"])
-    for (method, density), rs in sorted(cells.items(), key=lambda kv: (order.get(kv[0][0], 99), -kv[0][1])):
+    for (method, density), rs in sorted(cells.items(), key=lambda kv: (order.get(kv[0][0].split(":")[0], 99), kv[0][0], -kv[0][1])):
         if not rs:
             lines.append(f"| {method} | {density:g} | failed ({len(errors[(method, density)])} seeds): "
-                         f"{errors[(method, density)][0].splitlines()[0][:90]} | | | | |")
+                         f"{errors[(method, density)][0].splitlines()[0][:90]} | | | | | |")
             continue
         acc, acc_sd = _mean_std([r["test_accuracy"] for r in rs])
         kept, _ = _mean_std([r["kept_fraction"] for r in rs])
+        effective, _ = _mean_std([r["effective_density"] for r in rs])
         active, _ = _mean_std([active_output_fraction(os.path.join(out_dir, r["mask_file"])) if r["mask_file"]
                                else 1.0 for r in rs])
         node, _ = _mean_std([r["node_ratio"] for r in rs])
         prune_s, _ = _mean_std([r["prune_seconds"] for r in rs])
-        lines.append(f"| {method} | {density:g} | {acc:.4f} ± {acc_sd:.4f} | {kept:.4f} | {active:.3f} | {node:.3f} "
+        lines.append(f"| {method} | {density:g} | {acc:.4f} ± {acc_sd:.4f} | {kept:.4f} | {effective:.4f} | {active:.3f} | {node:.3f} "
                      f"| {prune_s:.1f} |")
     return "\n".join(lines)
 
