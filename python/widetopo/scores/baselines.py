@@ -17,7 +17,7 @@ import widetopo_ext
 from widetopo.options import Options, any_integer, boolean, format_shape, one_of, option, optional, shape
 from widetopo.scores.inputs import cast_floating, head
 from widetopo.scores.base import Batch, ScoreContext, Scorer
-from widetopo.scores.losses import IGNORE_INDEX, task_loss
+from widetopo.scores.losses import IGNORE_INDEX
 from widetopo.scores._util import as_dtypes, score_zeros
 from widetopo.scores.bn import batchnorm_train_mode, calibrate_batchnorm, eval_mode
 from widetopo.scores.widetopo import check_finite
