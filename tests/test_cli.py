@@ -315,3 +315,21 @@ def test_engine_flags_come_from_engine_options(capsys):
                           (["compare", "--count", "some"], "count must be one of 'exact', 'official'")):
         assert main(argv) == 2
         assert message in capsys.readouterr().err
+
+
+def test_a_closed_pipe_ends_the_listing_quietly():
+    """`widetopo methods | head -1`: no 'Broken pipe' error once the reader has gone (status 141)."""
+    import os
+    import subprocess
+    import sys
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader has left before the first line: every write fails with EPIPE
+    try:
+        done = subprocess.run([sys.executable, "-m", "widetopo", "methods"], stdout=write_end,
+                              stderr=subprocess.PIPE, timeout=120)
+    finally:
+        os.close(write_end)
+    err = done.stderr.decode()
+    assert done.returncode == 141, err
+    assert "Broken pipe" not in err and "Traceback" not in err, err

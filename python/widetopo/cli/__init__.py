@@ -136,6 +136,10 @@ def _run(parser, args) -> int:
     except KeyboardInterrupt:
         print("widetopo: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `widetopo methods | head`: the reader left; no message, like other tools
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so that the interpreter's final flush cannot fail again
+        return 128 + 13  # SIGPIPE, as a shell reports a command killed by it
     except Exception as exc:  # runtime error: one line, traceback only with --verbose
         if args.verbose:
             logger.exception("%s failed", args.command)
