@@ -140,7 +140,8 @@ def _children(pid):
                 cmd = Path(f"/proc/{entry}/cmdline").read_bytes()
             except OSError:
                 continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"spawn_main" in cmd:
+            # the pool's workers: forked (Linux) or spawned children, not multiprocessing's resource tracker
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"resource_tracker" not in cmd:
                 kids.append(int(entry))
     return kids
 

@@ -41,7 +41,7 @@ from widetopo import __version__
 from widetopo.engine.rounds import NonFiniteScoresError, ZeroScoresError
 from widetopo.experiments.recipe import (ENGINE_OVERRIDES, quiet_loggers, Datasets, PruneConfig, Recipe, Setup, TrainConfig, build,
                                          configs, load_datasets, method_options, with_init_checksum)
-from widetopo.experiments.executors import check_executor, default_threads, local_pool, ray_tasks
+from widetopo.experiments.executors import check_executor, default_threads, fork_workers, local_pool, ray_tasks
 from widetopo.experiments.lock import OutputLock
 from widetopo.experiments.recipe import prune as prune_network
 from widetopo.experiments.recipe import train as train_network
@@ -367,7 +367,7 @@ def run(recipe: Recipe, cells: List[Cell], out_dir, *, quiet: bool = False, data
 
     `data`: the loaded datasets (loaded here from recipe.setup when None; with workers, each
     worker loads its own, and a given `data` is sent to every worker). `workers`: cells run at
-    once; 1 with executor "local" runs them in this process, more in that many spawned processes
+    once; 1 with executor "local" runs them in this process, more in that many worker processes
     (experiments.executors.local_pool), each with `threads_per_worker` CPU threads (default
     cores // workers) and, when recipe.setup.device is "cuda", its own GPU round-robin.
     executor "ray": Ray tasks, at most `workers` at once, on the cluster at `address` (None:
@@ -394,8 +394,8 @@ def _run_locked(recipe: Recipe, cells: List[Cell], out_dir: str, options: dict, 
     if skipped:
         logger.info("resuming %s: %d of %d cells already finished", out_dir, skipped, len(cells))
     parallel = executor != "local" or workers > 1
-    if todo and data is None and not parallel:
-        data = load_datasets(recipe.setup, augment=recipe.train.augment)
+    if todo and data is None and (not parallel or (executor == "local" and fork_workers())):
+        data = load_datasets(recipe.setup, augment=recipe.train.augment)  # forked workers inherit it
     progress = _Progress(len(cells), skipped, quiet)
     started = time.perf_counter()
     retried = {c.key for c in todo}
