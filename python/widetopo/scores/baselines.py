@@ -328,7 +328,32 @@ class SynFlowOptions(Options):
         None, "shape of one input sample (default: from the first batch)", optional(shape))
 
 
-class SynFlowScorer(Scorer):
+class AllOnesSample:
+    """For data-free scorers that feed one all-ones sample (SynFlow, SynFlow-L2, NPB): its shape
+    from the `input_shape` option, else from the first batch; token ids and keyword inputs get the
+    ones at the signal (docs/design.md §2.5)."""
+
+    perturbs_inputs_options = "pass the input_shape option (one floating sample's shape)"
+
+    @property
+    def perturbs_inputs(self) -> bool:
+        """All-ones input at the signal (the embedding output for token ids), unless input_shape is given."""
+        return self.options.input_shape is None
+
+    def _sample_shape(self, batches: Sequence[Batch]):
+        if self.options.input_shape is not None:
+            return self.options.input_shape
+        for batch in batches:
+            x = batch.x
+            floating = isinstance(x, torch.Tensor) and x.is_floating_point()
+            return tuple(x.shape[1:]) if floating else x  # token ids / keyword inputs: ones at the signal
+        raise ValueError(
+            f"{self.name} needs the shape of one input sample: pass at least one batch or "
+            "the input_shape option"
+        )
+
+
+class SynFlowScorer(AllOnesSample, Scorer):
     """SynFlow: S = |theta * dR/dtheta|, R = sum of f(1; |theta|) on an all-ones input shaped
     like one sample, every parameter linearised by abs, BatchNorm in eval mode.
 
@@ -345,13 +370,8 @@ class SynFlowScorer(Scorer):
     first_batch_only = True  # the sample shape of the first batch
     decay = False
     needs_targets = False
-    perturbs_inputs_options = "pass the input_shape option (one floating sample's shape)"
     Options = SynFlowOptions
 
-    @property
-    def perturbs_inputs(self) -> bool:
-        """All-ones input at the signal (the embedding output for token ids), unless input_shape is given."""
-        return self.options.input_shape is None
     power: int = 1  # w = |theta|^power in the forward (SynFlow-L2: 2)
 
     def __init__(self, *args, **kwargs):
@@ -366,17 +386,6 @@ class SynFlowScorer(Scorer):
         return synflow_scores(ctx, shape, rescale=rescale, power=self.power,
                               multiplier_power=self.multiplier_power())
 
-    def _sample_shape(self, batches: Sequence[Batch]):
-        if self.options.input_shape is not None:
-            return self.options.input_shape
-        for batch in batches:
-            x = batch.x
-            floating = isinstance(x, torch.Tensor) and x.is_floating_point()
-            return tuple(x.shape[1:]) if floating else x  # token ids / keyword inputs: ones at the signal
-        raise ValueError(
-            f"{self.name} needs the shape of one input sample: pass at least one batch or "
-            "the input_shape option"
-        )
 
     @staticmethod
     def _usable(scores: Optional[List[torch.Tensor]], r: torch.Tensor) -> bool:

@@ -106,6 +106,12 @@ class ERKRandomOptions(RandomOptions, ERKOptions):
     pass
 
 
+def context_erk_quotas(ctx: ScoreContext, keep: int, power_scale: float) -> List[int]:
+    """ERK counts over ctx's prunable tensors, capped by what each still keeps."""
+    caps = widetopo_ext.mask_stats(ctx.masks)[:, 0].tolist()
+    return erk_quotas([ctx.params[n].shape for n in ctx.names], keep, power_scale, caps)
+
+
 class _ERKQuotas:
     selection = "layerwise"
     decay = False
@@ -113,9 +119,7 @@ class _ERKQuotas:
     needs_targets = False
 
     def layer_quotas(self, ctx: ScoreContext, keep: int) -> List[int]:
-        """ERK counts over ctx's prunable tensors, capped by what each still keeps."""
-        caps = widetopo_ext.mask_stats(ctx.masks)[:, 0].tolist()
-        return erk_quotas([ctx.params[n].shape for n in ctx.names], keep, self.options.power_scale, caps)
+        return context_erk_quotas(ctx, keep, self.options.power_scale)
 
 
 class ERKRandomScorer(_ERKQuotas, RandomScorer):

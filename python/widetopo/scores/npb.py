@@ -49,7 +49,8 @@ import widetopo_ext
 from widetopo.options import Options, integer, nonnegative, one_of, option, optional, shape
 from widetopo.scores.base import Batch, ScoreContext, Scorer
 from widetopo.scores.bn import batchnorm_modules, eval_mode
-from widetopo.scores.erk import erk_quotas
+from widetopo.scores.baselines import AllOnesSample
+from widetopo.scores.erk import context_erk_quotas
 
 logger = logging.getLogger(__name__)
 
@@ -210,7 +211,7 @@ class _Stop(Exception):
     pass
 
 
-class NPBScorer(Scorer):
+class NPBScorer(AllOnesSample, Scorer):
     """NPB (module docstring): ERK counts, then per-layer node-path integer programs."""
 
     name = "npb"
@@ -218,14 +219,8 @@ class NPBScorer(Scorer):
     first_batch_only = True  # the sample shape of the first batch
     decay = False
     needs_targets = False
-    perturbs_inputs_options = "pass the input_shape option (one floating sample's shape)"
     selection = "mask"
     Options = NPBOptions
-
-    @property
-    def perturbs_inputs(self) -> bool:
-        """An all-ones sample at the signal (the embedding output for token ids), unless input_shape is given."""
-        return self.options.input_shape is None
 
     # ------------------------------------------------------------------ checks (before any work)
     @staticmethod
@@ -241,20 +236,6 @@ class NPBScorer(Scorer):
                 f"layer (its input units are that layer's input channels); not so for {', '.join(bad)}; prune "
                 "those with another method or leave them out of the prunable set")
         return {n: owners[n][0] for n in names}
-
-    def _quotas(self, ctx: ScoreContext, keep: int) -> List[int]:
-        """ERK counts over ctx's prunable tensors, capped by what each still keeps."""
-        caps = widetopo_ext.mask_stats(ctx.masks)[:, 0].tolist()
-        return erk_quotas([ctx.params[n].shape for n in ctx.names], keep, self.options.power_scale, caps)
-
-    def _sample_shape(self, batches: Sequence[Batch]):
-        if self.options.input_shape is not None:
-            return self.options.input_shape
-        for batch in batches:
-            x = batch.x
-            floating = isinstance(x, torch.Tensor) and x.is_floating_point()
-            return tuple(x.shape[1:]) if floating else x  # token ids / keyword inputs: ones at the signal (§2.5)
-        raise ValueError("npb needs the shape of one input sample: pass at least one batch or the input_shape option")
 
     # ------------------------------------------------------------------ path counts
     def _path_net(self, ctx: ScoreContext, chosen: List[torch.Tensor]):
@@ -360,7 +341,7 @@ class NPBScorer(Scorer):
             raise RuntimeError("npb: choose_masks needs the sample shape that score() keeps (internal error)")
         owners = self._owners(ctx.model, ctx.names, ctx.prunable)
         opts = self.options
-        quotas = self._quotas(ctx, min(keep, int(sum(int(m.sum()) for m in ctx.masks))))
+        quotas = context_erk_quotas(ctx, min(keep, int(sum(int(m.sum()) for m in ctx.masks))), opts.power_scale)
         uppers = [self._upper(m) if m.dim() >= 2 else None for m in ctx.masks]
         for name, q, u in zip(ctx.names, quotas, uppers):
             if u is not None and q > int(u.sum()):
