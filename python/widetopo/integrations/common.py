@@ -34,6 +34,18 @@ __all__ = ["PruneAtStart", "FirstBatches", "innermost_optimizer", "DEFAULT_SAMPL
 DEFAULT_SAMPLES = 1000
 
 
+def lazy_class(module_globals: dict, name: str, factory):
+    """A module __getattr__ that builds `name` with factory() on first access and caches it in the
+    module, so importing the module does not import the trainer framework."""
+    def __getattr__(attr: str):
+        if attr == name:
+            module_globals[name] = factory()
+            return module_globals[name]
+        raise AttributeError(f"module {module_globals['__name__']!r} has no attribute {attr!r}")
+
+    return __getattr__
+
+
 class FirstBatches:
     """The first `count` batches of `data`; every iteration starts a new pass over `data`."""
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 import functools
 import logging
 
-from widetopo.integrations.common import PruneAtStart
+from widetopo.integrations.common import PruneAtStart, lazy_class
 
 logger = logging.getLogger(__name__)
 
@@ -126,9 +126,4 @@ def _build(pl):
     return WidetopoPruning
 
 
-def __getattr__(name):
-    if name == "WidetopoPruning":
-        cls = callback_class()
-        globals()[name] = cls
-        return cls
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_class(globals(), "WidetopoPruning", callback_class)  # the framework loads on first use
