@@ -225,10 +225,10 @@ class _FullDisk:
 def test_checkpoint_on_a_full_disk_names_the_path_and_errno_and_leaves_no_temporary(tmp_path, monkeypatch):
     import errno
 
-    from widetopo.engine import checkpoint as ckpt_mod
+    from widetopo import files
 
     path = tmp_path / "run.ckpt"
-    monkeypatch.setattr(ckpt_mod, "open", _FullDisk, raising=False)
+    monkeypatch.setattr(files, "open", _FullDisk, raising=False)
     with pytest.raises(OSError) as info:
         widetopo.prune(tiny_mlp(), data(), 0.25, method="magnitude", rounds=2, checkpoint=path, verbose=False)
     assert info.value.errno == errno.ENOSPC
@@ -368,7 +368,9 @@ def test_journal_on_a_full_disk_names_the_path_and_errno_and_leaves_no_temporary
 
     out = _edited(journal, tmp_path, lambda d: None)
     before = (out / "results.json").read_text()
-    monkeypatch.setattr(compare, "open", _FullDisk, raising=False)
+    from widetopo import files
+
+    monkeypatch.setattr(files, "open", _FullDisk, raising=False)
     with pytest.raises(OSError) as info:
         compare.write_journal(out, {}, [])
     assert info.value.errno == errno.ENOSPC and str(out / "results.json") in str(info.value)

@@ -17,6 +17,8 @@ from typing import Optional
 
 import torch
 
+from widetopo.files import atomic_write
+
 from widetopo.errors import CheckpointMismatch  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
@@ -75,16 +77,6 @@ class Checkpoint:
         full = dict(state)
         full["format"] = FORMAT
         full["fingerprint"] = self.fingerprint
-        tmp = f"{self.path}.tmp{os.getpid()}"
         buffer = io.BytesIO()  # serialise first, so a failed write is a plain OSError with its errno
         torch.save(full, buffer)
-        try:
-            with open(tmp, "wb") as f:
-                f.write(buffer.getbuffer())
-            os.replace(tmp, self.path)
-        except OSError as exc:
-            raise OSError(exc.errno, f"checkpoint {self.path!r} could not be written ({exc.strerror or exc}, "
-                                     f"errno {exc.errno}); the previous checkpoint, if any, is intact") from None
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        atomic_write(self.path, buffer.getbuffer(), "checkpoint")

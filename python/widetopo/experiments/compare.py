@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from widetopo import __version__
 from widetopo.engine.rounds import NonFiniteScoresError, ZeroScoresError
+from widetopo.files import atomic_write
 from widetopo.experiments.recipe import (ENGINE_OVERRIDES, quiet_loggers, Datasets, PruneConfig, Recipe, Setup, TrainConfig, build,
                                          configs, load_datasets, method_options, with_init_checksum)
 from widetopo.experiments.executors import check_executor, default_threads, fork_workers, local_pool, ray_tasks
@@ -228,37 +229,19 @@ def load_failed(out_dir) -> List[dict]:
         return list(json.load(f).get("failed", []))
 
 
-def _atomic_write(path: str, text: str) -> None:
-    """Write `text` to `path` through a temporary file that is renamed into place; on failure (a
-    full disk) the temporary is removed and the error names the path and errno."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise OSError(exc.errno, f"cannot write {path} ({exc.strerror or exc}, errno {exc.errno}); "
-                                 f"the previous version, if any, is intact") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def write_journal(out_dir, options: dict, rows: List[dict], failed: Optional[List[dict]] = None) -> None:
     """results.json (the journal) and results.csv, each replaced atomically. `failed` lists the
     cells whose method raised (method, density_target, seed, error); a rerun tries them again."""
     out_dir = os.fspath(out_dir)
     data = {"journal": JOURNAL_VERSION, "options": options, "versions": versions(), "rows": rows,
             "failed": list(failed or [])}
-    _atomic_write(os.path.join(out_dir, "results.json"), json.dumps(data, indent=2) + "\n")
+    atomic_write(os.path.join(out_dir, "results.json"), json.dumps(data, indent=2) + "\n", "the journal", durable=True)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in rows:
         writer.writerow({k: (json.dumps(row[k], sort_keys=True) if k == "options" else row.get(k)) for k in CSV_COLUMNS})
-    _atomic_write(os.path.join(out_dir, "results.csv"), buf.getvalue())
+    atomic_write(os.path.join(out_dir, "results.csv"), buf.getvalue(), "the results table", durable=True)
 
 
 # ------------------------------------------------------------------------------ one cell

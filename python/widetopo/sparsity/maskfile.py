@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from widetopo.files import atomic_write
 from widetopo.errors import MaskFileError, MaskMismatchError  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
@@ -141,14 +142,7 @@ def save_masks(masks, path, meta: Optional[dict] = None) -> None:
     data = body + hashlib.sha256(body).digest()
 
     path = os.fspath(path)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, data, "mask file")
     logger.info("saved %d masks (density %.4f) to %s (%d bytes)", len(entries), header["density"], path, len(data))
 
 
