@@ -142,17 +142,9 @@ def _masks_for(name: str, masks, partner_name: str, partners: Sequence[torch.Ten
 # ---------------------------------------------------------------------------------------------
 # wrappers
 # ---------------------------------------------------------------------------------------------
-def global_threshold(scores, masks, keep: int, mode: str = "exact") -> torch.Tensor:
-    """Keep the `keep` highest scores over all tensors together and write the bool masks in place.
-
-    mode="exact": exactly `keep` entries kept; ties at the cut go to the entry first in
-    (tensor index, row-major flat index) order. Returns the smallest kept score (+inf if keep=0).
-    mode="official" (the published code's rule): k = N - keep, prune every score <= the
-    (k+1)-th smallest sorted[k]; all pruned when k >= N. Returns sorted[k] (+inf if k >= N).
-    Result: 0-d float64. Radix select in O(N) time without concatenating or sorting.
-    Raises ValueError for keep outside [0, N]; the op raises RuntimeError naming the tensor
-    index for NaN/inf scores (before writing any mask).
-    """
+def _threshold_arguments(scores, masks, keep):
+    """The local checks of a threshold call (this op and the sharded one): tensor lists, bool masks
+    of the scores' shapes, one float dtype and device, writable masks, an integer keep."""
     scores = _tensor_list("scores", scores)
     masks = _masks_for("masks", masks, "scores", scores)
     _check_float("scores", scores, scores[0].dtype if scores else None)
@@ -164,6 +156,21 @@ def global_threshold(scores, masks, keep: int, mode: str = "exact") -> torch.Ten
         keep = operator.index(keep)
     except TypeError:
         raise TypeError(f"keep must be an int, got {type(keep).__name__}") from None
+    return scores, masks, keep
+
+
+def global_threshold(scores, masks, keep: int, mode: str = "exact") -> torch.Tensor:
+    """Keep the `keep` highest scores over all tensors together and write the bool masks in place.
+
+    mode="exact": exactly `keep` entries kept; ties at the cut go to the entry first in
+    (tensor index, row-major flat index) order. Returns the smallest kept score (+inf if keep=0).
+    mode="official" (the published code's rule): k = N - keep, prune every score <= the
+    (k+1)-th smallest sorted[k]; all pruned when k >= N. Returns sorted[k] (+inf if k >= N).
+    Result: 0-d float64. Radix select in O(N) time without concatenating or sorting.
+    Raises ValueError for keep outside [0, N]; the op raises RuntimeError naming the tensor
+    index for NaN/inf scores (before writing any mask).
+    """
+    scores, masks, keep = _threshold_arguments(scores, masks, keep)
     n = sum(s.numel() for s in scores)
     if not 0 <= keep <= n:
         raise ValueError(f"keep must be in [0, N] where N = {n} is the total number of scores, got {keep}")

@@ -227,17 +227,7 @@ def _local_index(index, scores: Sequence[torch.Tensor]) -> Optional[List[Tuple[i
 
 
 def _check_local(scores, masks, keep, mode, index):
-    scores = _ops._tensor_list("scores", scores)
-    masks = _ops._masks_for("masks", masks, "scores", scores)
-    _ops._check_float("scores", scores, scores[0].dtype if scores else None)
-    _ops._check_device([("scores", scores), ("masks", masks)])
-    _ops._check_writable("masks", masks)
-    if isinstance(keep, bool):
-        raise TypeError("keep must be an int, got bool")
-    try:
-        keep = operator.index(keep)
-    except TypeError:
-        raise TypeError(f"keep must be an int, got {type(keep).__name__}") from None
+    scores, masks, keep = _ops._threshold_arguments(scores, masks, keep)
     if not isinstance(mode, str) or mode not in _MODE_CODES:
         raise ValueError(f"mode must be one of {tuple(_MODE_CODES)}, got {mode!r}")
     return scores, masks, keep, _local_index(index, scores)
