@@ -25,3 +25,14 @@ def spawn(worker, world: int, *args, timeout: float = 120) -> None:
             if p.is_alive():
                 p.terminate()
                 p.join(5)
+
+
+def failure(call):
+    """(exception type name, message, seconds until it was raised) of call(), or None if it
+    returned: what a rank reports back, so a test can check that every rank failed alike, promptly."""
+    tic = time.monotonic()
+    try:
+        call()
+    except Exception as exc:
+        return type(exc).__name__, str(exc), time.monotonic() - tic
+    return None

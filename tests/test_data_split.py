@@ -12,13 +12,12 @@ well within the process group's timeout. One spawn per world size runs every che
 """
 import datetime
 import os
-import time
 
 import pytest
 import torch
 from torch import nn
 
-from gloo import spawn
+from gloo import failure as _failure, spawn
 
 pytestmark = [pytest.mark.needs_kernel("global_threshold", "density_decay_", "restoration_scores", "apply_masks_",
                                        "mask_stats"), pytest.mark.usefixtures("one_thread")]
@@ -74,16 +73,6 @@ def index_logger(log):
             return [p.detach().abs() for p in ctx.prunable]
 
     return IndexLog()
-
-
-def _failure(call):
-    """(exception type name, message, seconds until it was raised), or None if call() returned."""
-    tic = time.monotonic()
-    try:
-        call()
-    except Exception as exc:
-        return type(exc).__name__, str(exc), time.monotonic() - tic
-    return None
 
 
 def _worker(rank, world, port, outdir):

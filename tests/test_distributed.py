@@ -2,13 +2,12 @@
 with all_reduce, both ranks derive identical masks, equal to one process over the same batches."""
 import datetime
 import os
-import time
 
 import pytest
 import torch
 from torch import nn
 
-from gloo import spawn
+from gloo import failure as _failure, spawn
 
 pytestmark = pytest.mark.needs_kernel("global_threshold", "density_decay_", "restoration_scores", "apply_masks_",
                                       "mask_stats")
@@ -72,16 +71,6 @@ def make_failing_scorer(rank):
 
     scorer.score = failing
     return scorer
-
-
-def _failure(call):
-    """(exception type name, message, seconds until it was raised) of call(), or None."""
-    tic = time.monotonic()
-    try:
-        call()
-    except Exception as exc:
-        return type(exc).__name__, str(exc), time.monotonic() - tic
-    return None
 
 
 OPTS = dict(rounds=3, restorations=1, restore_steps=2, restore_rounds=2, seed=3, verbose=False)
