@@ -94,6 +94,21 @@ def check_run_properties(method, make_model, data, density, **opts):
     return masks
 
 
+def check_seeded(method, make_model, data, density, seed, other_seed, **opts):
+    """For methods that draw at random (no exact-K check: some keep whole kernels): the model and
+    the global RNG untouched, the same seed gives the same masks and another seed other masks."""
+    model = make_model()
+    before = model_state(model)
+    rng = torch.random.get_rng_state()
+    a = widetopo.prune(model, data, density, method=method, seed=seed, verbose=False, **opts)
+    assert torch.equal(rng, torch.random.get_rng_state()), "the global RNG was touched"
+    assert_same_state(before, model_state(model))
+    b = widetopo.prune(make_model(), data, density, method=method, seed=seed, verbose=False, **opts)
+    c = widetopo.prune(make_model(), data, density, method=method, seed=other_seed, verbose=False, **opts)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert any(not torch.equal(a[n], c[n]) for n in a)
+
+
 # ------------------------------------------------------------------------------- random subsets
 #: significance level of the uniformity checks: a correct sampler fails one with probability 1e-6
 #: (over the choice of the fixed seed set), so a failure means a biased sampler

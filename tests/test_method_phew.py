@@ -11,7 +11,7 @@ from scipy import stats
 from torch import nn
 
 import widetopo
-from method_checks import check_two_processes, assert_same_state, model_state
+from method_checks import assert_same_state, check_seeded, check_two_processes, model_state
 from scoring_nets import make_ctx
 from widetopo.methods import get_method
 from widetopo.scores.phew import PHEWScorer, _global_index, phew_masks, trace_unit_graph
@@ -191,17 +191,7 @@ def test_later_rounds_walk_inside_the_current_mask():
 
 
 def test_seeded_and_leaves_model_and_rng_alone():
-    model = chain()
-    data = [torch.randn(3, 6)]
-    before = model_state(model)
-    rng = torch.random.get_rng_state()
-    a = widetopo.prune(model, data, 0.25, method="phew", seed=1, verbose=False)
-    assert torch.equal(rng, torch.random.get_rng_state())
-    assert_same_state(before, model_state(model))
-    b = widetopo.prune(chain(), data, 0.25, method="phew", seed=1, verbose=False)
-    c = widetopo.prune(chain(), data, 0.25, method="phew", seed=2, verbose=False)
-    assert all(torch.equal(a[n], b[n]) for n in a)
-    assert any(not torch.equal(a[n], c[n]) for n in a)
+    check_seeded("phew", chain, [torch.randn(3, 6)], 0.25, seed=1, other_seed=2)
 
 
 class Shared(nn.Module):

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import widetopo
-from method_checks import check_two_processes, assert_same_state, model_state
+from method_checks import assert_same_state, check_seeded, check_two_processes, model_state
 from widetopo.methods import get_method
 from widetopo.scores.rreg import RRegScorer, havel_hakimi_bipartite, random_regular_bipartite, regular_pairs
 
@@ -139,16 +139,7 @@ def test_rank_one_and_dense_layers_keep_exact_counts():
 
 
 def test_seeded_and_leaves_model_and_rng_alone():
-    model = net()
-    before = model_state(model)
-    rng = torch.random.get_rng_state()
-    a = widetopo.prune(model, DATA, 0.2, method="rreg", seed=4, verbose=False)
-    assert torch.equal(rng, torch.random.get_rng_state())
-    assert_same_state(before, model_state(model))
-    b = widetopo.prune(net(), DATA, 0.2, method="rreg", seed=4, verbose=False)
-    c = widetopo.prune(net(), DATA, 0.2, method="rreg", seed=5, verbose=False)
-    assert all(torch.equal(a[n], b[n]) for n in a)
-    assert any(not torch.equal(a[n], c[n]) for n in a)
+    check_seeded("rreg", net, DATA, 0.2, seed=4, other_seed=5)
 
 
 @pytest.mark.parametrize("opts", [{"rounds": 2}, {"restorations": 1}])
