@@ -188,7 +188,7 @@ def _check_not_all_zero(scorer: Scorer, ctx: ScoreContext, scores: List[torch.Te
 
 def _nonzero_kept(scores: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], owner) -> int:
     """Kept entries with a nonzero score, over every rank's own tensors when scores are sharded."""
-    count = sum(int(torch.count_nonzero(s.masked_fill(m.logical_not(), 0))) for s, m in zip(scores, masks))
+    count = sum(int(torch.count_nonzero(s.ne(0).logical_and_(m))) for s, m in zip(scores, masks))  # bool temporaries
     if owner is not None:
         flag = torch.tensor([count], dtype=torch.int64, device=scores[0].device if scores else "cpu")
         torch.distributed.all_reduce(flag)
