@@ -3,8 +3,11 @@ written here by hand, split determinism, missing-data errors."""
 import gzip
 import math
 import importlib.util
+import os
 import pickle
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +73,34 @@ def test_digits_real_data_and_fixed_split():
     # normalization constants fit the data: mean ~0, std ~1 over the training split
     x, _ = train.tensors()
     assert abs(x.mean().item()) < 0.05 and abs(x.std().item() - 1) < 0.05
+
+
+@pytest.mark.skipif(not HAVE_SKLEARN, reason="scikit-learn not installed (pip install scikit-learn)")
+@pytest.mark.parametrize("bundled_file", [True, False], ids=["read-file", "sklearn-fallback"])
+def test_digits_arrays_equal_sklearn_load_digits(monkeypatch, bundled_file):
+    """The digits table is read straight from scikit-learn's data file (no sklearn import, about a
+    second less per command); the images and labels are those of sklearn.datasets.load_digits, and
+    when the file is not where it is looked for, load_digits itself is asked."""
+    from sklearn.datasets import load_digits
+
+    from widetopo.data import sources
+
+    if not bundled_file:
+        monkeypatch.setattr(sources, "_digits_file", lambda: None)
+    images, labels = sources._digits_arrays()
+    ref = load_digits()
+    assert images.dtype == np.uint8 and labels.dtype == np.int64
+    np.testing.assert_array_equal(images, ref.images)
+    np.testing.assert_array_equal(labels, ref.target)
+
+
+@pytest.mark.skipif(not HAVE_SKLEARN, reason="scikit-learn not installed (pip install scikit-learn)")
+def test_loading_digits_does_not_import_sklearn():
+    code = ("import sys\nfrom widetopo.data import load_dataset\nds = load_dataset('digits', 'test')\n"
+            "print(len(ds), 'sklearn' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert out.stdout.split() == ["359", "False"]
 
 
 @pytest.mark.skipif(not HAVE_SKLEARN, reason="scikit-learn not installed (pip install scikit-learn)")

@@ -2,6 +2,7 @@
 (see widetopo.data for where each is read from)."""
 from __future__ import annotations
 
+import gzip
 import importlib.util
 import logging
 import pickle
@@ -18,16 +19,36 @@ from widetopo.data.base import (FASHION_MNIST_DIR, IMAGE_EXTENSIONS, DatasetInfo
 from widetopo.data.base import _default_dirs, _square, _stratified_split
 
 
-def _load_digits(split, data_dir, test_fraction, split_seed, **_):
-    try:
+def _digits_file() -> Optional[Path]:
+    """scikit-learn's bundled digits table (sklearn/datasets/data/digits.csv.gz), located without
+    importing scikit-learn: importing it (with scipy) takes about a second, more than reading the table."""
+    spec = importlib.util.find_spec("sklearn")
+    for root in (spec.submodule_search_locations or []) if spec is not None else []:
+        path = Path(root) / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            return path
+    return None
+
+
+def _digits_arrays():
+    """(images uint8 [1797, 8, 8] with values 0..16, labels int64), as sklearn.datasets.load_digits gives them."""
+    path = _digits_file()
+    if path is not None:  # the table load_digits reads: 64 pixel columns, then the label
+        with gzip.open(path, mode="rt", encoding="utf-8") as f:
+            table = np.loadtxt(f, delimiter=",")
+        return table[:, :-1].reshape(-1, 8, 8).astype(np.uint8), table[:, -1].astype(np.int64)
+    try:  # scikit-learn moved its data file: ask it
         from sklearn.datasets import load_digits
     except ImportError as exc:
         raise DatasetNotFoundError(
             "dataset 'digits' needs scikit-learn (its bundled copy of the data): pip install scikit-learn"
         ) from exc
     bunch = load_digits()
-    images = np.asarray(bunch.images, dtype=np.uint8)  # values 0..16
-    labels = np.asarray(bunch.target, dtype=np.int64)
+    return np.asarray(bunch.images, dtype=np.uint8), np.asarray(bunch.target, dtype=np.int64)
+
+
+def _load_digits(split, data_dir, test_fraction, split_seed, **_):
+    images, labels = _digits_arrays()
     idx = _stratified_split(labels, split, test_fraction, split_seed)
     info = DatasetInfo("digits", split, 10, 1, 8, (0.3053,), (0.3760,),
                        tuple(str(i) for i in range(10)), "sklearn.datasets.load_digits")
