@@ -390,6 +390,57 @@ def test_cli_spectrum_rebuilds_network_and_samples(tmp_path, capsys):
         cli_spectrum.run(parser.parse_args(["spectrum", str(path), str(tmp_path / "other.wtm"), "-o", str(out)]), True)
 
 
+def test_cli_spectrum_reuses_a_class_balanced_pruning_set(tmp_path, capsys):
+    """`widetopo prune --samples-per-class 2 --max-train-samples 300` records both in the mask
+    file; `widetopo spectrum` then takes its samples from that class-balanced set of the first
+    300 training images (rebuilt here by hand: the seeded permutation, the first 2 of each class)."""
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("sklearn", reason="the CLI test uses scikit-learn's bundled digits dataset")
+    from widetopo.cli import main
+    from widetopo.data import load_dataset
+    from widetopo.models import build_model
+    from widetopo.sparsity.maskfile import read_header
+
+    path = tmp_path / "m.wtm"
+    assert main(["-q", "prune", "--method", "magnitude", "--density", "0.3", "--seed", "2", "--samples-per-class", "2",
+                 "--max-train-samples", "300", "-o", str(path)]) == 0
+    meta = read_header(path)["meta"]
+    assert (meta["samples_per_class"], meta["max_train_samples"], meta["pruning_samples"]) == (2, 300, 20)
+    assert main(["-q", "spectrum", str(path), "--dense", "--samples", "4", "-o", str(tmp_path / "s.png")]) == 0
+    data = json.load(open(tmp_path / "s.json"))
+
+    train = load_dataset("digits", split="train")
+    images, labels = train.tensors()
+    images, labels = images[:300], labels[:300]
+    order = torch.randperm(300, generator=torch.Generator().manual_seed(2)).tolist()
+    picked, seen = [], {}
+    for i in order:
+        c = int(labels[i])
+        if seen.get(c, 0) < 2:
+            seen[c] = seen.get(c, 0) + 1
+            picked.append(i)
+    x = images[picked[:4]]
+    torch.manual_seed(2)
+    net = build_model("cnn", in_channels=1, num_classes=10, image_size=8)
+    names = widetopo.select_prunable(net)
+    mask = {n: m for n, m in widetopo.load_masks(path).items()}
+    for label, mk in (("dense", {}), ("m", mask)):
+        J = reference_jacobian(net, x, mk, names)
+        expected = descending_eigvals(J @ J.T)
+        got = torch.tensor(data["spectra"][label]["eigenvalues"], dtype=torch.float64)
+        torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-10 * float(expected[0]))
+
+    # files pruned on different sets: the first file's samples, and a warning saying so
+    other = widetopo.Masks(mask, meta={**meta, "samples_per_class": None, "pruning_samples": 40})
+    other.save(tmp_path / "other.wtm")
+    capsys.readouterr()
+    assert main(["-q", "spectrum", str(path), str(tmp_path / "other.wtm"), "--samples", "4",
+                 "-o", str(tmp_path / "t.png")]) == 0
+    err = capsys.readouterr().err
+    assert "pruned on different sets" in err and "samples_per_class" in err
+    assert json.load(open(tmp_path / "t.json"))["spectra"]["m"] == data["spectra"]["m"]
+
+
 def test_tied_weights_and_token_inputs():
     """A language model whose head is tied to its embedding: the tied tensor is one prunable
     parameter (its canonical name), integer token ids are not cast; J by the explicit Jacobian."""

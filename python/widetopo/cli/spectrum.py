@@ -5,9 +5,11 @@ The network is rebuilt from the mask files' metadata (model, dataset, seed, init
 `widetopo train` does (experiments.recipe.build: torch.manual_seed(seed), build_model, the
 recorded --init file with its checksum checked). Every file must record the same network. The
 samples are the first --samples (default: min(100, pruning_samples)) of the pruning set that
-`widetopo prune` drew: the training split permuted with the seed, whose start is the pruning
-set. If pruning used --max-train-samples, pass the same value; a class-balanced pruning set
-(--samples-per-class) is not recorded in the file and is not reproduced.
+`widetopo prune` drew, rebuilt from what the file records: the training split (limited to its
+--max-train-samples, which a --max-train-samples given here overrides) permuted with the seed,
+whose start is the pruning set, or its class-balanced subset (--samples-per-class). When the
+files record different pruning sets, the first file's is used, with a warning. (Files written
+before 2026-12-06 record neither; pass --max-train-samples as when pruning.)
 
 Writes the plot (sorted eigenvalues, log axis) and, next to it, <stem>.csv and <stem>.json.
 """
@@ -29,6 +31,8 @@ MAX_FULL = 20000
 
 #: metadata that must agree between the mask files (one network, one initialization)
 _SAME = ("model", "dataset", "seed", "in_channels", "num_classes", "image_size", "init_sha256")
+#: metadata of the pruning set the samples are taken from (the first file's is used)
+_DATA = ("pruning_samples", "samples_per_class", "max_train_samples")
 
 
 def add_parser(sub) -> None:
@@ -70,7 +74,19 @@ def _metas(paths: List[str]) -> List[dict]:
         if len(values) > 1:
             raise CLIError(f"the mask files record different {key} ({', '.join(sorted(values))}); their spectra "
                            "are only comparable on one network: give files of the same model, dataset and seed")
+    differ = [key for key in _DATA if len({repr(m.get(key)) for m in metas}) > 1]
+    if differ:
+        logger.warning("the mask files were pruned on different sets (%s differ); the spectra use the samples of "
+                       "the first file, %s", ", ".join(differ), paths[0])
     return metas
+
+
+def _pruning_set(train_ds, meta: dict, seed: int):
+    """The pruning set `widetopo prune` drew (experiments.recipe.prune), as the file records it."""
+    per_class = meta.get("samples_per_class")
+    if per_class:
+        return train_ds.balanced_subset(int(per_class), seed=seed)
+    return train_ds.subset(min(int(meta.get("pruning_samples", len(train_ds))), len(train_ds)), seed=seed)
 
 
 def _labels(paths: List[str]) -> List[str]:
@@ -113,11 +129,12 @@ def run(args, quiet: bool) -> int:
         if not os.path.isfile(meta["init_file"]):
             raise CLIError(f"the masks were computed from init file {meta['init_file']!r}, which does not exist any more")
         values.update(init=meta["init_file"], init_sha256=meta.get("init_sha256"))
+    if args.max_train_samples is None and meta.get("max_train_samples") is not None:
+        values["max_train_samples"] = int(meta["max_train_samples"])
     setup = cli_args.setup_from(args, **values)
     train_ds = recipe.load_data(setup, "train")
-    pool = min(int(meta.get("pruning_samples", len(train_ds))), len(train_ds))
-    n = min(args.samples if args.samples is not None else min(100, pool), pool)
-    images, _ = train_ds.subset(pool, seed=setup.seed).tensors()
+    images, _ = _pruning_set(train_ds, meta, setup.seed).tensors()
+    n = min(args.samples if args.samples is not None else 100, len(images))
     inputs = images[:n].to(setup.device)
     model = recipe.build(setup, train_ds).to(setup.device)
 

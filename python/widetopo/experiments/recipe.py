@@ -220,6 +220,7 @@ def prune(setup: Setup, cfg: PruneConfig, model, train_ds, quiet: bool = True):
         "model": setup.model, "dataset": setup.dataset, "seed": seed, "target_density": cfg.density,
         "in_channels": train_ds.in_channels, "num_classes": train_ds.num_classes,
         "image_size": train_ds.image_size, "pruning_samples": len(subset), "pruning_seconds": round(seconds, 3),
+        "samples_per_class": cfg.samples_per_class, "max_train_samples": setup.max_train_samples,
         **init_record(setup),
     })
     masks.meta.setdefault("preset", cfg.method)
