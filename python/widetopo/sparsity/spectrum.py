@@ -47,6 +47,10 @@ from torch import nn
 from torch.func import functional_call, jvp, vjp, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from widetopo.constants import TARGET_KEYS
+from widetopo.errors import UnsupportedInputsError
+from widetopo.scores.inputs import Inputs, ModelInput, call_model, cast_floating, logits_of
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["ntk_spectrum", "ntk_matrix", "spectrum_report", "MODES", "OUTPUTS", "BATCHNORM"]
@@ -119,15 +123,61 @@ def _check_masks(model: nn.Module, masks, names: List[str]) -> Dict[str, torch.T
     return out
 
 
-def _check_inputs(inputs) -> torch.Tensor:
-    if not isinstance(inputs, torch.Tensor):
-        raise TypeError(f"inputs must be a tensor of samples (n, ...), got {type(inputs).__name__}")
-    if inputs.dim() < 1 or inputs.shape[0] < 1:
-        raise ValueError(f"inputs must have a leading sample dimension with at least one sample, got shape "
-                         f"{tuple(inputs.shape)}")
-    if inputs.is_complex() or inputs.dtype == torch.bool:
-        raise TypeError(f"inputs must be real (floating point, or integer token ids), got {inputs.dtype}")
-    return inputs
+def _check_inputs(inputs) -> ModelInput:
+    """The samples as the model takes them: a tensor (n, ...), fed as model(x), or a dict of
+    keyword inputs, fed as model(**inputs) (module docstring: which values are split into
+    samples, which are passed through, and the targets taken out). Checked before any work."""
+    if isinstance(inputs, torch.Tensor):
+        if inputs.dim() < 1 or inputs.shape[0] < 1:
+            raise ValueError(f"inputs must have a leading sample dimension with at least one sample, got shape "
+                             f"{tuple(inputs.shape)}")
+        if inputs.is_complex() or inputs.dtype == torch.bool:
+            raise TypeError(f"inputs must be real (floating point, or integer token ids), got {inputs.dtype}")
+        return inputs
+    if not isinstance(inputs, Mapping):
+        raise TypeError(f"inputs must be a tensor of samples (n, ...) or a dict of keyword inputs fed as "
+                        f"model(**inputs) (e.g. input_ids, attention_mask), got {type(inputs).__name__}")
+    bad = [k for k in inputs if not isinstance(k, str)]
+    if bad:
+        raise TypeError(f"inputs: the keys of a dict of keyword inputs must be strings, got {bad!r}")
+    targets = [k for k in TARGET_KEYS if k in inputs]
+    if len(targets) > 1:
+        raise ValueError(f"inputs holds targets under several keys {targets}; the NTK needs no targets: pass at "
+                         f"most one of {list(TARGET_KEYS)} (it is taken out, as widetopo.prune does), or none")
+    if targets:
+        logger.info("ntk_spectrum: inputs[%r] taken out (targets: the NTK differentiates the outputs, no loss)",
+                    targets[0])
+    x = Inputs((k, v) for k, v in inputs.items() if k not in targets)
+    sizes = {k: int(v.shape[0]) for k, v in x.items() if isinstance(v, torch.Tensor) and v.dim() > 0}
+    if not sizes:
+        raise ValueError(f"inputs: the dict holds no tensor with a sample dimension (keys {sorted(inputs)}"
+                         f"{', targets taken out' if targets else ''}); give the model's inputs as tensors (n, ...)")
+    if len(set(sizes.values())) > 1:
+        raise ValueError(f"inputs: every tensor of a dict (0-dim ones excepted) is split into samples along dim 0, "
+                         f"so all must have the same leading size; got {sizes}. Expand a tensor shared by all "
+                         f"samples to (n, ...)")
+    complex_ = [k for k, v in x.items() if isinstance(v, torch.Tensor) and v.is_complex()]
+    if complex_:
+        raise TypeError(f"inputs: {complex_} are complex tensors; the inputs must be real")
+    if next(iter(sizes.values())) < 1:
+        raise ValueError(f"inputs must hold at least one sample, got leading sizes {sizes}")
+    return x
+
+
+def _count(x: ModelInput) -> int:
+    """The sample count of checked inputs: the leading size of the tensor, or of the dict's
+    tensors of dimension >= 1 (all equal, _check_inputs)."""
+    if isinstance(x, torch.Tensor):
+        return int(x.shape[0])
+    return next(int(v.shape[0]) for v in x.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
+
+
+def _samples(x: ModelInput, start: int, stop: int) -> ModelInput:
+    """Samples start..stop-1: rows of the tensor, or of every dict tensor of dimension >= 1;
+    0-dim tensors and non-tensor values are passed through."""
+    if isinstance(x, torch.Tensor):
+        return x[start:stop]
+    return Inputs((k, v[start:stop] if isinstance(v, torch.Tensor) and v.dim() > 0 else v) for k, v in x.items())
 
 
 # ----------------------------------------------------------------------------- the problem
@@ -173,11 +223,11 @@ class _NTK:
         self.u = tuple(self.fixed[n] if mk is None else self.fixed[n] * mk for n, mk in zip(names, self.m))
         for n in names:
             del self.fixed[n]
-        self.x = x.to(device=device, dtype=dtype) if x.is_floating_point() else x.to(device)
-        self.n = x.shape[0]
+        self.x = cast_floating(x, dtype).to(device)  # floating inputs in dtype, token ids / masks as they are
+        self.n = _count(x)
         self.independent = batchnorm == "eval" and not uses_batch_statistics(model)
         with torch.no_grad():
-            out = self._f(self.u, self.x[:1] if self.independent else self.x)
+            out = self._f(self.u, _samples(self.x, 0, 1) if self.independent else self.x)
         self.d = out.shape[1]
         self.N = self.n * self.d
         self.numel = [t.numel() for t in self.u]
@@ -192,12 +242,20 @@ class _NTK:
         return [(a, min(a + step, b)) for a in range(0, b, step)]
 
     def _f(self, u, x) -> torch.Tensor:
-        """Outputs (b, d) of the masked network: every logit, or their sum."""
-        out = functional_call(self.model, ({**self.fixed, **dict(zip(self.names, u))}, self.buffers), (x,))
-        if not isinstance(out, torch.Tensor) or out.dim() < 1 or out.shape[0] != x.shape[0]:
-            raise TypeError("the model must return one tensor whose first dimension is the sample dimension, got "
-                            + (f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__))
-        out = out.reshape(x.shape[0], -1)
+        """Outputs (b, d) of the masked network: every logit, or their sum. The model's output
+        may be the logits, a ModelOutput / dict with "logits", or a tuple starting with them."""
+        tensors = {**self.fixed, **dict(zip(self.names, u)), **self.buffers}
+        b = _count(x)
+        raw = call_model(self.model, tensors, x)
+        try:
+            out = logits_of(raw)
+        except UnsupportedInputsError:
+            raise TypeError("the model must return its logits: a tensor, a ModelOutput/dict with 'logits' or a tuple "
+                            f"whose first element is the logits, got {type(raw).__name__}") from None
+        if out.dim() < 1 or out.shape[0] != b:
+            raise TypeError(f"the model's logits must have the sample dimension first ({b} samples), got shape "
+                            f"{tuple(out.shape)}")
+        out = out.reshape(b, -1)
         return out.sum(1, keepdim=True) if self.outputs == "sum" else out
 
     def _chunks(self):
@@ -219,7 +277,7 @@ class _NTK:
         if self.independent:
             eye = torch.eye(self.d, dtype=dtype, device=device)
             for i in range(start, stop):
-                _, fn = vjp(lambda u: self._f(u, self.x[i:i + 1]).reshape(-1), self.u)
+                _, fn = vjp(lambda u: self._f(u, _samples(self.x, i, i + 1)).reshape(-1), self.u)
                 grads = vmap(fn)(eye)[0]
                 r = (i - start) * self.d
                 for o, g in zip(out, grads):
@@ -244,7 +302,7 @@ class _NTK:
         """m ⊙ Jᵀ V for V of shape (N, b): one (b, *shape) tensor per parameter."""
         total = None
         for s, t in self._chunks():
-            _, fn = vjp(lambda u: self._f(u, self.x[s:t]).reshape(-1), self.u)
+            _, fn = vjp(lambda u: self._f(u, _samples(self.x, s, t)).reshape(-1), self.u)
             Vt = V[s * self.d:t * self.d].T.contiguous()
             parts = [vmap(fn)(Vt[a:b])[0] for a, b in self._groups(Vt.shape[0])]
             grads = [torch.cat(g) if len(parts) > 1 else g[0] for g in zip(*parts)]
@@ -255,7 +313,7 @@ class _NTK:
         """J G for tangents G (b, *shape) per parameter: (N, b)."""
         cols = []
         for s, t in self._chunks():
-            xs = self.x[s:t]
+            xs = _samples(self.x, s, t)
             one = lambda *tangent: jvp(lambda *u: self._f(u, xs).reshape(-1), self.u, tangent)[1]  # noqa: E731
             parts = [vmap(one)(*[g[a:b] for g in G]) for a, b in self._groups(G[0].shape[0])]
             cols.append(torch.cat(parts) if len(parts) > 1 else parts[0])  # (b, rows)
@@ -375,16 +433,22 @@ def _prepare(model, inputs, masks, outputs, batchnorm, parameters, dtype, chunk_
     _int_arg("chunk_size", chunk_size, 1)
     names = _selected_names(model, parameters)
     masks = _check_masks(model, masks, names)
-    if batchnorm == "train" and inputs.shape[0] < 2 and any(isinstance(m, _BatchNorm) for m in model.modules()):
+    if batchnorm == "train" and _count(inputs) < 2 and any(isinstance(m, _BatchNorm) for m in model.modules()):
         raise ValueError("batchnorm='train' normalises with the statistics of the inputs: pass at least 2 samples")
     return inputs, names, masks
 
 
 @contextlib.contextmanager
 def _untouched(model, batchnorm):
-    """Model flags restored and the global RNG state kept (fork_rng) around the computation."""
+    """Model flags restored and the global RNG state kept (fork_rng) around the computation.
+    scaled_dot_product_attention (Hugging Face models' default attention) runs its math backend:
+    the fused CPU/CUDA kernels have no forward-mode AD (the JVPs of "topk") nor vmap rules for
+    their backward, and no float64."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
-    with torch.random.fork_rng(devices=devices), _modes(model, batchnorm), torch.enable_grad():
+    with torch.random.fork_rng(devices=devices), _modes(model, batchnorm), torch.enable_grad(), \
+            sdpa_kernel(SDPBackend.MATH):
         yield
 
 
@@ -499,7 +563,7 @@ def spectrum_report(model: nn.Module, inputs: torch.Tensor, masks_by_label: Mapp
     names = _selected_names(model, parameters)
     for label, masks in masks_by_label.items():  # every argument checked before any work
         _check_masks(model, masks, names)
-    _check_inputs(inputs)
+    inputs = _check_inputs(inputs)
     parent = os.path.dirname(os.path.abspath(out_path))
     if not os.path.isdir(parent):
         raise ValueError(f"out_path: directory {parent!r} does not exist")
@@ -507,7 +571,7 @@ def spectrum_report(model: nn.Module, inputs: torch.Tensor, masks_by_label: Mapp
     kw = dict(outputs=outputs, batchnorm=batchnorm, parameters=parameters, seed=seed, **options)
     result = {"mode": mode, "k": k, "outputs": outputs, "batchnorm": batchnorm,
               "parameters": parameters if isinstance(parameters, str) else list(parameters),
-              "samples": int(inputs.shape[0]), "info": dict(info or {}), "spectra": {}}
+              "samples": _count(inputs), "info": dict(info or {}), "spectra": {}}
     for label, masks in masks_by_label.items():
         vals = ntk_spectrum(model, inputs, masks, mode=mode, k=k, **kw)
         density = None
