@@ -30,6 +30,17 @@ sample); "train" normalises with the statistics of all inputs together (the Wide
 which couples the samples, so every VJP/JVP runs over all n samples. The caller's model is not
 changed (parameters, buffers, train/eval flags, requires_grad), nor is the global RNG: the
 Lanczos start and the Hutchinson probes come from a generator seeded by `seed`.
+
+Inputs (docs/design.md §2.5): a tensor (n, ...), fed as model(x), or a dict of keyword inputs
+(a Hugging Face batch: input_ids, attention_mask, pixel_values, ...), fed as model(**inputs).
+In a dict every tensor of dimension >= 1 is split into samples along dim 0 (all must have the
+same leading size n); 0-dim tensors and non-tensor values (use_cache=False, a scale) are passed
+unchanged to every call; targets under "labels", "targets", "target" or "y" are taken out, as
+widetopo.prune does (the NTK differentiates the outputs, not a loss; two of them are refused).
+Floating inputs are cast to `dtype`, integer ones (token ids, masks) are used as they are:
+J is with respect to the parameters only. The output may be the logits, a ModelOutput / dict
+with "logits", or a tuple starting with them; the logits' dim 0 is the sample dimension and
+the other dimensions are flattened (d = L · vocab for a language model's (n, L, vocab) logits).
 """
 from __future__ import annotations
 
@@ -44,7 +55,7 @@ from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
-from torch.func import functional_call, jvp, vjp, vmap
+from torch.func import jvp, vjp, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from widetopo.constants import TARGET_KEYS
@@ -452,7 +463,7 @@ def _untouched(model, batchnorm):
         yield
 
 
-def ntk_matrix(model: nn.Module, inputs: torch.Tensor, masks=None, *, outputs: str = "per_logit",
+def ntk_matrix(model: nn.Module, inputs: Union[torch.Tensor, Mapping], masks=None, *, outputs: str = "per_logit",
                batchnorm: str = "eval", parameters: Union[str, Sequence[str]] = "prunable",
                dtype: torch.dtype = torch.float64, chunk_size: int = 8,
                max_block_bytes: int = 256 * 2 ** 20) -> torch.Tensor:
@@ -465,7 +476,7 @@ def ntk_matrix(model: nn.Module, inputs: torch.Tensor, masks=None, *, outputs: s
         return _full_matrix(p, max_block_bytes).cpu()
 
 
-def ntk_spectrum(model: nn.Module, inputs: torch.Tensor, masks=None, *, outputs: str = "per_logit",
+def ntk_spectrum(model: nn.Module, inputs: Union[torch.Tensor, Mapping], masks=None, *, outputs: str = "per_logit",
                  mode: str = "full", k: Optional[int] = None, batchnorm: str = "eval",
                  parameters: Union[str, Sequence[str]] = "prunable", probes: Optional[int] = None,
                  seed: int = 0, tol: float = 1e-8, max_iter: int = 200, block_size: Optional[int] = None,
@@ -474,6 +485,9 @@ def ntk_spectrum(model: nn.Module, inputs: torch.Tensor, masks=None, *, outputs:
     """Eigenvalues of the empirical NTK Θ = J Jᵀ of `model` under `masks` on `inputs`
     (descending, float64, on the CPU), without storing J whole.
 
+    inputs      a tensor (n, ...), or a dict of keyword inputs fed as model(**inputs): tensors
+                of dimension >= 1 split along dim 0, other values passed through, targets
+                ("labels", ...) taken out (module docstring)
     masks       None (dense) or name -> bool tensor; a masked parameter is used as θ⊙m and its
                 pruned entries get no gradient; selected parameters without a mask are dense
     outputs     "per_logit": every output entry of every sample (N = n · outputs per sample);
@@ -537,7 +551,7 @@ def ntk_spectrum(model: nn.Module, inputs: torch.Tensor, masks=None, *, outputs:
 
 # ----------------------------------------------------------------------------- report (CLI)
 
-def spectrum_report(model: nn.Module, inputs: torch.Tensor, masks_by_label: Mapping, out_path, *,
+def spectrum_report(model: nn.Module, inputs: Union[torch.Tensor, Mapping], masks_by_label: Mapping, out_path, *,
                     mode: str = "full", k: Optional[int] = None, outputs: str = "per_logit",
                     batchnorm: str = "eval", parameters: Union[str, Sequence[str]] = "prunable",
                     seed: int = 0, info: Optional[dict] = None, **options) -> dict:
