@@ -333,6 +333,35 @@ def test_dict_batches_are_read_like_tuples_and_digested_whole():
         materialize_batches([batches[0], {"input_ids": batches[1]["input_ids"][:, :3]}], torch.device("cpu"))
 
 
+def test_a_0_dim_tensor_first_in_a_dict_batch_is_passed_through():
+    """The sample count of a dict batch is the leading size of its first tensor that has one: a
+    0-dim value listed first (a wrapper's `temperature`) is passed through, and max_samples cuts
+    the other tensors. Reference: SNIP by hand on the first 6 samples, logits / temperature."""
+    model, batches = bert()
+    model = model.double()
+
+    class Tempered(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, temperature, input_ids, attention_mask):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask).logits / temperature
+
+    net = Tempered(model)
+    hot = [{"temperature": torch.tensor(2.0, dtype=torch.float64), **b} for b in batches]
+    read = materialize_batches(hot, torch.device("cpu"), max_samples=6)
+    assert [b.n for b in read] == [4, 2] and float(read[1].x["temperature"]) == 2.0
+    got = widetopo.saliency(net, hot, "snip", max_samples=6, verbose=False)
+    cut = [batches[0], {k: v[:2] for k, v in batches[1].items()}]
+
+    def loss(m, b):
+        logits = m.inner(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits / 2.0
+        return nn.functional.cross_entropy(logits, b["labels"])  # the mean over the batch
+
+    _close(got, _snip_by_hand(net, cut, loss))
+
+
 def test_effective_sparsity_of_a_token_model_by_hand():
     """Embedding -> Linear(4, 3) -> ReLU -> Linear(3, 2), masks set by hand: unit 1 of the first
     layer feeds nothing (column 1 of the second layer pruned), feature 0 of the embedding output

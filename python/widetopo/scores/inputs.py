@@ -67,9 +67,12 @@ def first_tensor(x: ModelInput) -> torch.Tensor:
 
 
 def num_samples(x: ModelInput) -> int:
-    """The sample count: the leading dimension of the input (of the first tensor of a dict)."""
+    """The sample count: the leading dimension of the input; of a dict, that of its first tensor
+    with one (0-dim tensors, e.g. a scale, are passed through and say nothing of the count)."""
     t = first_tensor(x)
-    return int(t.shape[0]) if t.dim() else 0
+    if isinstance(_plain(x), torch.Tensor):
+        return int(t.shape[0]) if t.dim() else 0
+    return next((int(v.shape[0]) for v in _plain(x).values() if isinstance(v, torch.Tensor) and v.dim()), 0)
 
 
 def _batched(v, n: int) -> bool:
