@@ -16,6 +16,7 @@ from typing import Dict, Iterable, Mapping, Optional, Tuple, Union
 import torch
 from torch import nn
 
+from widetopo.distributed.collectives import collective_device, fail_together
 from widetopo.engine.pruner import Pruner
 from widetopo.sparsity.masks import Masks
 from widetopo.methods import Method, get_method
@@ -73,13 +74,17 @@ def _refuse_applied_masks(model: nn.Module) -> None:
 
 
 def _pruner(model, density, method, options) -> Pruner:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    _refuse_applied_masks(model)
-    scorer, engine, selection, meta = _resolve(method, options)
-    density = _check_density("density", density)
-    names = select_prunable(model, **selection)
-    return Pruner(model, scorer, density, names, meta=meta, **engine)
+    """The checked Pruner. Under torch.distributed a rank that refuses its arguments makes every
+    rank raise here (one fail_together around every check, Pruner.__init__'s included), instead
+    of leaving the others waiting in the first collective of the run until the timeout."""
+    with fail_together(collective_device(), "checking the arguments of the pruning call"):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        _refuse_applied_masks(model)
+        scorer, engine, selection, meta = _resolve(method, options)
+        density = _check_density("density", density)
+        names = select_prunable(model, **selection)
+        return Pruner(model, scorer, density, names, meta=meta, **engine)
 
 
 def prune(model: nn.Module, data: Iterable, density: float, method: Union[str, Scorer] = "widetopo",

@@ -13,6 +13,7 @@ collective until the process-group timeout: `fail_together` blocks agree on succ
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Iterator, List, Sequence, Tuple, TypeVar
 
 import torch
@@ -75,6 +76,18 @@ def broadcast_(tensors: List[torch.Tensor], src: int = 0) -> None:
         h.wait()
 
 
+def collective_device() -> torch.device:
+    """Where a small control tensor (an error flag) lives for the process group's backend: the
+    current CUDA device under NCCL, else the CPU. Depends on no argument of the call, so a
+    check of possibly bad arguments (an invalid `device=`) can still run its collective."""
+    if is_distributed() and torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+_depth = threading.local()  # .n = 1 while this thread runs the block of a fail_together
+
+
 @contextlib.contextmanager
 def fail_together(device: torch.device, what: str) -> Iterator[None]:
     """Collective error check around a block that every rank runs (no collectives inside).
@@ -82,16 +95,23 @@ def fail_together(device: torch.device, what: str) -> Iterator[None]:
     After the block the ranks all-reduce one flag per rank; if the block raised on some rank,
     every rank raises: that rank its own exception, the others a RuntimeError naming the failed
     ranks. Costs one all_reduce of `world` ints. Without a process group it does nothing.
+
+    Nested blocks are no-ops: only the outermost one checks. An inner block's all_reduce would
+    otherwise pair with the outer one's on a rank that failed before reaching the inner block
+    (the argument checks of widetopo.prune wrap those of Pruner.__init__).
     """
-    if not is_distributed():
+    if not is_distributed() or getattr(_depth, "n", 0):
         yield
         return
     rank, world = rank_world()
     error = None
+    _depth.n = 1
     try:
         yield
     except Exception as exc:  # re-raised below, once every rank knows
         error = exc
+    finally:
+        _depth.n = 0
     flags = torch.zeros(world, dtype=torch.int32, device=device)
     flags[rank] = int(error is not None)
     torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.SUM)

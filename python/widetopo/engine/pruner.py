@@ -82,6 +82,12 @@ class Pruner:
 
     def __init__(self, model: nn.Module, scorer: Scorer, density: float, names: Optional[Sequence[str]] = None,
                  *, meta: Optional[dict] = None, **options):
+        # every rank checks its arguments, then they agree: a rank that refuses them raises its
+        # error, the others an error naming it (a no-op inside widetopo.prune's own check)
+        with dist_utils.fail_together(dist_utils.collective_device(), "checking the arguments of the Pruner"):
+            self._init(model, scorer, density, names, meta, options)
+
+    def _init(self, model, scorer, density, names, meta, options) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(scorer, Scorer):
