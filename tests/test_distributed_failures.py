@@ -135,6 +135,9 @@ def _worker(rank, world, port, outdir):
         "pruner_validate": lambda: Pruner(make_model(), abs_scorer(bad), 0.5, **opts).run(make_data()),
         "nested": lambda: _nested(rank),
         "nested_inner": lambda: _nested_inner_fails(rank),
+        # selection = "mask": rank 1's choose_masks raises in round 2 of 3
+        "choose_masks": lambda: widetopo.prune(make_model(), make_data(), 0.3, method=mask_scorer(2 if bad else None),
+                                               rounds=3, **opts),
     }
     out = {"errors": {}, "paired": {}}
     try:
@@ -168,6 +171,7 @@ EXPECTED = {
     "pruner_validate": ("ValueError", ["abs-test: this rank refuses the run"], "checking the arguments of the Pruner"),
     "nested": ("ValueError", ["rank 1 failed before the inner block"], "the outer block"),
     "nested_inner": ("ValueError", ["rank 1 failed in the inner block"], "the outer block"),
+    "choose_masks": ("ValueError", ["choose_masks broke in round 2"], "selecting the masks of round 2"),
 }
 
 
