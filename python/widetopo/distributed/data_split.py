@@ -10,6 +10,9 @@ are all-reduced. Each rank scores all of its batches. A data-free method (no sum
 gets what one process gives it, on every rank: the whole union, gathered (PAGS draws its
 population from batch pairs), or, when it reads at most the first batch (Scorer.first_batch_only:
 SynFlow's sample shape, PHEW's probe input), global batch 0 alone, broadcast from its rank.
+A dict batch's non-tensor entries (e.g. output_hidden_states=False) travel with it: each rank
+describes them (pickled) with its batches, and a batch broadcast to the other ranks carries its
+own values, as in one process.
 
 replicated: every rank passes the whole set; rank r scores the batches with i % world == r.
 
@@ -19,7 +22,9 @@ as replicated data: pass data_split="per_rank" when equal parts are meant to be 
 """
 from __future__ import annotations
 
+import base64
 import json
+import pickle
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
@@ -46,6 +51,7 @@ class DataSplit:
     first: Optional[dict] = None  # shapes/dtypes of global batch 0 (for the broadcast)
     targets: Optional[List[list]] = None  # each rank's [target shape, dtype name] (None: no target) per batch
     batches: Optional[List[Batch]] = None  # one process: its batches (for the lazy digest)
+    extras: Optional[List[list]] = None  # each rank's non-tensor entries per batch (_extras), for the broadcasts
 
     @property
     def offsets(self) -> List[int]:
@@ -77,7 +83,8 @@ class DataSplit:
         if first_batch_only:
             src = next(r for r, n in enumerate(self.counts) if n)
             return [_broadcast_batch(batches[0] if rank == src else None, 0, src, self.first["x"],
-                                     self.first["y"], store, device, self.first.get("label_key"))]
+                                     self.first["y"], store, device, self.first.get("label_key"),
+                                     self.extras[src][0])]
         return self._gather_union(batches, store, device)
 
     def _gather_union(self, batches: List[Batch], store: torch.device, device: torch.device) -> List[Batch]:
@@ -86,12 +93,13 @@ class DataSplit:
         first_x = self.first["x"]  # (one input dtype per key: materialize_batches and _check_samples)
         label_key = self.first.get("label_key")
         out = []
-        for src, (offset, shapes, targets) in enumerate(zip(self.offsets, self.shapes, self.targets)):
-            for j, (shape, y_spec) in enumerate(zip(shapes, targets)):
+        for src, (offset, shapes, targets, extras) in enumerate(zip(self.offsets, self.shapes, self.targets,
+                                                                     self.extras)):
+            for j, (shape, y_spec, extra) in enumerate(zip(shapes, targets, extras)):
                 own = batches[j] if src == rank else None
                 x_spec = ({k: [shape[k], first_x[k][1]] for k in first_x} if isinstance(first_x, dict)
                           else [shape, first_x[1]])
-                out.append(_broadcast_batch(own, offset + j, src, x_spec, y_spec, store, device, label_key))
+                out.append(_broadcast_batch(own, offset + j, src, x_spec, y_spec, store, device, label_key, extra))
         return out
 
 
@@ -108,6 +116,21 @@ def _tensors(x) -> dict:
     return {k: v for k, v in x.items() if isinstance(v, torch.Tensor)}
 
 
+def _extras(x) -> Optional[dict]:
+    """The non-tensor entries of keyword inputs, {key: [pickled value in base64 or None if it
+    does not pickle, type name]}, so a batch sent to another rank carries them; None: none."""
+    if not isinstance(x, Inputs):
+        return None
+    out = {}
+    for k, v in x.items():
+        if not isinstance(v, torch.Tensor):
+            try:
+                out[k] = [base64.b64encode(pickle.dumps(v)).decode("ascii"), type(v).__name__]
+            except Exception:
+                out[k] = [None, type(v).__name__]
+    return out or None
+
+
 def _describe(batches: Sequence[Batch], digest: bool) -> dict:
     first = batches[0] if batches else None
     keyword = first is not None and isinstance(first.x, Inputs)
@@ -116,8 +139,9 @@ def _describe(batches: Sequence[Batch], digest: bool) -> dict:
         "digest": data_digest(batches) if digest else None,
         "shapes": [shape_of(b.x) for b in batches],
         "targets": [None if b.y is None else [list(b.y.shape), str(b.y.dtype)] for b in batches],
-        "x": (None if first is None else {k: _sample(v) for k, v in _tensors(first.x).items()} if keyword
-              else _sample(first.x)),
+        "extras": [_extras(b.x) for b in batches],
+        "x": (None if first is None else {k: _sample(v) if isinstance(v, torch.Tensor) else "(not a tensor)"
+                                          for k, v in first.x.items()} if keyword else _sample(first.x)),
         "y": [_sample(first.y)] if first else None,
         "first": None if first is None else {
             "x": ({k: [list(v.shape), str(v.dtype)] for k, v in _tensors(first.x).items()} if keyword
@@ -180,14 +204,30 @@ def resolve_split(option: str, batches: List[Batch], device: torch.device) -> Da
             b.index += offset
     first = next(d["first"] for d in described if d["count"])
     return DataSplit(mode, counts, digests, [d["shapes"] for d in described], first,
-                     [d["targets"] for d in described], batches if world == 1 else None)
+                     [d["targets"] for d in described], batches if world == 1 else None,
+                     [d["extras"] for d in described])
+
+
+def _decoded(extras: Optional[dict], index: int) -> dict:
+    """The non-tensor entries described by _extras (raises alike on every rank: all hold `extras`)."""
+    out = {}
+    for k, (code, kind) in (extras or {}).items():
+        if code is None:
+            raise TypeError(
+                f"data: entry {k!r} of dict batch {index} is a {kind} that does not pickle, so it cannot be sent to "
+                "the other ranks (with per-rank data a data-free method gets every rank the batches it reads); "
+                "pass a picklable value, or the whole data on every rank (data_split='replicated')")
+        out[k] = pickle.loads(base64.b64decode(code))
+    return out
 
 
 def _broadcast_batch(own: Optional[Batch], index: int, src: int, x_spec, y_spec, store: torch.device,
-                     device: torch.device, label_key: Optional[str] = None) -> Batch:
+                     device: torch.device, label_key: Optional[str] = None, extras: Optional[dict] = None) -> Batch:
     """Rank `src`'s batch `own` on every rank, as global batch `index` (x_spec, y_spec: [shape,
     dtype name] of its input and target, known to every rank; y_spec None: no target; x_spec
-    {key: [shape, dtype name]} for keyword inputs, whose tensors are broadcast, label_key kept)."""
+    {key: [shape, dtype name]} for keyword inputs, whose tensors are broadcast, label_key kept;
+    extras: its non-tensor entries as described by _extras, added to the keyword inputs)."""
+    rest = _decoded(extras, index)
     keys = list(x_spec) if isinstance(x_spec, dict) else None
     specs = [x_spec[k] for k in keys] if keys is not None else [x_spec]
     if own is not None:
@@ -199,5 +239,5 @@ def _broadcast_batch(own: Optional[Batch], index: int, src: int, x_spec, y_spec,
     tensors = [t.to(device) for t in xs + ([y] if y is not None else [])]
     collectives.broadcast_(tensors, src=src)
     moved = [t.to(store) for t in tensors]
-    x = Inputs(zip(keys, moved[:len(keys)])) if keys is not None else moved[0]
+    x = Inputs([*zip(keys, moved[:len(keys)]), *rest.items()]) if keys is not None else moved[0]
     return Batch(index, x, moved[len(specs)] if len(moved) > len(specs) else None, label_key)
