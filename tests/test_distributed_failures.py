@@ -1,8 +1,8 @@
 """Failures on one rank only, 2 gloo processes: every rank must raise promptly (the failed rank
 its own error, the other an error naming it), never wait in a collective until the process
-group's timeout. Covers arguments refused before round 1 (widetopo.prune, widetopo.saliency and
-Pruner built directly), nested fail_together blocks, and a scorer that selects the masks itself
-(selection = "mask") raising in choose_masks. The process group's timeout is short (TIMEOUT): a
+group's timeout. Covers arguments refused before round 1 (widetopo.prune, widetopo.saliency, its
+masks, and Pruner built directly), nested fail_together blocks, and a scorer that selects the
+masks itself (selection = "mask") raising in choose_masks. The process group's timeout is short (TIMEOUT): a
 regression that waits in a collective shows up as a slow or timed-out error, and the spawn's own
 limit stops a hung worker, both failures of these tests. After every failure the ranks run one
 more all_reduce and one pruning together, which fails if a stray collective was left unpaired."""
@@ -131,6 +131,9 @@ def _worker(rank, world, port, outdir):
         # widetopo.saliency, and Pruner built directly (run() never reached on the good rank)
         "saliency": lambda: widetopo.saliency(make_model(), make_data(), "snip", **(dict(bogus=1) if bad else {}),
                                               **opts),
+        "saliency_masks": lambda: widetopo.saliency(make_model(), make_data(), "snip", **opts, masks={
+            n: torch.ones(p.shape, dtype=torch.bool if not bad else torch.float32)
+            for n, p in make_model().named_parameters() if n.endswith("weight")}),
         "pruner": lambda: Pruner(make_model(), abs_scorer(), 0.5, rounds=0 if bad else 1, **opts).run(make_data()),
         "pruner_validate": lambda: Pruner(make_model(), abs_scorer(bad), 0.5, **opts).run(make_data()),
         "nested": lambda: _nested(rank),
@@ -167,6 +170,7 @@ EXPECTED = {
     "validate": ("ValueError", ["abs-test: this rank refuses the run"], "checking the arguments of the pruning call"),
     "target": ("ValueError", ["density 0.0001 keeps no weight"], "checking the arguments of the pruning call"),
     "saliency": ("ValueError", ["unknown option(s) ['bogus']"], "checking the arguments of the pruning call"),
+    "saliency_masks": ("ValueError", ["masks['0.weight'] must be a bool tensor"], "checking the masks of saliency"),
     "pruner": ("ValueError", ["rounds"], "checking the arguments of the Pruner"),
     "pruner_validate": ("ValueError", ["abs-test: this rank refuses the run"], "checking the arguments of the Pruner"),
     "nested": ("ValueError", ["rank 1 failed before the inner block"], "the outer block"),

@@ -133,10 +133,12 @@ class Pruner:
         """The scores of one round for `masks` (default dense), summed over every batch and
         process and finalized, before decay and thresholding: {name: score tensor}."""
         devices = [self.device] if self.device.type == "cuda" else []
+        with dist_utils.fail_together(dist_utils.collective_device(), "checking the masks of saliency"):
+            chosen = None if masks is None else self._mask_list(masks)  # (before any collective of the run)
         with torch.random.fork_rng(devices=devices), _ModuleStateGuard(self.model):
             state, _, mine = self._prepare(data)
-            if masks is not None:
-                state.set_masks(self._mask_list(masks))
+            if chosen is not None:
+                state.set_masks(chosen)
             ctx = state.context(round_index, self.options.seed,
                                 twice_differentiable=self.scorer.needs_double_backward)
             scores = compute_scores(self.scorer, ctx, mine, self.device, "saliency")
