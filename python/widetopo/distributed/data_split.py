@@ -139,7 +139,7 @@ def _describe(batches: Sequence[Batch], digest: bool) -> dict:
         "digest": data_digest(batches) if digest else None,
         "shapes": [shape_of(b.x) for b in batches],
         "targets": [None if b.y is None else [list(b.y.shape), str(b.y.dtype)] for b in batches],
-        "extras": [_extras(b.x) for b in batches],
+        "extras": [_extras(b.x) for b in batches] if digest else None,  # (read only by the broadcasts)
         "x": (None if first is None else {k: _sample(v) if isinstance(v, torch.Tensor) else "(not a tensor)"
                                           for k, v in first.x.items()} if keyword else _sample(first.x)),
         "y": [_sample(first.y)] if first else None,
