@@ -46,7 +46,7 @@ import widetopo  # noqa: E402
 from widetopo.models import build_model  # noqa: E402
 from widetopo.sparsity.selection import select_prunable  # noqa: E402
 
-from arch_models import ARCHITECTURES, tiny_case  # noqa: E402
+from arch_models import ARCHITECTURES, cell_options, kept_range, tiny_case  # noqa: E402
 
 try:  # the method registry (widetopo.methods); the presets of widetopo.api before it
     from widetopo.methods import method_names
@@ -69,34 +69,31 @@ def _load() -> str:
 
 
 # --------------------------------------------------------------------------- 1. table
-def _short(method):
-    if method.startswith("widetopo"):
-        return {"rounds": 2, "restorations": 1, "restore_steps": 2, "restore_rounds": 1}
-    return {"rounds": 2, "restorations": 0}
-
-
 def run_cell(arch: str, method: str, density: float = 0.2) -> str:
-    """'works' when prune returns exactly round(d * N_P) kept weights and leaves the model's
-    state unchanged; otherwise the error (type and first line)."""
+    """'works' when prune keeps exactly round(d * N_P) weights (or, for a method that keeps whole
+    kernels or graphs, a count within its kept_bounds) and leaves the model's state unchanged;
+    otherwise the error (type and first line). The cells' options are the test's (cell_options)."""
     model, batches = tiny_case(arch)
     model.train()
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     names = select_prunable(model)
-    n_p = sum(p.numel() for n, p in model.named_parameters() if n in set(names))
+    params = dict(model.named_parameters())
+    keep = int(density * sum(params[n].numel() for n in names) + 0.5)
     try:
-        masks = widetopo.prune(model, batches, density, method=method, seed=0, verbose=False, **_short(method))
+        masks = widetopo.prune(model, batches, density, method=method, seed=0, verbose=False, **cell_options(method))
     except Exception as exc:  # noqa: BLE001 - the table reports any failure
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         return f"{type(exc).__name__}: {first[:110]}"
     kept = sum(int(m.sum()) for m in masks.values())
-    if kept != int(density * n_p + 0.5):
-        return f"wrong K: kept {kept}, expected {int(density * n_p + 0.5)}"
+    lo, hi = kept_range(method, [tuple(params[n].shape) for n in names], keep)
+    if not lo <= kept <= hi:
+        return f"wrong K: kept {kept}, expected {keep}" + ("" if lo == hi else f" (range {lo}..{hi})")
     after = model.state_dict()
     if any(not torch.equal(after[k], v) for k, v in before.items()) or not all(m.training for m in model.modules()):
         return "model changed"
     from bench_collapse import qk_collapse  # ", q/k collapsed" where no q and no k projection keeps a weight
 
-    return "works" + qk_collapse(masks, model)["text"]
+    return "works" + ("" if lo == hi else f" ({kept / keep:.2f} K)") + qk_collapse(masks, model)["text"]
 
 
 def method_table() -> dict:

@@ -264,3 +264,31 @@ class TiedLM(nn.Module):
 
     def forward(self, x):
         return self.head(torch.tanh(self.mid(self.emb(x))).mean(1))
+
+
+# --------------------------------------------------------------------------- the cells' options
+# (shared by tests/test_architectures.py and benchmarks/bench_architectures.py)
+
+#: short schedules: two scoring rounds, and for WideTopo one restoration of 2 steps
+SHORT = {"rounds": 2, "restorations": 0}
+SHORT_WIDETOPO = {"rounds": 2, "restorations": 1, "restore_steps": 2, "restore_rounds": 1}
+
+#: one-shot methods refuse rounds > 1 (their own test files check the refusal)
+ONE_SHOT = {"rreg": {"rounds": 1, "restorations": 0}}
+
+#: method options that keep a cell to seconds (PAGS: 4 SNIP masks per round instead of 1000)
+SMALL = {"pags": {"population": 4, "min_kept": 10}}
+
+
+def cell_options(method: str) -> dict:
+    """The options of one architecture x method cell: a short schedule, small populations."""
+    return {**(ONE_SHOT.get(method) or (SHORT_WIDETOPO if method.startswith("widetopo") else SHORT)),
+            **SMALL.get(method, {})}
+
+
+def kept_range(method: str, shapes, keep: int):
+    """Exact K, or [lo, hi] for a method that keeps whole kernels or graphs (its kept_bounds)."""
+    from widetopo.methods import get_method
+
+    bounds = getattr(get_method(method).make_scorer(), "kept_bounds", None)
+    return (keep, keep) if bounds is None else bounds(shapes, keep)

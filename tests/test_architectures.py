@@ -15,7 +15,7 @@ from torch import nn
 import widetopo
 from widetopo.sparsity.selection import select_prunable
 
-from arch_models import ARCHITECTURES, mobilenet_v3_small, resnet18, tiny_case
+from arch_models import ARCHITECTURES, cell_options, kept_range, mobilenet_v3_small, resnet18, tiny_case
 from references import reference_snip_ignore_index
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -30,10 +30,6 @@ except ImportError:
     METHODS = sorted(_PRESETS)
 DENSITY = 0.2
 
-#: Short schedules: one or two scoring rounds, and for WideTopo one restoration of 2 steps.
-SHORT = {"rounds": 2, "restorations": 0}
-SHORT_WIDETOPO = {"rounds": 2, "restorations": 1, "restore_steps": 2, "restore_rounds": 1}
-
 KNOWN_FAILURES = {}  # (architecture, method) -> reason; empty since attention and Hardsigmoid score twice-differentiably
 
 #: documented refusals: the cell must raise this error before any work (model unchanged)
@@ -41,29 +37,6 @@ REFUSED = {
     # PX gates an activation a by its slope a(z)/z, which needs a(0) = 0; Hardsigmoid has a(0) = 1/2
     ("mobilenet_v3_small", "px"): (ValueError, "hardsigmoid"),
 }
-
-
-#: one-shot methods refuse rounds > 1 (their own test files check the refusal)
-ONE_SHOT = {"rreg": {"rounds": 1, "restorations": 0}}
-
-
-#: method options that keep a cell to seconds (PAGS: 4 SNIP masks per round instead of 1000)
-SMALL = {"pags": {"population": 4, "min_kept": 10}}
-
-
-def _options(method):
-    return {**(ONE_SHOT.get(method) or (SHORT_WIDETOPO if method.startswith("widetopo") else SHORT)),
-            **SMALL.get(method, {})}
-
-
-def _kept_range(method, shapes, keep):
-    """Exact K, or [lo, hi] for a method that keeps whole kernels or graphs (its kept_bounds)."""
-    try:
-        from widetopo.methods import get_method
-    except ImportError:
-        return keep, keep
-    bounds = getattr(get_method(method).make_scorer(), "kept_bounds", None)
-    return (keep, keep) if bounds is None else bounds(shapes, keep)
 
 
 def _snapshot(model):
@@ -105,17 +78,17 @@ def test_every_method_on_every_architecture(arch, method):
     if (arch, method) in REFUSED:
         error, match = REFUSED[(arch, method)]
         with pytest.raises(error, match=match):
-            widetopo.prune(model, batches, DENSITY, method=method, seed=0, verbose=False, **_options(method))
+            widetopo.prune(model, batches, DENSITY, method=method, seed=0, verbose=False, **cell_options(method))
         _assert_unchanged(model, before)
         return
-    masks = widetopo.prune(model, batches, DENSITY, method=method, seed=0, verbose=False, **_options(method))
+    masks = widetopo.prune(model, batches, DENSITY, method=method, seed=0, verbose=False, **cell_options(method))
     _assert_unchanged(model, before)
     assert list(masks) == names
     params = dict(model.named_parameters())
     for name, mask in masks.items():
         assert mask.dtype == torch.bool and mask.shape == params[name].shape
     kept = sum(int(m.sum()) for m in masks.values())
-    lo, hi = _kept_range(method, [tuple(params[n].shape) for n in names], int(DENSITY * n_p + 0.5))
+    lo, hi = kept_range(method, [tuple(params[n].shape) for n in names], int(DENSITY * n_p + 0.5))
     assert lo <= kept <= hi
 
 
