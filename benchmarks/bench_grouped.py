@@ -11,7 +11,7 @@
     path replaced: one list entry of the compiled op per group block (g views of O/g rows).
     The same sweep on a 64x larger tensor (1024, 64, 3, 3) (fewer rounds) shows how much of the
     ratio is per-call overhead rather than per-entry work.
-    Then a whole MobileNetV3-small list (tests/arch_models.py, 52 prunable tensors, 11 of them
+    Then a whole MobileNetV3-small list (tests/arch_models.py, 54 prunable tensors, 11 of them
     depthwise) in one call with its true layouts vs the same list read as dense graphs
     (layouts=None): the engine's per-round cost on a real grouped network.
     density_decay_ writes in place, so each timed call starts from a copy made outside the timer.
