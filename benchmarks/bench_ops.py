@@ -35,7 +35,7 @@ import pytest
 import torch
 
 import widetopo_ext  # noqa: F401  (loads the compiled ops into torch.ops.widetopo)
-from conftest import allocated_bytes, record
+from conftest import allocated_bytes, record, resnet50_score_list, with_zeros
 
 ops = torch.ops.widetopo
 DENSITY = 0.1
@@ -104,13 +104,7 @@ THRESHOLD_IMPLS = {
 def resnet50_tie_scores(resnet50_scores):
     """The ResNet-50 scores with 95 % set to exactly 0 (like the scores of pruned weights):
     keep 10 % puts the cut inside a run of ~24 M equal scores."""
-    g = torch.Generator().manual_seed(5)
-    out = []
-    for s in resnet50_scores:
-        t = s.clone()
-        t.view(-1)[torch.rand(t.numel(), generator=g) < 0.95] = 0.0
-        out.append(t)
-    return out
+    return with_zeros(resnet50_scores)
 
 
 def _check_threshold(name, cut, scores, masks, keep):
@@ -277,16 +271,8 @@ def interleaved_threshold_vs_one_read(rounds: int = 11) -> None:
     import statistics
     import time
 
-    from conftest import resnet50_param_shapes
-
-    g = torch.Generator().manual_seed(0)
-    base = [(torch.randn(s, generator=g) * torch.randn(s, generator=g)).abs_() for s in resnet50_param_shapes()]
-    g5 = torch.Generator().manual_seed(5)
-    ties = []
-    for s in base:
-        t = s.clone()
-        t.view(-1)[torch.rand(t.numel(), generator=g5) < 0.95] = 0.0
-        ties.append(t)
+    base = resnet50_score_list()
+    ties = with_zeros(base)
     sets = {"ResNet-50, 25.6M float32": base, "ResNet-50, 95% zeros": ties,
             "4 x ResNet-50, 102M float32": _large_scores(base)}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load {os.getloadavg()[0]:.1f}")

@@ -31,6 +31,29 @@ def resnet50_param_shapes(num_classes=1000):
     return shapes
 
 
+def resnet50_score_list(dtype=torch.float32, seed=0):
+    """|randn x randn| scores of `dtype` shaped like every ResNet-50 parameter (161 tensors,
+    25,557,032 values), heavy-tailed like |gradient x weight| saliencies; deterministic."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = resnet50_param_shapes()
+    scores = [(torch.randn(s, generator=g, dtype=dtype) * torch.randn(s, generator=g, dtype=dtype)).abs_()
+              for s in shapes]
+    assert sum(math.prod(s) for s in shapes) == 25_557_032
+    return scores
+
+
+def with_zeros(scores, fraction=0.95, seed=5):
+    """Copies of `scores` with about `fraction` of every tensor set to exactly 0 (like the
+    scores of pruned weights): keep 10 % then puts the cut inside one run of equal scores."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for s in scores:
+        t = s.clone()
+        t.view(-1)[torch.rand(t.numel(), generator=g) < fraction] = 0.0
+        out.append(t)
+    return out
+
+
 # group -> list of (name, median seconds, bytes allocated or None, is_ours)
 _RESULTS: dict[str, list[tuple[str, float, int | None, bool]]] = {}
 
@@ -81,11 +104,7 @@ def pytest_terminal_summary(terminalreporter):
 def resnet50_scores():
     """float32 scores shaped like every ResNet-50 parameter (161 tensors, 25,557,032 values),
     heavy-tailed like |gradient x weight| saliencies."""
-    g = torch.Generator().manual_seed(0)
-    shapes = resnet50_param_shapes()
-    scores = [(torch.randn(s, generator=g) * torch.randn(s, generator=g)).abs_() for s in shapes]
-    assert sum(math.prod(s) for s in shapes) == 25_557_032
-    return scores
+    return resnet50_score_list()
 
 
 @pytest.fixture(scope="session")
