@@ -69,7 +69,9 @@ def allocated_bytes(fn) -> int:
 
 
 def record(group: str, name: str, benchmark, alloc: int | None = None, ours: bool = False) -> None:
-    """Remember one measured row for the summary table."""
+    """Remember one measured row for the summary table (none under --benchmark-disable, a smoke run)."""
+    if benchmark.stats is None:
+        return
     _RESULTS.setdefault(group, []).append((name, float(benchmark.stats.stats.median), alloc, ours))
     if alloc is not None:
         benchmark.extra_info["allocated_bytes"] = alloc
