@@ -86,7 +86,7 @@ def add_parser(sub) -> None:
                     "DIR/node_ratio.png and DIR/masks/, and prints mean ± std per method and density. Without "
                     f"arguments: {', '.join(methods)} at densities {', '.join(map(str, densities))}, "
                     f"seeds {', '.join(map(str, seeds))}, small CNN on scikit-learn digits, 10 epochs "
-                    "(about 7 minutes on 2 CPU cores).")
+                    "(about 2 minutes on 2 idle CPU cores).")
     cli_args.add_model_data(p, seed=False)
     p.add_argument("--methods", type=method_list, default=list(methods),
                    help=f"comma-separated methods, or all ({', '.join(cli_args.method_names())}); a method with options "

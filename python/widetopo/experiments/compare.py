@@ -61,8 +61,8 @@ logger = logging.getLogger(__name__)
 
 JOURNAL_VERSION = 1
 
-#: The built-in experiment of `widetopo compare` without arguments (52 cells; about 7 minutes on
-#: 2 shared CPU cores, measured; see docs/cli.md, `widetopo compare`).
+#: The built-in experiment of `widetopo compare` without arguments (52 cells; about 2 minutes on
+#: 2 idle CPU cores, 7 when they are shared, measured; see docs/cli.md, `widetopo compare`).
 DEFAULT_METHODS = ("random", "magnitude", "snip", "synflow", "widetopo-s")
 DEFAULT_DENSITIES = (0.2, 0.1, 0.05, 0.02, 0.01)
 DEFAULT_SEEDS = (0, 1)
