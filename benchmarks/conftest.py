@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -11,6 +12,9 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench files import this conftest
+# torch 2.13's profiler (allocated_bytes) logs "USDT ... profiler_start/stop" to stderr on every
+# use, between the table rows; a level above any of kineto's keeps the output to the tables
+os.environ.setdefault("KINETO_LOG_LEVEL", "99")
 
 
 def resnet50_param_shapes(num_classes=1000):
