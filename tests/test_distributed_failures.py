@@ -207,3 +207,25 @@ def test_a_nested_fail_together_is_a_no_op_without_a_process_group():
         with fail_together(torch.device("cpu"), "outer"):
             with fail_together(torch.device("cpu"), "inner"):
                 raise KeyError("inner")
+
+
+def test_collective_device_follows_the_backend_and_the_model(monkeypatch):
+    """gloo (or no process group): the CPU. NCCL: the CUDA device of the model's first CUDA
+    parameter (ranks that put their model on cuda:rank without torch.cuda.set_device), else the
+    current CUDA device. NCCL is simulated: no GPU is needed to check the choice."""
+    from widetopo.distributed import collectives
+
+    assert collectives.collective_device(make_model()) == torch.device("cpu")  # no process group
+    monkeypatch.setattr(collectives, "is_distributed", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda group=None: "gloo")
+    assert collectives.collective_device(make_model()) == torch.device("cpu")
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda group=None: "nccl")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert collectives.collective_device(make_model()) == torch.device("cuda", 3)  # a CPU model
+    assert collectives.collective_device("not a model") == torch.device("cuda", 3)
+
+    class OnCuda1(nn.Module):  # stands for a model moved to cuda:1
+        def parameters(self, recurse=True):
+            yield type("P", (), {"device": torch.device("cuda", 1)})()
+
+    assert collectives.collective_device(OnCuda1()) == torch.device("cuda", 1)

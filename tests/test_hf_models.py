@@ -362,6 +362,30 @@ def test_a_0_dim_tensor_first_in_a_dict_batch_is_passed_through():
     _close(got, _snip_by_hand(net, cut, loss))
 
 
+@pytest.mark.parametrize("method", ["synflow", "ntk-sap", "px", "widetopo-s"])
+def test_a_0_dim_tensor_is_never_the_perturbed_input(method):
+    """Methods that replace or perturb the input (all-ones samples, noise, the ITA step) act on
+    the first floating tensor with a sample dimension: a 0-dim `scale` listed before `x` is
+    passed through like the number 2.0 it holds, so the saliencies are those of scale=2.0."""
+
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 3)
+
+        def forward(self, scale, x):
+            return self.b(torch.relu(self.a(x))) * scale
+
+    torch.manual_seed(0)
+    net = Scaled().double()
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    as_tensor = widetopo.saliency(net, [{"scale": torch.tensor(2.0, dtype=torch.float64), "x": x, "labels": y}],
+                                  method, verbose=False)
+    as_number = widetopo.saliency(net, [{"scale": 2.0, "x": x, "labels": y}], method, verbose=False)
+    for n in as_number:
+        torch.testing.assert_close(as_tensor[n], as_number[n], rtol=1e-12, atol=0)
+
+
 def test_effective_sparsity_of_a_token_model_by_hand():
     """Embedding -> Linear(4, 3) -> ReLU -> Linear(3, 2), masks set by hand: unit 1 of the first
     layer feeds nothing (column 1 of the second layer pruned), feature 0 of the embedding output

@@ -77,7 +77,7 @@ def _pruner(model, density, method, options) -> Pruner:
     """The checked Pruner. Under torch.distributed a rank that refuses its arguments makes every
     rank raise here (one fail_together around every check, Pruner.__init__'s included), instead
     of leaving the others waiting in the first collective of the run until the timeout."""
-    with fail_together(collective_device(), "checking the arguments of the pruning call"):
+    with fail_together(collective_device(model), "checking the arguments of the pruning call"):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         _refuse_applied_masks(model)

@@ -76,13 +76,19 @@ def broadcast_(tensors: List[torch.Tensor], src: int = 0) -> None:
         h.wait()
 
 
-def collective_device() -> torch.device:
+def collective_device(model=None) -> torch.device:
     """Where a small control tensor (an error flag) lives for the process group's backend: the
-    current CUDA device under NCCL, else the CPU. Depends on no argument of the call, so a
-    check of possibly bad arguments (an invalid `device=`) can still run its collective."""
-    if is_distributed() and torch.distributed.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    CPU, or under NCCL the CUDA device of `model`'s first CUDA parameter (a rank that put its
+    model on cuda:rank without torch.cuda.set_device), else the current CUDA device. Reads no
+    option of the call, so a check of possibly bad arguments (an invalid `device=`) can still
+    run its collective."""
+    if not (is_distributed() and torch.distributed.get_backend() == "nccl"):
+        return torch.device("cpu")
+    if isinstance(model, torch.nn.Module):
+        for p in model.parameters():
+            if p.device.type == "cuda":
+                return p.device
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 _depth = threading.local()  # .n = 1 while this thread runs the block of a fail_together

@@ -84,7 +84,7 @@ class Pruner:
                  *, meta: Optional[dict] = None, **options):
         # every rank checks its arguments, then they agree: a rank that refuses them raises its
         # error, the others an error naming it (a no-op inside widetopo.prune's own check)
-        with dist_utils.fail_together(dist_utils.collective_device(), "checking the arguments of the Pruner"):
+        with dist_utils.fail_together(dist_utils.collective_device(model), "checking the arguments of the Pruner"):
             self._init(model, scorer, density, names, meta, options)
 
     def _init(self, model, scorer, density, names, meta, options) -> None:
@@ -133,7 +133,7 @@ class Pruner:
         """The scores of one round for `masks` (default dense), summed over every batch and
         process and finalized, before decay and thresholding: {name: score tensor}."""
         devices = [self.device] if self.device.type == "cuda" else []
-        with dist_utils.fail_together(dist_utils.collective_device(), "checking the masks of saliency"):
+        with dist_utils.fail_together(self.device, "checking the masks of saliency"):
             chosen = None if masks is None else self._mask_list(masks)  # (before any collective of the run)
         with torch.random.fork_rng(devices=devices), _ModuleStateGuard(self.model):
             state, _, mine = self._prepare(data)

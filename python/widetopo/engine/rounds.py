@@ -219,7 +219,7 @@ def select_masks(scorer: Scorer, ctx: ScoreContext, scores: List[torch.Tensor], 
     all_masks = ctx.masks
     if scorer.selection == "mask":  # same inputs on every rank (data-free scores): no sharding needed
         # (no collective inside: a rank whose choose_masks raises makes every rank raise)
-        with dist_utils.fail_together(dist_utils.collective_device(), f"selecting the masks of round {ctx.round}"):
+        with dist_utils.fail_together(ctx.device, f"selecting the masks of round {ctx.round}"):
             _set_chosen_masks(scorer, ctx, scores, keep)
         return
     _check_not_all_zero(scorer, ctx, scores, keep, kept, owner)

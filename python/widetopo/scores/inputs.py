@@ -143,19 +143,22 @@ def sample_shape(x: ModelInput):
 
 
 def signal_key(x: Mapping) -> Optional[str]:
-    """The first floating tensor among keyword inputs, masks excluded (pixel_values), or None."""
+    """The first floating tensor with a sample dimension among keyword inputs, masks excluded
+    (pixel_values), or None (0-dim values such as a scale are passed through, never perturbed)."""
     for k, v in x.items():
-        if isinstance(v, torch.Tensor) and v.is_floating_point() and "mask" not in k:
+        if isinstance(v, torch.Tensor) and v.dim() and v.is_floating_point() and "mask" not in k:
             return k
     return None
 
 
 def token_key(x: Mapping) -> Optional[str]:
-    """The token ids among keyword inputs: input_ids, else the first integer tensor that is not a mask."""
+    """The token ids among keyword inputs: input_ids, else the first integer tensor with a
+    sample dimension that is not a mask."""
     if isinstance(x.get("input_ids"), torch.Tensor):
         return "input_ids"
     for k, v in x.items():
-        if isinstance(v, torch.Tensor) and not v.is_floating_point() and "mask" not in k and v.dtype != torch.bool:
+        if (isinstance(v, torch.Tensor) and v.dim() and not v.is_floating_point() and "mask" not in k
+                and v.dtype != torch.bool):
             return k
     return None
 
