@@ -219,3 +219,23 @@ def test_input_perturbing_methods_refuse_token_ids_without_an_embedding(method, 
     with pytest.raises(widetopo.UnsupportedInputsError, match=option):
         widetopo.prune(model, data, 0.5, method=method, verbose=False)
     assert all(torch.equal(a, b) for a, b in zip(snap, model.parameters()))
+
+
+def test_dict_batches_with_other_keys_name_the_difference():
+    """A dict batch whose non-tensor entries differ from batch 0's is refused, and the message
+    shows the entry (not two identical tensor shapes)."""
+    net = nn.Sequential(nn.Linear(4, 3))
+
+    class Keyword(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x, flag=True):
+            return self.net(x)
+
+    y = torch.tensor([0, 1, 2])
+    data = [{"x": torch.randn(3, 4), "flag": False, "labels": y}, {"x": torch.randn(3, 4), "labels": y}]
+    with pytest.raises(ValueError, match=r"batch 1 has samples of shape \{x: \(4,\) \(torch.float32\)\}, but batch 0 "
+                                         r"has \{x: \(4,\) \(torch.float32\), flag: bool\}.*under the same keys"):
+        widetopo.prune(Keyword(), data, 0.5, method="snip", verbose=False)

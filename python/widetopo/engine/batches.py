@@ -60,7 +60,8 @@ def _split(index: int, item):
 def _describe(x) -> str:
     if isinstance(x, torch.Tensor):
         return f"{tuple(x.shape[1:])} ({x.dtype})"
-    return "{" + ", ".join(f"{k}: {s} ({d})" for k, s, d in sample_shape(x)) + "}"
+    others = [f"{k}: {type(v).__name__}" for k, v in x.items() if not isinstance(v, torch.Tensor)]
+    return "{" + ", ".join([f"{k}: {s} ({d})" for k, s, d in sample_shape(x)] + others) + "}"
 
 
 def _check_batch(index: int, x, y: Optional[torch.Tensor], first: Optional[Batch]) -> None:
@@ -83,6 +84,7 @@ def _check_batch(index: int, x, y: Optional[torch.Tensor], first: Optional[Batch
         raise ValueError(
             f"data: batch {index} has samples of shape {_describe(x)}, but batch "
             f"{first.index} has {_describe(first.x)}; every batch must hold samples of one shape"
+            + ("" if isinstance(x, torch.Tensor) else " under the same keys")
         )
     if (y is None) != (first.y is None) or (y is not None and y.shape[1:] != first.y.shape[1:]):
         raise ValueError(
