@@ -60,7 +60,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from widetopo.constants import TARGET_KEYS
 from widetopo.errors import UnsupportedInputsError
-from widetopo.scores.inputs import Inputs, ModelInput, call_model, cast_floating, logits_of
+from widetopo.scores.inputs import Inputs, ModelInput, call_model, cast_floating, logits_of, num_samples
 
 logger = logging.getLogger(__name__)
 
@@ -175,14 +175,6 @@ def _check_inputs(inputs) -> ModelInput:
     return x
 
 
-def _count(x: ModelInput) -> int:
-    """The sample count of checked inputs: the leading size of the tensor, or of the dict's
-    tensors of dimension >= 1 (all equal, _check_inputs)."""
-    if isinstance(x, torch.Tensor):
-        return int(x.shape[0])
-    return next(int(v.shape[0]) for v in x.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
-
-
 def _samples(x: ModelInput, start: int, stop: int) -> ModelInput:
     """Samples start..stop-1: rows of the tensor, or of every dict tensor of dimension >= 1;
     0-dim tensors and non-tensor values are passed through."""
@@ -235,7 +227,7 @@ class _NTK:
         for n in names:
             del self.fixed[n]
         self.x = cast_floating(x, dtype).to(device)  # floating inputs in dtype, token ids / masks as they are
-        self.n = _count(x)
+        self.n = num_samples(x)
         self.independent = batchnorm == "eval" and not uses_batch_statistics(model)
         with torch.no_grad():
             out = self._f(self.u, _samples(self.x, 0, 1) if self.independent else self.x)
@@ -256,7 +248,7 @@ class _NTK:
         """Outputs (b, d) of the masked network: every logit, or their sum. The model's output
         may be the logits, a ModelOutput / dict with "logits", or a tuple starting with them."""
         tensors = {**self.fixed, **dict(zip(self.names, u)), **self.buffers}
-        b = _count(x)
+        b = num_samples(x)
         raw = call_model(self.model, tensors, x)
         try:
             out = logits_of(raw)
@@ -444,7 +436,7 @@ def _prepare(model, inputs, masks, outputs, batchnorm, parameters, dtype, chunk_
     _int_arg("chunk_size", chunk_size, 1)
     names = _selected_names(model, parameters)
     masks = _check_masks(model, masks, names)
-    if batchnorm == "train" and _count(inputs) < 2 and any(isinstance(m, _BatchNorm) for m in model.modules()):
+    if batchnorm == "train" and num_samples(inputs) < 2 and any(isinstance(m, _BatchNorm) for m in model.modules()):
         raise ValueError("batchnorm='train' normalises with the statistics of the inputs: pass at least 2 samples")
     return inputs, names, masks
 
@@ -585,7 +577,7 @@ def spectrum_report(model: nn.Module, inputs: Union[torch.Tensor, Mapping], mask
     kw = dict(outputs=outputs, batchnorm=batchnorm, parameters=parameters, seed=seed, **options)
     result = {"mode": mode, "k": k, "outputs": outputs, "batchnorm": batchnorm,
               "parameters": parameters if isinstance(parameters, str) else list(parameters),
-              "samples": _count(inputs), "info": dict(info or {}), "spectra": {}}
+              "samples": num_samples(inputs), "info": dict(info or {}), "spectra": {}}
     for label, masks in masks_by_label.items():
         vals = ntk_spectrum(model, inputs, masks, mode=mode, k=k, **kw)
         density = None
